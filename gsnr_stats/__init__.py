@@ -1,0 +1,45 @@
+"""gsnr-stats: GSNR, OSGR and generalization-gap analytics on saved per-sample gradients.
+
+>>> import gsnr_stats as gs
+>>> # with gs.GradientWriter("run.h5", params=[("w", (3,))]) as w: w.write(0, "train", G)
+>>> # stats = gs.reduce("run.h5")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (
+    AdapterError,
+    GSNRError,
+    LayoutMismatchError,
+    NonFiniteError,
+    SchemaError,
+    StoreError,
+)
+from .reduce import reduce
+from .store import (
+    GradientStore,
+    GradientWriter,
+    IncompleteRecordWarning,
+    Layout,
+    RecordInfo,
+    open_store,
+)
+
+__all__ = [
+    "AdapterError",
+    "GSNRError",
+    "GradientStore",
+    "GradientWriter",
+    "IncompleteRecordWarning",
+    "LayoutMismatchError",
+    "Layout",
+    "NonFiniteError",
+    "RecordInfo",
+    "SchemaError",
+    "StoreError",
+    "__version__",
+    "open_store",
+    "reduce",
+]

@@ -1,0 +1,31 @@
+"""One error hierarchy for the whole toolkit.
+
+Every message names what the user needs to find the problem: the file, the record
+``(step, split)`` and, where it applies, the parameter.
+"""
+
+from __future__ import annotations
+
+
+class GSNRError(Exception):
+    """Base class of every error raised by gsnr-stats."""
+
+
+class StoreError(GSNRError):
+    """A gradient store cannot be opened, read or written (I/O, corruption, truncation)."""
+
+
+class SchemaError(StoreError):
+    """A store opens but does not follow the documented schema (``docs/format.md``)."""
+
+
+class LayoutMismatchError(SchemaError):
+    """Two shards (or a write and its writer) disagree on the parameter layout."""
+
+
+class NonFiniteError(GSNRError):
+    """NaN or Inf gradients met with ``nonfinite="raise"``."""
+
+
+class AdapterError(GSNRError):
+    """A model, loss or estimator that an adapter cannot handle."""

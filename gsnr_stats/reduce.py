@@ -1,0 +1,577 @@
+"""Stream stored per-sample gradients through the kernels and build the labelled Dataset.
+
+Uncompressed float32 stores are read by mapping their chunks straight from the file
+(``DatasetID.chunk_iter`` → byte offsets → one ``np.memmap``), offsets and sizes validated
+against the file size, so the kernel reads the page cache with no copy. Compressed,
+float16 or unaligned chunks go through h5py in row stripes, the next stripe read while the
+kernel (which releases the GIL) works on the current one. Memory is O(P) plus a few chunk
+rows, whatever N.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import xarray as xr
+
+from . import kernels
+from .errors import NonFiniteError, SchemaError, StoreError
+from .store import GradientStore, Layout, check_same_layout, expand_paths, open_store
+
+_STRIPE_BYTES = 32 << 20
+
+
+@dataclass
+class Partial:
+    """Partial moments of one record over a column range, per jackknife block.
+
+    ``count``, ``mean``, ``m2`` have shape ``(K, w)``; ``n_omit`` ``(w,)`` counts values
+    dropped by ``nonfinite="omit"``; ``loss`` is ``(count, mean, m2)`` of the per-sample loss.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    n_omit: np.ndarray
+    n_samples: int
+    loss: tuple[float, float, float]
+    lr: float
+    epoch: float
+
+    def merge(self, other: Partial) -> Partial:
+        """Chan merge with the same record from another shard (blocks merged pairwise)."""
+        c, m, q = kernels.merge_moments(
+            (self.count, self.mean, self.m2), (other.count, other.mean, other.m2)
+        )
+        lc, lm, lq = kernels.merge_moments(self.loss, other.loss)
+        return Partial(
+            c, m, q, self.n_omit + other.n_omit, self.n_samples + other.n_samples,
+            (float(lc), float(lm), float(lq)),
+            self.lr if not math.isnan(self.lr) else other.lr,
+            self.epoch if not math.isnan(self.epoch) else other.epoch,
+        )
+
+    def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Moments over all blocks."""
+        acc = (self.count[0], self.mean[0], self.m2[0])
+        for b in range(1, self.count.shape[0]):
+            acc = kernels.merge_moments(acc, (self.count[b], self.mean[b], self.m2[b]))
+        return acc
+
+
+@contextlib.contextmanager
+def numba_threads(n: int | None) -> Iterator[None]:
+    """Run the kernels with ``n`` threads (``None``: Numba's default)."""
+    if n is None:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+class _ChunkMap:
+    """Byte offsets of the stored chunks of ``grads``, validated against the file."""
+
+    def __init__(self, store: GradientStore) -> None:
+        ds = store.grads_dataset
+        self.rows_c, self.cols_c = ds.chunks
+        self.itemsize = ds.dtype.itemsize
+        rows, P = ds.shape
+        self.n_rows = -(-rows // self.rows_c)
+        self.n_cols = -(-P // self.cols_c)
+        self.offsets = np.full((self.n_rows, self.n_cols), -1, dtype=np.int64)
+        self.buf: np.ndarray | None = None
+        plist = ds.id.get_create_plist()
+        self.mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
+        if not self.mappable or rows == 0:
+            return
+        size = store.file_size()
+        want = self.rows_c * self.cols_c * self.itemsize
+        path = store.path
+
+        def visit(info: object) -> None:
+            r0, c0 = info.chunk_offset  # type: ignore[attr-defined]
+            r, c = r0 // self.rows_c, c0 // self.cols_c
+            if r >= self.n_rows or c >= self.n_cols:
+                return
+            off, nbytes = info.byte_offset, info.size  # type: ignore[attr-defined]
+            if off is None or off + nbytes > size:
+                raise SchemaError(
+                    f"{path}: gradient chunk at rows {r0}.. columns {c0}.. lies beyond the end "
+                    f"of the file ({size} bytes): truncated file"
+                )
+            if nbytes != want or off % self.itemsize:
+                self.offsets[r, c] = -2  # unmappable: read through h5py
+            else:
+                self.offsets[r, c] = off // self.itemsize
+
+        try:
+            ds.id.chunk_iter(visit)
+        except SchemaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any HDF5 failure here means a damaged index
+            raise StoreError(f"{path}: cannot read the chunk index of grads ({e})") from e
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        self.buf = raw[: (raw.shape[0] // 4) * 4].view(np.float32)
+
+
+def _nonfinite_error(
+    store: GradientStore, step: int, split: str, ranges: list[tuple[int, int]], col: int
+) -> NonFiniteError:
+    ds = store.grads_dataset
+    tensors = store.layout.names
+    t = int(np.searchsorted(np.array(store.layout.offsets), col, side="right") - 1)
+    local = col - store.layout.offsets[t]
+    shape = store.layout.shapes[t]
+    idx = np.unravel_index(local, shape) if shape else ()
+    pname = f"{tensors[t]}[{', '.join(str(int(i)) for i in idx)}]"
+    pos = 0
+    for a, b in ranges:
+        v = ds[a:b, col]
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            row = a + int(bad[0])
+            sid = int(store._f["sample_id"][row])
+            kind = "NaN" if np.isnan(v[bad[0]]) else "Inf"
+            return NonFiniteError(
+                f"{store.path}: record (step={step}, split={split!r}): {kind} gradient for "
+                f"parameter {pname} (flat index {col}) at sample {pos + int(bad[0])} "
+                f"(sample_id {sid}); {int(np.sum(~np.isfinite(v)))} non-finite value(s) in this "
+                "segment. Pass nonfinite='omit' to drop such samples per parameter."
+            )
+        pos += b - a
+    return NonFiniteError(
+        f"{store.path}: record (step={step}, split={split!r}): non-finite gradient for "
+        f"parameter {pname} (flat index {col})"
+    )
+
+
+def _block_bounds(n: int, k: int) -> np.ndarray:
+    return np.array([(b * n) // k for b in range(k + 1)], dtype=np.int64)
+
+
+def record_partial(
+    store: GradientStore,
+    step: int,
+    split: str,
+    *,
+    cols: tuple[int, int] | None = None,
+    blocks: int = 1,
+    nonfinite: str = "raise",
+    progress: Callable[[int], None] | None = None,
+) -> Partial:
+    """Moments of record ``(step, split)`` of one shard over columns ``cols``.
+
+    Parameters
+    ----------
+    store : GradientStore
+        An open shard.
+    step, split : int, str
+        The record.
+    cols : (int, int), optional
+        Column range ``[c0, c1)``; ``c0`` must be a multiple of the chunk width. Default: all.
+    blocks : int
+        Number K of contiguous sample blocks whose moments are kept apart (jackknife).
+    nonfinite : {"raise", "omit"}
+        NaN/Inf policy.
+    progress : callable, optional
+        Called with the number of bytes processed.
+
+    Returns
+    -------
+    Partial
+    """
+    if nonfinite not in ("raise", "omit"):
+        raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
+    rec = store.record(step, split)
+    P = store.layout.n_params
+    c0, c1 = cols if cols is not None else (0, P)
+    K = max(1, int(blocks))
+    w = c1 - c0
+    count = np.zeros((K, w))
+    mean = np.zeros((K, w))
+    m2 = np.zeros((K, w))
+    n_omit = np.zeros(w)
+    ranges = store.row_ranges(step, split)
+    loss = _loss_moments(store, step, split, rec.kind, ranges)
+    if rec.kind == "moments":
+        cnt, mu, q = store.read_moments(step, split)
+        nb = cnt.shape[0]
+        # Stored blocks are grouped into K jackknife blocks (fewer if fewer were stored).
+        groups = _block_bounds(nb, K) if nb >= K else np.arange(nb + 1)
+        for b in range(len(groups) - 1):
+            acc = (np.zeros(w), np.zeros(w), np.zeros(w))
+            for i in range(groups[b], groups[b + 1]):
+                acc = kernels.merge_moments(
+                    acc, (np.full(w, cnt[i]), mu[i, c0:c1], q[i, c0:c1])
+                )
+            count[b], mean[b], m2[b] = acc
+        if nonfinite == "raise":
+            bad = ~np.isfinite(mean) | ~np.isfinite(m2)
+            bad &= count > 0
+            if bad.any():
+                col = c0 + int(np.flatnonzero(bad.any(axis=0))[0])
+                raise NonFiniteError(
+                    f"{store.path}: record (step={step}, split={split!r}): non-finite stored "
+                    f"moments for parameter flat index {col}"
+                )
+        return Partial(count, np.where(count > 0, mean, np.nan), np.where(count > 0, m2, np.nan),
+                       n_omit, rec.n_samples, loss, rec.lr, rec.epoch)
+
+    ds = store.grads_dataset
+    cmap = _ChunkMap(store)
+    rc, cc = cmap.rows_c, cmap.cols_c
+    if c0 % cc and c0 != 0:
+        raise ValueError(f"column start {c0} is not a multiple of the chunk width {cc}")
+    cc0, cc1 = c0 // cc, -(-c1 // cc)
+    omit = nonfinite == "omit"
+    bad = np.zeros(w, dtype=np.int64)
+    bounds = _block_bounds(rec.n_samples, K)
+    itemsize = ds.dtype.itemsize
+
+    # Work list of (chunk row, row lo, row hi, block) in record order.
+    work: list[tuple[int, int, int, int]] = []
+    pos = 0
+    for a, b in ranges:
+        r = a
+        while r < b:
+            crow = r // rc
+            hi = min(b, (crow + 1) * rc)
+            # cut at jackknife block boundaries
+            p_lo = pos + (r - a)
+            blk = int(np.searchsorted(bounds, p_lo, side="right") - 1)
+            blk = min(blk, K - 1)
+            hi = min(hi, a + int(bounds[blk + 1]) - pos) if blk + 1 < len(bounds) else hi
+            hi = max(hi, r + 1)
+            work.append((crow, r - crow * rc, hi - crow * rc, blk))
+            r = hi
+        pos += b - a
+
+    def read_stripe(item: tuple[int, int, int, int]) -> np.ndarray:
+        crow, lo, hi, _ = item
+        try:
+            x = ds[crow * rc + lo : crow * rc + hi, c0:c1]
+        except (OSError, ValueError) as e:
+            raise StoreError(
+                f"{store.path}: record (step={step}, split={split!r}): cannot read gradient "
+                f"rows {crow * rc + lo}..{crow * rc + hi} ({e}); file damaged or truncated?"
+            ) from e
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def mappable(item: tuple[int, int, int, int]) -> bool:
+        if cmap.buf is None:
+            return False
+        offs = cmap.offsets[item[0], cc0:cc1]
+        if (offs == -1).any():
+            raise SchemaError(
+                f"{store.path}: record (step={step}, split={split!r}): gradient chunk row "
+                f"{item[0]} is missing from the file (damaged store)"
+            )
+        return bool((offs >= 0).all())
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pending: concurrent.futures.Future[np.ndarray] | None = None
+        for i, item in enumerate(work):
+            crow, lo, hi, blk = item
+            if mappable(item):
+                kernels.moments_chunks(
+                    cmap.buf, cmap.offsets[crow, cc0:cc1], rc, cc, w, lo, hi,
+                    count[blk], mean[blk], m2[blk], omit, n_omit, bad,
+                )
+            else:
+                x = pending.result() if pending is not None else read_stripe(item)
+                pending = None
+                # Prefetch the next unmappable stripe while the kernel runs on this one.
+                if i + 1 < len(work) and not mappable(work[i + 1]):
+                    pending = pool.submit(read_stripe, work[i + 1])
+                kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit,
+                                      bad)
+            if bad.any():
+                raise _nonfinite_error(store, step, split, ranges, c0 + int(np.flatnonzero(bad)[0]))
+            if progress is not None:
+                progress((hi - lo) * w * itemsize)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, mean, np.nan)
+        m2 = np.where(count > 0, m2, np.nan)
+    return Partial(count, mean, m2, n_omit, rec.n_samples, loss, rec.lr, rec.epoch)
+
+
+def _loss_moments(
+    store: GradientStore, step: int, split: str, kind: str, ranges: list[tuple[int, int]]
+) -> tuple[float, float, float]:
+    if kind != "gradients":
+        return (0.0, math.nan, math.nan)
+    parts = [store._f["loss"][a:b] for a, b in ranges]
+    v = np.concatenate(parts) if parts else np.zeros(0)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, math.nan, math.nan)
+    mu = float(v.mean())
+    return (float(v.size), mu, float(((v - mu) ** 2).sum()))
+
+
+def _finalize(
+    count: np.ndarray, mean: np.ndarray, m2: np.ndarray, ddof: int
+) -> dict[str, np.ndarray]:
+    """Variance, GSNR and debiased GSNR from moments (the DESIGN §1 table)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dof = count - ddof
+        var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)
+        # M2 of a constant column may come out as a tiny positive round-off; it is exact zero
+        # when every sample is equal, which the two-pass kernel reproduces exactly.
+        msq = mean * mean
+        gsnr = np.where(var > 0, msq / np.where(var > 0, var, 1.0),
+                        np.where(var == 0, np.where(msq > 0, np.inf, np.nan), np.nan))
+        gsnr_deb = gsnr - 1.0 / np.where(count > 0, count, np.nan)
+    return {"var": var, "gsnr": gsnr, "gsnr_debiased": gsnr_deb}
+
+
+def reduce(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    steps: Sequence[int] | None = None,
+    splits: Sequence[str] | None = None,
+    ddof: int = 1,
+    nonfinite: str = "raise",
+    blocks: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    scheduler: object | None = None,
+) -> xr.Dataset:
+    """Per-parameter gradient moments and GSNR of every record, as a labelled Dataset.
+
+    For parameter ``j`` of a record with N samples:
+
+    .. math::
+
+        m_j = \\frac1N \\sum_i g_{ij},\\quad
+        s_j^2 = \\frac{1}{N - \\mathrm{ddof}} \\sum_i (g_{ij} - m_j)^2,\\quad
+        r_j = \\frac{m_j^2}{s_j^2},\\quad \\hat r_j = r_j - \\frac1N .
+
+    ``s²=0, m≠0`` gives ``r=+inf`` (counted in ``n_inf``), ``s²=0, m=0`` gives NaN (a dead
+    parameter, counted in ``n_dead``); ``N ≤ ddof`` gives NaN variance.
+
+    Parameters
+    ----------
+    paths : path, glob or list of them
+        Store files; shards with the same layout merge record by record (Chan merge).
+    steps, splits : sequence, optional
+        Select records; default all.
+    ddof : {1, 0}
+        Delta degrees of freedom of the variance (0 matches cockpit/BackPACK).
+    nonfinite : {"raise", "omit"}
+        NaN/Inf gradients raise :class:`NonFiniteError` naming file, record, parameter and
+        sample, or are dropped per parameter and counted in ``n_omitted``.
+    blocks : int, optional
+        Keep moments of K contiguous sample blocks (``block_count``, ``block_mean``,
+        ``block_m2``) for jackknife confidence intervals.
+    threads : int, optional
+        Numba threads; results do not depend on it.
+    progress : bool
+        Show a progress bar (tqdm) over bytes.
+    scheduler : None, "processes", dask Client or address, optional
+        Run on Dask (see :mod:`gsnr_stats.distributed`); ``None`` reduces in-process.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``step``, ``split``, ``param`` (and ``block``); see ``docs/format.md``.
+    """
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    if nonfinite not in ("raise", "omit"):
+        raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
+    files = expand_paths(paths)
+    if scheduler is not None:
+        from .distributed import reduce_distributed
+
+        return reduce_distributed(
+            files, steps=steps, splits=splits, ddof=ddof, nonfinite=nonfinite, blocks=blocks,
+            scheduler=scheduler, progress=progress,
+        )
+    stores = [open_store(p) for p in files]
+    try:
+        layout = check_same_layout(stores)
+        keys = select_keys(stores, steps, splits)
+        K = int(blocks) if blocks else 1
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = sum(
+                s.record(*k).n_samples * layout.n_params * s.grads_dataset.dtype.itemsize
+                for k in keys for s in stores if _has(s, k)
+            )
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="reduce")
+        parts: dict[tuple[int, str], Partial] = {}
+        with numba_threads(threads):
+            for key in keys:
+                for s in stores:
+                    if not _has(s, key):
+                        continue
+                    p = record_partial(
+                        s, key[0], key[1], blocks=K, nonfinite=nonfinite,
+                        progress=bar.update if bar is not None else None,
+                    )
+                    parts[key] = parts[key].merge(p) if key in parts else p
+        if bar is not None:
+            bar.close()
+        attrs = {
+            "run_id": ",".join(sorted({s.attrs["run_id"] for s in stores})),
+            "framework": ",".join(sorted({s.attrs["framework"] for s in stores})),
+            "sources": ",".join(str(s.path) for s in stores),
+        }
+        return build_dataset(parts, layout, ddof=ddof, blocks=blocks, nonfinite=nonfinite,
+                             attrs=attrs)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _has(store: GradientStore, key: tuple[int, str]) -> bool:
+    return any(r.step == key[0] and r.split == key[1] for r in store.records)
+
+
+def select_keys(
+    stores: Sequence[GradientStore],
+    steps: Sequence[int] | None,
+    splits: Sequence[str] | None,
+) -> list[tuple[int, str]]:
+    """Sorted ``(step, split)`` keys present in any shard, filtered by ``steps``/``splits``."""
+    keys = {(r.step, r.split) for s in stores for r in s.records}
+    if steps is not None:
+        want = {int(x) for x in steps}
+        missing = want - {k[0] for k in keys}
+        if missing:
+            raise StoreError(f"steps {sorted(missing)} are in none of {[str(s.path) for s in stores]}")
+        keys = {k for k in keys if k[0] in want}
+    if splits is not None:
+        want_s = set(splits)
+        missing_s = want_s - {k[1] for k in keys}
+        if missing_s:
+            raise StoreError(f"splits {sorted(missing_s)} are in none of the selected records")
+        keys = {k for k in keys if k[1] in want_s}
+    if not keys:
+        raise StoreError(
+            f"no completed record to reduce in {[str(s.path) for s in stores]}"
+        )
+    return sorted(keys)
+
+
+def build_dataset(
+    parts: dict[tuple[int, str], Partial],
+    layout: Layout,
+    *,
+    ddof: int,
+    blocks: int | None,
+    nonfinite: str,
+    attrs: dict[str, str] | None = None,
+) -> xr.Dataset:
+    """Assemble merged partial moments into the output Dataset (``docs/format.md``)."""
+    from . import __version__
+
+    steps = sorted({k[0] for k in parts})
+    split_names = list(dict.fromkeys(k[1] for k in sorted(parts, key=lambda k: k[1] != "train")))
+    S, T, P = len(steps), len(split_names), layout.n_params
+    K = int(blocks) if blocks else 1
+    count = np.zeros((S, T), dtype=np.int64)
+    mean = np.full((S, T, P), np.nan)
+    m2 = np.full((S, T, P), np.nan)
+    cnt_p = np.zeros((S, T, P))
+    n_omit = np.zeros((S, T, P), dtype=np.int64)
+    lr = np.full((S, T), np.nan)
+    epoch = np.full((S, T), np.nan)
+    loss_mean = np.full((S, T), np.nan)
+    loss_var = np.full((S, T), np.nan)
+    b_count = np.zeros((S, T, K))
+    b_mean = np.full((S, T, K, P), np.nan) if blocks else None
+    b_m2 = np.full((S, T, K, P), np.nan) if blocks else None
+    for (st, sp), p in parts.items():
+        i, j = steps.index(st), split_names.index(sp)
+        c, m, q = p.total()
+        count[i, j] = p.n_samples
+        cnt_p[i, j] = c
+        mean[i, j] = m
+        m2[i, j] = q
+        n_omit[i, j] = p.n_omit.astype(np.int64)
+        lr[i, j], epoch[i, j] = p.lr, p.epoch
+        lc, lm, lq = p.loss
+        if lc > 0:
+            loss_mean[i, j] = lm
+            loss_var[i, j] = lq / (lc - ddof) if lc > ddof else np.nan
+        if blocks:
+            b_count[i, j] = p.count[:, 0] if P else 0
+            b_mean[i, j] = p.mean
+            b_m2[i, j] = p.m2
+    fin = _finalize(cnt_p, mean, m2, ddof)
+    one = {"units": "1"}
+    coords = {
+        "step": ("step", np.array(steps, dtype=np.int64), {"long_name": "optimizer step"}),
+        "split": ("split", np.array(split_names, dtype=str), {"long_name": "data split"}),
+        "param": ("param", np.arange(P, dtype=np.int64),
+                  {"long_name": "flat parameter index"}),
+        "tensor": ("param", layout.tensor_of_param().astype(str),
+                   {"long_name": "parameter tensor"}),
+        "layer": ("param", layout.layer_of_param().astype(str), {"long_name": "layer"}),
+    }
+    sp3 = ("step", "split", "param")
+    with np.errstate(invalid="ignore"):
+        dead = (fin["var"] == 0) & (mean == 0)
+        inf = (fin["var"] == 0) & (mean != 0)
+    data = {
+        "count": (("step", "split"), count, {"long_name": "number of samples N", **one}),
+        "mean": (sp3, mean, {"long_name": "mean per-sample gradient m_j"}),
+        "m2": (sp3, m2, {"long_name": "sum of squared deviations M2_j"}),
+        "var": (sp3, fin["var"], {"long_name": f"per-sample gradient variance s_j^2 (ddof={ddof})"}),
+        "gsnr": (sp3, fin["gsnr"], {"long_name": "gradient signal-to-noise ratio m^2/s^2", **one}),
+        "gsnr_debiased": (sp3, fin["gsnr_debiased"],
+                          {"long_name": "debiased GSNR m^2/s^2 - 1/N", **one}),
+        "n_dead": (("step", "split"), dead.sum(axis=-1).astype(np.int64),
+                   {"long_name": "parameters with s^2=0 and m=0 (GSNR NaN)", **one}),
+        "n_inf": (("step", "split"), inf.sum(axis=-1).astype(np.int64),
+                  {"long_name": "parameters with s^2=0 and m!=0 (GSNR +inf)", **one}),
+        "lr": (("step", "split"), lr, {"long_name": "learning rate recorded with the record"}),
+        "epoch": (("step", "split"), epoch, {"long_name": "epoch"}),
+        "loss_mean": (("step", "split"), loss_mean, {"long_name": "mean per-sample loss"}),
+        "loss_var": (("step", "split"), loss_var, {"long_name": "variance of per-sample loss"}),
+    }
+    if nonfinite == "omit":
+        data["n_omitted"] = (sp3, n_omit,
+                             {"long_name": "non-finite samples dropped per parameter", **one})
+    if blocks:
+        data["block_count"] = (("step", "split", "block"), b_count,
+                               {"long_name": "samples per jackknife block", **one})
+        data["block_mean"] = (("step", "split", "block", "param"), b_mean,
+                              {"long_name": "block mean gradient"})
+        data["block_m2"] = (("step", "split", "block", "param"), b_m2,
+                            {"long_name": "block sum of squared deviations"})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        {
+            "title": "per-parameter gradient moments and GSNR",
+            "ddof": int(ddof),
+            "n_params": int(P),
+            "layout_hash": layout.hash,
+            "layout": layout.to_json(),
+            "nonfinite": nonfinite,
+            "library": "gsnr-stats",
+            "library_version": __version__,
+            "Conventions": "CF-1.8",
+            **(attrs or {}),
+        }
+    )
+    return ds
