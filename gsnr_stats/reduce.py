@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class _ChunkMap:
         self.n_cols = -(-P // self.cols_c)
         self.offsets = np.full((self.n_rows, self.n_cols), -1, dtype=np.int64)
         self.buf: np.ndarray | None = None
+        self._mm: mmap.mmap | None = None
         plist = ds.id.get_create_plist()
         self.mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
         if not self.mappable or rows == 0:
@@ -122,8 +124,23 @@ class _ChunkMap:
             raise
         except Exception as e:  # noqa: BLE001 - any HDF5 failure here means a damaged index
             raise StoreError(f"{path}: cannot read the chunk index of grads ({e})") from e
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as fh:
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(self._mm, dtype=np.uint8)
         self.buf = raw[: (raw.shape[0] // 4) * 4].view(np.float32)
+
+    def release(self, offsets: np.ndarray) -> None:
+        """Drop the mapped pages of processed chunks from this process.
+
+        Mapped file pages count in RSS; dropping them after use keeps peak RSS independent
+        of N (the data stays in the page cache).
+        """
+        nbytes = self.rows_c * self.cols_c * self.itemsize
+        page = mmap.PAGESIZE
+        for o in offsets:
+            a = (int(o) * self.itemsize // page) * page
+            b = int(o) * self.itemsize + nbytes
+            self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
 def _nonfinite_error(
@@ -290,6 +307,7 @@ def record_partial(
                     cmap.buf, cmap.offsets[crow, cc0:cc1], rc, cc, w, lo, hi,
                     count[blk], mean[blk], m2[blk], omit, n_omit, bad,
                 )
+                cmap.release(cmap.offsets[crow, cc0:cc1])
             else:
                 x = pending.result() if pending is not None else read_stripe(item)
                 pending = None

@@ -328,7 +328,7 @@ class GradientWriter:
         cache = int(min(max(2 * row_bytes, 16 << 20), 512 << 20))
         try:
             f = h5py.File(
-                tmp, "w", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100003,
+                tmp, "w", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100003, locking=False,
                 alignment_threshold=64 << 10, alignment_interval=4096,
             )
         except OSError as e:
@@ -649,6 +649,7 @@ def _open_h5(path: Path) -> h5py.File:
         raise StoreError(f"{path}: cannot read ({e})") from e
     if not ok:
         raise StoreError(f"{path}: not an HDF5 file (no HDF5 signature)")
+    _check_superblock_eof(path)
     last: Exception | None = None
     for swmr in (False, True):
         try:
@@ -658,6 +659,39 @@ def _open_h5(path: Path) -> h5py.File:
         except OSError as e:
             last = e
     raise StoreError(f"{path}: HDF5 file cannot be opened, corrupt or truncated? ({last})")
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_superblock_eof(path: Path) -> None:
+    """Refuse a file shorter than its superblock's end-of-file address (truncated).
+
+    Why: HDF5 may loop for ever reading structures that point past the end of a truncated
+    file, so the size is checked before HDF5 parses anything. Only superblock versions 2
+    and 3 (what our writer produces) are parsed; older ones are left to HDF5.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        base = 0
+        while base + 48 <= size:
+            fh.seek(base)
+            head = fh.read(48)
+            if head[:8] == _SIGNATURE:
+                break
+            base = 512 if base == 0 else base * 2
+        else:
+            return
+    version, off_size = head[8], head[9]
+    if version not in (2, 3) or off_size not in (4, 8):
+        return
+    pos = 12 + 2 * off_size
+    eof = int.from_bytes(head[pos : pos + off_size], "little")
+    if base + eof > size:
+        raise StoreError(
+            f"{path}: truncated file: {size} bytes on disk, the HDF5 superblock records "
+            f"{base + eof} bytes"
+        )
 
 
 def _check_links(f: h5py.File, path: Path) -> None:

@@ -1,0 +1,877 @@
+"""PyTorch adapter: per-sample gradients of any ``nn.Module`` with ``torch.func``.
+
+.. math:: g_i = \\nabla_\\theta\\, \\ell\\big(y_i, f(x_i; \\theta)\\big) \\in \\mathbb{R}^P
+
+the gradient of each sample's *own* loss (never scaled by ``1/batch``), computed as
+``vmap(grad(loss_i))`` over the batch with ``torch.func.functional_call``, flattened in the
+order of ``model.named_parameters()`` (frozen parameters excluded by default).
+
+Entry points
+------------
+:func:`layout`                ``[(name, shape), ...]`` for ``GradientWriter``
+:func:`per_sample_gradients`  ``(n, P)`` numpy array (and per-sample losses on request)
+:class:`Recorder` / :func:`record`  write records ``(step, split)`` batch by batch from a
+                              ``DataLoader``; host copies and HDF5 writes overlap computing
+:func:`open_writer`           a ``GradientWriter`` with this model's layout and provenance
+:func:`mean_loss`, :func:`record_trajectory`  loss trajectories around real optimizer steps
+:func:`probe_osgr`            the OSGR probe (virtual steps on disjoint draws)
+
+Train-mode layers. BatchNorm in training mode (or without running statistics) mixes the
+samples of a batch, and so has no per-sample gradient in the usual sense; Dropout in
+training mode is random. Both are refused with :class:`~gsnr_stats.errors.AdapterError`
+unless you opt in:
+
+* ``train_batchnorm="batch"``: :math:`g_i = \\nabla_\\theta \\ell_i(\\theta; B)` where the
+  BatchNorm statistics come from the whole batch ``B`` (and are differentiated through), so
+  that :math:`\\sum_i g_i` is the gradient of the summed batch loss. Computed as rows of the
+  Jacobian of the ``(n,)`` loss vector (one vmapped backward per sample); results depend on
+  the batch composition. Running statistics are never updated.
+* ``dropout="different"``: every sample draws its own dropout mask (``vmap(...,
+  randomness="different")``), like an ordinary training forward pass; ``"same"`` shares one
+  mask across the batch. Results are random; the recorded loss uses the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_map
+
+from gsnr_stats.errors import AdapterError
+
+from ._common import (
+    AsyncWriter,
+    BufferPool,
+    ProbeResult,
+    RecordSummary,
+    abort_record,
+    as_float,
+    check_layout_matches,
+    iter_data,
+    progress_bar,
+    run_probe,
+    split_batch,
+)
+
+__all__ = [
+    "SUPPORTED",
+    "ProbeResult",
+    "RecordSummary",
+    "Recorder",
+    "layout",
+    "mean_loss",
+    "open_writer",
+    "per_sample_gradients",
+    "probe_osgr",
+    "record",
+    "record_trajectory",
+]
+
+SUPPORTED = (
+    "any torch.nn.Module whose forward uses operators that torch.func.vmap and grad support, "
+    "one sample independent of the others: Linear, Bilinear, Conv1d/2d/3d, ConvTranspose, "
+    "Embedding (sparse=False), LSTM, MultiheadAttention/Transformer layers, LayerNorm, "
+    "GroupNorm, BatchNorm in eval mode with running statistics, pooling, activations, "
+    "Flatten, Dropout in eval mode; train-mode BatchNorm with train_batchnorm='batch', "
+    "train-mode Dropout with dropout='different'. loss_fn(outputs, targets) must return "
+    "per-sample losses of shape (n,) (reduction='none')"
+)
+
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+# --------------------------------------------------------------------------------------
+# Parameters and layout
+# --------------------------------------------------------------------------------------
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise AdapterError(
+            f"torch adapter: expected a torch.nn.Module, got {type(model).__name__}; "
+            f"supported: {SUPPORTED}"
+        )
+
+
+def _selected(
+    model: nn.Module, include_frozen: bool, param_filter: ParamFilter | None
+) -> list[tuple[str, nn.Parameter]]:
+    _check_module(model)
+    out = []
+    for name, p in model.named_parameters():
+        if not include_frozen and not p.requires_grad:
+            continue
+        if param_filter is not None and not param_filter(name, p):
+            continue
+        if not p.is_floating_point():
+            continue
+        out.append((name, p))
+    if not out:
+        raise AdapterError(
+            f"torch adapter: {type(model).__name__} has no selected floating-point parameters "
+            "(frozen ones are excluded unless include_frozen=True; check param_filter); "
+            f"supported: {SUPPORTED}"
+        )
+    return out
+
+
+def layout(
+    model: nn.Module,
+    *,
+    include_frozen: bool = False,
+    param_filter: ParamFilter | None = None,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameter layout of ``model``: ``[(name, shape), ...]`` in flat order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; names come from ``model.named_parameters()``.
+    include_frozen : bool
+        Include parameters with ``requires_grad=False`` (excluded by default).
+    param_filter : callable (name, parameter) -> bool, optional
+        Keep only the parameters for which it returns True.
+
+    Returns
+    -------
+    list of (str, tuple of int)
+        What ``GradientWriter(path, params=...)`` takes; the columns of
+        :func:`per_sample_gradients` follow this order.
+    """
+    return [(n, tuple(p.shape)) for n, p in _selected(model, include_frozen, param_filter)]
+
+
+def open_writer(
+    path: Any,
+    model: nn.Module,
+    *,
+    include_frozen: bool = False,
+    param_filter: ParamFilter | None = None,
+    attrs: dict[str, Any] | None = None,
+    **writer_kwargs: Any,
+) -> Any:
+    """A ``gsnr_stats.GradientWriter`` for ``model``'s layout with torch provenance attrs.
+
+    ``writer_kwargs`` go to ``GradientWriter`` (``dtype``, ``chunks``, ``compression``,
+    ``overwrite``, ...).
+    """
+    import gsnr_stats as gs
+
+    a = {"framework": "torch", "framework_version": torch.__version__,
+         "model": type(model).__name__}
+    a.update(attrs or {})
+    return gs.GradientWriter(
+        path, layout(model, include_frozen=include_frozen, param_filter=param_filter),
+        attrs=a, **writer_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Modes: BatchNorm / Dropout
+# --------------------------------------------------------------------------------------
+
+
+def _mixing_batchnorm(model: nn.Module) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # in eval mode without running stats, BatchNorm still uses batch statistics
+            if m.training or m.running_mean is None:
+                out.append(name or type(m).__name__)
+    return out
+
+
+def _active_dropout(model: nn.Module) -> list[str]:
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+
+
+def _unsupported_layers(model: nn.Module) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse:
+            out.append(f"{name or type(m).__name__} (sparse=True embedding)")
+        elif isinstance(m, nn.RNN | nn.GRU):
+            out.append(f"{name or type(m).__name__} ({type(m).__name__}: no vmap support)")
+    return out
+
+
+def _plan(model: nn.Module, train_batchnorm: str, dropout: str) -> tuple[str, str]:
+    """Validate modes; returns (route, randomness)."""
+    if train_batchnorm not in ("error", "batch"):
+        raise AdapterError(f"train_batchnorm must be 'error' or 'batch', got {train_batchnorm!r}")
+    if dropout not in ("error", "different", "same"):
+        raise AdapterError(f"dropout must be 'error', 'different' or 'same', got {dropout!r}")
+    bad = _unsupported_layers(model)
+    if bad:
+        raise AdapterError(
+            f"torch adapter: {type(model).__name__} contains layers without per-sample "
+            f"gradient support: {', '.join(bad)}; supported: {SUPPORTED}"
+        )
+    bn = _mixing_batchnorm(model)
+    if bn and train_batchnorm == "error":
+        raise AdapterError(
+            f"torch adapter: BatchNorm layers {bn} use batch statistics (training mode or no "
+            "running stats), which mix the samples of a batch. Call model.eval(), or pass "
+            "train_batchnorm='batch' for gradients of each sample's loss under its batch's "
+            f"statistics; supported: {SUPPORTED}"
+        )
+    drop = _active_dropout(model)
+    if drop and dropout == "error":
+        raise AdapterError(
+            f"torch adapter: Dropout layers {drop} are in training mode (random). Call "
+            "model.eval(), or pass dropout='different' (each sample its own mask, like a "
+            f"training step); supported: {SUPPORTED}"
+        )
+    return ("batch" if bn else "vmap"), ("error" if not drop else dropout)
+
+
+# --------------------------------------------------------------------------------------
+# Core computation
+# --------------------------------------------------------------------------------------
+
+
+def _unsqueeze(t: Any) -> Any:
+    return tree_map(lambda a: a.unsqueeze(0) if isinstance(a, torch.Tensor) else a, t)
+
+
+def _to(t: Any, device: torch.device) -> Any:
+    def move(a: Any) -> Any:
+        if isinstance(a, np.ndarray):
+            a = torch.from_numpy(a)
+        if isinstance(a, torch.Tensor) and a.device != device:
+            return a.to(device, non_blocking=True)
+        return a
+
+    return tree_map(move, t)
+
+
+def _batch_len(x: Any) -> int:
+    leaves = [a for a in _leaves(x) if isinstance(a, torch.Tensor | np.ndarray)]
+    if not leaves:
+        raise AdapterError("inputs contain no tensor; supported: a tensor or a tuple of tensors")
+    return int(leaves[0].shape[0])
+
+
+def _leaves(x: Any) -> list[Any]:
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(x)
+
+
+def _call(model: nn.Module, state: tuple[dict[str, Any], ...], x: Any) -> Any:
+    if isinstance(x, tuple):
+        return functional_call(model, state, x)
+    if isinstance(x, dict):  # keyword inputs, e.g. model(input_ids=..., attention_mask=...)
+        return functional_call(model, state, (), x)
+    return functional_call(model, state, (x,))
+
+
+class _Engine:
+    """Everything fixed for one model: selected names, route, frozen state, the vmapped fn."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        include_frozen: bool,
+        param_filter: ParamFilter | None,
+        chunk_size: int | None,
+        train_batchnorm: str,
+        dropout: str,
+    ) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        sel = _selected(model, include_frozen, param_filter)
+        self.names = [n for n, _ in sel]
+        self.shapes = [tuple(p.shape) for _, p in sel]
+        self.route, self.randomness = _plan(model, train_batchnorm, dropout)
+        self.chunk_size = chunk_size
+        p0 = sel[0][1]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.P = sum(math.prod(s) for s in self.shapes)
+        self._checked_loss = False
+
+    def state(self) -> tuple[dict[str, torch.Tensor], tuple[dict[str, torch.Tensor], ...]]:
+        """(selected params, (other params, buffer copies)), all detached."""
+        sel = set(self.names)
+        params, rest = {}, {}
+        for n, p in self.model.named_parameters():
+            (params if n in sel else rest)[n] = p.detach()
+        # copies: train-mode BatchNorm updates running stats in place; the model must not change
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        return params, (rest, buffers)
+
+    def _fail(self, e: Exception) -> AdapterError:
+        hint = ""
+        msg = str(e)
+        if "random" in msg and "vmap" in msg:
+            hint = " (a random operation in forward: pass dropout='different' or call eval())"
+        elif ".item()" in msg or "data-dependent" in msg:
+            hint = " (data-dependent Python control flow or .item() in forward/loss)"
+        elif "setup_context" in msg:
+            hint = " (a custom autograd.Function without setup_context/vmap support)"
+        return AdapterError(
+            f"torch adapter: torch.func could not compute per-sample gradients of "
+            f"{type(self.model).__name__}{hint}: {type(e).__name__}: {msg.splitlines()[0]}; "
+            f"supported: {SUPPORTED}"
+        )
+
+    def check_loss(self, x: Any, y: Any, frozen: tuple[dict[str, Any], ...],
+                   params: dict[str, Any]) -> None:
+        """``loss_fn`` must return one loss per sample (catches reduction='mean')."""
+        if self._checked_loss:
+            return
+        n = _batch_len(x)
+        m = min(n, 2)
+        head = tree_map(lambda a: a[:m] if isinstance(a, torch.Tensor) else a, (x, y))
+        try:
+            with torch.no_grad():
+                out = _call(self.model, (params, *frozen), head[0])
+                loss = self.loss_fn(out, head[1])
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            raise self._fail(e) from e
+        if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (m,):
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise AdapterError(
+                f"torch adapter: loss_fn returned {shape} for a batch of {m} samples; it must "
+                f"return per-sample losses of shape ({m},), e.g. nn.CrossEntropyLoss("
+                "reduction='none'); a mean-reduced loss would scale gradients by 1/batch. "
+                f"Supported: {SUPPORTED}"
+            )
+        self._checked_loss = True
+
+    def compute(self, x: Any, y: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-sample gradients ``{name: (n, *shape)}`` and losses ``(n,)`` on the device."""
+        x, y = _to(x, self.device), _to(y, self.device)
+        params, frozen = self.state()
+        self.check_loss(x, y, frozen, params)
+        model, loss_fn = self.model, self.loss_fn
+        try:
+            if self.route == "vmap":
+
+                def one(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
+                    out = _call(model, (p, *frozen), _unsqueeze(xi))
+                    return loss_fn(out, _unsqueeze(yi)).sum()
+
+                f = vmap(grad_and_value(one), in_dims=(None, 0, 0),
+                         randomness=self.randomness, chunk_size=self.chunk_size)
+                grads, losses = f(params, x, y)
+            else:  # rows of the Jacobian of the (n,) loss vector, batch statistics shared
+
+                # plain autograd (BatchNorm updates its buffer copies in place, which
+                # torch.func transforms refuse); batched backward over one-hot cotangents
+                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                with torch.enable_grad():
+                    losses = loss_fn(_call(model, (leaves, *frozen), x), y)
+                    n = losses.shape[0]
+                    eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+                    step = self.chunk_size or n
+                    parts = []
+                    for s in range(0, n, step):
+                        parts.append(torch.autograd.grad(
+                            losses, list(leaves.values()), grad_outputs=eye[s:s + step],
+                            is_grads_batched=True, retain_graph=s + step < n,
+                            allow_unused=True))
+                sizes = [min(step, n - s) for s in range(0, n, step)]
+                grads = {
+                    k: torch.cat([pt[j] if pt[j] is not None
+                                  else torch.zeros((m, *leaves[k].shape),
+                                                   dtype=self.dtype, device=self.device)
+                                  for pt, m in zip(parts, sizes, strict=True)])
+                    for j, k in enumerate(leaves)
+                }
+                losses = losses.detach()
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            raise self._fail(e) from e
+        return grads, losses
+
+    def flatten(self, grads: dict[str, torch.Tensor], out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        n = next(iter(grads.values())).shape[0]
+        parts = [grads[k].reshape(n, -1) for k in self.names]
+        if out is None:
+            return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1, out=out)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    inputs: Any,
+    targets: Any,
+    *,
+    chunk_size: int | None = None,
+    include_frozen: bool = False,
+    param_filter: ParamFilter | None = None,
+    train_batchnorm: str = "error",
+    dropout: str = "error",
+    return_loss: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Per-sample gradients of each sample's own loss, as an ``(n, P)`` array.
+
+    .. math:: G_{i,:} = \\nabla_\\theta\\, \\ell_i(\\theta), \\qquad
+              \\ell_i = \\texttt{loss\\_fn}(f(x_i;\\theta), y_i)
+
+    Not scaled by ``1/n``: :math:`\\sum_i G_{i,:}` is the gradient of the *summed* loss.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module (CPU or CUDA); the parameters are read, never modified.
+    loss_fn : callable (outputs, targets) -> Tensor (n,)
+        Per-sample losses, ``reduction="none"`` style. A scalar (mean-reduced) loss is
+        refused because it would scale gradients by ``1/n``.
+    inputs : Tensor, tuple of Tensors or dict of Tensors
+        Batch of ``n`` inputs (a tuple is passed as positional arguments to ``forward``, a
+        dict as keyword arguments); moved to the model's device.
+    targets : Tensor (or pytree of Tensors)
+        Batch of ``n`` targets.
+    chunk_size : int, optional
+        Samples per vmap chunk; bounds peak memory (default: the whole batch at once).
+    include_frozen : bool
+        Include parameters with ``requires_grad=False``.
+    param_filter : callable (name, parameter) -> bool, optional
+        Keep only the parameters for which it returns True.
+    train_batchnorm : {"error", "batch"}
+        Policy for BatchNorm that uses batch statistics (see module docstring).
+    dropout : {"error", "different", "same"}
+        Policy for Dropout in training mode (see module docstring).
+    return_loss : bool
+        Also return the ``(n,)`` per-sample losses (float64).
+
+    Returns
+    -------
+    ndarray, shape (n, P)
+        In :func:`layout` order, dtype of the parameters (float32 usually); with
+        ``return_loss``, ``(gradients, losses)``.
+
+    Raises
+    ------
+    AdapterError
+        Not a module, unsupported layers or modes, loss not per-sample, or a forward that
+        ``torch.func`` cannot transform; the message lists what is supported.
+    """
+    eng = _Engine(model, loss_fn, include_frozen=include_frozen, param_filter=param_filter,
+                  chunk_size=chunk_size, train_batchnorm=train_batchnorm, dropout=dropout)
+    grads, losses = eng.compute(inputs, targets)
+    G = _to_numpy(eng.flatten(grads))
+    if return_loss:
+        return G, _to_numpy(losses).astype(np.float64)
+    return G
+
+
+# --------------------------------------------------------------------------------------
+# Recorder
+# --------------------------------------------------------------------------------------
+
+
+def _labels(y: Any, n: int) -> np.ndarray | None:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if isinstance(y, torch.Tensor) and y.ndim == 1 and y.shape[0] == n and not y.is_complex():
+        return y.detach().reshape(n).to("cpu", torch.float64).numpy()
+    return None
+
+
+def _current_lr(optimizer: Any) -> float:
+    if optimizer is None:
+        return math.nan
+    lrs = {float(g["lr"]) for g in optimizer.param_groups}
+    return float(optimizer.param_groups[0]["lr"]) if len(lrs) >= 1 else math.nan
+
+
+class Recorder:
+    """Write per-sample gradient records of a model, batch by batch, into a ``GradientWriter``.
+
+    Writing overlaps computing: each batch's gradients are flattened into one of a few
+    reusable host buffers (pinned memory for CUDA, copied on a side stream), and a
+    background thread writes them while the next batch is computed.
+
+    Parameters
+    ----------
+    writer : GradientWriter
+        Open writer whose layout is :func:`layout` of the model (same filter).
+    model, loss_fn :
+        As in :func:`per_sample_gradients`.
+    optimizer : torch.optim.Optimizer, optional
+        When given, the learning rate of its first parameter group is stored with each
+        record (unless ``lr`` is passed to :meth:`record`).
+    chunk_size, include_frozen, param_filter, train_batchnorm, dropout :
+        As in :func:`per_sample_gradients`.
+    progress : bool or dict
+        Show a tqdm progress bar (a dict is passed to tqdm as keyword arguments).
+    max_pending : int
+        Batches queued for the writer thread; 0 writes synchronously.
+    store_labels : bool
+        Store 1-D targets (class labels, scalar regression targets) as labels.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        optimizer: Any = None,
+        chunk_size: int | None = None,
+        include_frozen: bool = False,
+        param_filter: ParamFilter | None = None,
+        train_batchnorm: str = "error",
+        dropout: str = "error",
+        progress: bool | dict[str, Any] = False,
+        max_pending: int = 2,
+        store_labels: bool = True,
+    ) -> None:
+        self.writer = writer
+        self.optimizer = optimizer
+        self.progress = progress
+        self.max_pending = int(max_pending)
+        self.store_labels = store_labels
+        self._eng = _Engine(model, loss_fn, include_frozen=include_frozen,
+                            param_filter=param_filter, chunk_size=chunk_size,
+                            train_batchnorm=train_batchnorm, dropout=dropout)
+        check_layout_matches(writer, list(zip(self._eng.names, self._eng.shapes, strict=True)),
+                             "torch Recorder")
+        self._cuda = self._eng.device.type == "cuda"
+        self._buffers: BufferPool | None = None
+        self._rows = 0
+        self._copy_stream = torch.cuda.Stream(self._eng.device) if self._cuda else None
+
+    def _pool(self, rows: int) -> BufferPool:
+        P, dtype = self._eng.P, self._eng.dtype
+
+        def make() -> torch.Tensor:
+            return torch.empty((rows, P), dtype=dtype, pin_memory=self._cuda)
+
+        return BufferPool(make, self.max_pending + 1)
+
+    def record(
+        self,
+        data: Iterable[Any] | Sequence[Any],
+        step: int,
+        split: str,
+        *,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        epoch: float | None = None,
+        max_samples: int | None = None,
+    ) -> RecordSummary:
+        """Compute and write the record ``(step, split)`` from ``data``; complete it.
+
+        Parameters
+        ----------
+        data : DataLoader, iterable of batches, or tuple of arrays
+            Batches ``(inputs, targets)`` or ``(inputs, targets, sample_id)``. With
+            ``batch_size``, a tuple ``(inputs, targets[, sample_id])`` of tensors/arrays that
+            is sliced into batches.
+        step, split : int, str
+            The record's key.
+        batch_size : int, optional
+            See ``data``.
+        lr, epoch : float, optional
+            Stored with the record; ``lr`` defaults to the optimizer's.
+        max_samples : int, optional
+            Stop after this many samples (the last batch is truncated).
+
+        Returns
+        -------
+        RecordSummary
+        """
+        eng = self._eng
+        batches, total = iter_data(data, batch_size, "torch Recorder.record")
+        if max_samples is not None:
+            total = max_samples if total is None else min(total, max_samples)
+        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
+        ep = as_float(epoch)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        seen = 0
+        loss_sum: Any = 0.0  # a device tensor once batches arrive: no sync per batch
+        aw = AsyncWriter(self.writer, self.max_pending)
+        try:
+            with aw:
+                for batch in batches:
+                    x, y, sid = split_batch(batch, "torch Recorder.record")
+                    n = _batch_len(x)
+                    if max_samples is not None:
+                        n = min(n, max_samples - seen)
+                        if n <= 0:
+                            break
+                        x, y, sid = tree_map(
+                            lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray)
+                            else a, (x, y, sid))
+                    if n == 0:
+                        continue
+                    grads, losses = eng.compute(x, y)
+                    if self._buffers is None or n > self._rows:
+                        # buffers live as long as the recorder: no fresh pages per record
+                        self._rows = max(self._rows, n)
+                        self._buffers = self._pool(self._rows)
+                    pool = self._buffers
+                    buf = pool.acquire()
+                    view = buf[:n]
+                    ready: Callable[[], Any] | None = None
+                    if self._cuda:
+                        flat = eng.flatten(grads)
+                        stream = self._copy_stream
+                        stream.wait_stream(torch.cuda.current_stream(eng.device))
+                        with torch.cuda.stream(stream):
+                            view.copy_(flat, non_blocking=True)
+                            loss_h = losses.to("cpu", non_blocking=True)
+                            flat.record_stream(stream)  # keep memory until the copies end
+                            losses.record_stream(stream)
+                            ev = torch.cuda.Event()
+                            ev.record(stream)
+                        ready = ev.synchronize
+                    else:
+                        eng.flatten(grads, out=view)
+                        loss_h = losses
+                    del grads
+                    loss_sum = loss_sum + losses.detach().to(torch.float64).sum()
+                    label = _labels(y, n) if self.store_labels else None
+                    ids = None if sid is None else np.asarray(
+                        sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
+
+                    def grads_np(view: torch.Tensor = view, ready: Any = ready) -> np.ndarray:
+                        if ready is not None:
+                            ready()
+                        return view.numpy()
+
+                    def loss_np(loss_h: torch.Tensor = loss_h, ready: Any = ready) -> np.ndarray:
+                        if ready is not None:
+                            ready()
+                        return loss_h.detach().to(torch.float64).numpy()
+
+                    aw.write(step, split, grads=grads_np, loss=loss_np, sample_id=ids,
+                             label=label, lr=lr_v, epoch=ep,
+                             release=(lambda b=buf, p=pool: p.release(b)))
+                    seen += n
+                    bar.update(n)
+                if seen == 0:
+                    raise AdapterError(
+                        f"torch Recorder.record: no samples in data for record "
+                        f"(step={step}, split={split!r})"
+                    )
+                aw.end_record(step, split)
+        except BaseException:
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bar.close()
+        return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep)
+
+
+def record(
+    writer: Any,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    data: Iterable[Any] | Sequence[Any],
+    step: int,
+    split: str,
+    *,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    epoch: float | None = None,
+    max_samples: int | None = None,
+    **recorder_kwargs: Any,
+) -> RecordSummary:
+    """One record ``(step, split)`` through a fresh :class:`Recorder` (see there)."""
+    return Recorder(writer, model, loss_fn, **recorder_kwargs).record(
+        data, step, split, batch_size=batch_size, lr=lr, epoch=epoch, max_samples=max_samples)
+
+
+# --------------------------------------------------------------------------------------
+# Loss trajectories and the OSGR probe
+# --------------------------------------------------------------------------------------
+
+
+def _eval_losses(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 state: tuple[dict[str, Any], ...], x: Any, y: Any) -> torch.Tensor:
+    with torch.no_grad():
+        out = _call(model, state, x)
+        loss = loss_fn(out, y)
+    n = _batch_len(x)
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (n,):
+        raise AdapterError(
+            f"torch adapter: loss_fn must return per-sample losses of shape ({n},), got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}; "
+            f"supported: {SUPPORTED}"
+        )
+    return loss
+
+
+def _eval_state(model: nn.Module) -> tuple[dict[str, Any], ...]:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return params, buffers
+
+
+def mean_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    data: Iterable[Any] | Sequence[Any],
+    *,
+    batch_size: int | None = None,
+) -> float:
+    """Mean per-sample loss :math:`\\frac{1}{N}\\sum_i \\ell_i(\\theta)` over ``data``.
+
+    Runs without gradients on copies of the buffers (running statistics never change); the
+    model's train/eval mode is used as is. ``data`` as in :meth:`Recorder.record`.
+    """
+    _check_module(model)
+    device = next(model.parameters()).device
+    state = _eval_state(model)
+    batches, _ = iter_data(data, batch_size, "torch mean_loss")
+    total, count = 0.0, 0
+    for batch in batches:
+        x, y, _ = split_batch(batch, "torch mean_loss")
+        x, y = _to(x, device), _to(y, device)
+        loss = _eval_losses(model, loss_fn, state, x, y)
+        total += float(loss.double().sum())
+        count += loss.shape[0]
+    if count == 0:
+        raise AdapterError("torch mean_loss: data has no samples")
+    return total / count
+
+
+def record_trajectory(
+    writer: Any,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    train_data: Iterable[Any] | Sequence[Any],
+    test_data: Iterable[Any] | Sequence[Any],
+    *,
+    step: int,
+    lr: float | None = None,
+    optimizer: Any = None,
+    epoch: float = math.nan,
+    batch_size: int | None = None,
+) -> tuple[float, float]:
+    """Write one loss-trajectory row: mean train and test loss at :math:`\\theta_t`.
+
+    Call it before each real optimizer step ``t`` (and once after the last): the stored
+    rows give the trajectory OSGR of DESIGN.md,
+
+    .. math:: R_t = \\frac{L_{test}(\\theta_t) - L_{test}(\\theta_{t+1})}
+                         {L_{train}(\\theta_t) - L_{train}(\\theta_{t+1})}.
+
+    ``lr`` (default: the optimizer's first group) is the rate of the step *from* θ_t.
+
+    Returns
+    -------
+    (float, float)
+        Mean train loss and mean test loss.
+    """
+    tr = mean_loss(model, loss_fn, train_data, batch_size=batch_size)
+    te = mean_loss(model, loss_fn, test_data, batch_size=batch_size)
+    lr_v = as_float(lr) if lr is not None else _current_lr(optimizer)
+    writer.write_trajectory(int(step), lr_v, tr, te, epoch=float(epoch))
+    return tr, te
+
+
+def probe_osgr(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    pool_a: Sequence[Any],
+    pool_b: Sequence[Any],
+    *,
+    n: int,
+    lr: float,
+    K: int = 16,
+    step: int = 0,
+    writer: Any = None,
+    seed: int | np.random.Generator | None = 0,
+    include_frozen: bool = False,
+    param_filter: ParamFilter | None = None,
+    train_batchnorm: str = "error",
+    dropout: str = "error",
+) -> ProbeResult:
+    """Measure the one-step generalization ratio by virtual gradient steps.
+
+    For :math:`k = 1..K`, draw :math:`D_k` (``n`` samples of pool A) and :math:`D'_k`
+    (``n`` samples of the disjoint pool B), take :math:`\\theta' = \\theta - \\lambda
+    \\nabla L[D_k]` with :math:`L[D] = \\frac{1}{|D|}\\sum_{i \\in D} \\ell_i`, and evaluate
+
+    .. math:: R = \\frac{\\sum_k L_{D'_k}(\\theta) - L_{D'_k}(\\theta')}
+                        {\\sum_k L_{D_k}(\\theta) - L_{D_k}(\\theta')}
+
+    (``ProbeResult.ratio``). As :math:`\\lambda \\to 0` it approaches the theoretical
+    ``R(n)`` of Liu et al. (eq. 19). The model (parameters, buffers, ``.grad``) is left
+    unchanged; only the selected parameters move in the virtual step.
+
+    Parameters
+    ----------
+    model, loss_fn :
+        As in :func:`per_sample_gradients`.
+    pool_a, pool_b : (inputs, targets)
+        Two disjoint pools of the same distribution (tensors with one row per sample).
+    n : int
+        Size of each draw (without replacement), at most each pool's size.
+    lr : float
+        Virtual learning rate :math:`\\lambda`.
+    K : int
+        Number of draws.
+    step : int
+        Checkpoint label for the written rows.
+    writer : GradientWriter, optional
+        Receives ``K`` rows ``write_probe(step, n, lr, k, train_before, train_after,
+        test_before, test_after)``.
+    seed : int or numpy Generator, optional
+        Randomness of the draws.
+    include_frozen, param_filter, train_batchnorm, dropout :
+        As in :func:`per_sample_gradients`; ``train_batchnorm='batch'`` evaluates
+        BatchNorm with the statistics of each evaluated set.
+
+    Returns
+    -------
+    ProbeResult
+        Arrays ``k, train_before, train_after, test_before, test_after`` and ``.ratio``.
+    """
+    sel = _selected(model, include_frozen, param_filter)
+    _plan(model, train_batchnorm, dropout)
+    device = sel[0][1].device
+    names = [nm for nm, _ in sel]
+    (xa, ya), (xb, yb) = (tuple(_to(t, device) for t in pool[:2]) for pool in (pool_a, pool_b))
+    base, buffers = _eval_state(model)
+    theta = {k: base[k] for k in names}
+    rest = {k: v for k, v in base.items() if k not in theta}
+
+    def take(t: Any, idx: torch.Tensor) -> Any:
+        return tree_map(lambda a: a[idx] if isinstance(a, torch.Tensor) else a, t)
+
+    pools = {"a": (xa, ya), "b": (xb, yb)}
+
+    def mean_at(th: dict[str, torch.Tensor], which: str, idx: np.ndarray) -> float:
+        x, y = pools[which]
+        i = torch.as_tensor(idx, device=device)
+        loss = _eval_losses(model, loss_fn, (th, rest, buffers), take(x, i), take(y, i))
+        return float(loss.double().mean())
+
+    def virtual(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        i = torch.as_tensor(idx, device=device)
+        x, y = take(xa, i), take(ya, i)
+
+        def f(th: dict[str, torch.Tensor]) -> torch.Tensor:
+            return loss_fn(_call(model, (th, rest, buffers), x), y).mean()
+
+        from torch.func import grad
+
+        g = grad(f)(theta)
+        return {k: theta[k] - lr * g[k] for k in names}
+
+    return run_probe(size_a=_batch_len(xa), size_b=_batch_len(xb), n=n, K=K, lr=lr,
+                     step=step, seed=seed, mean_loss=mean_at, virtual_step=virtual,
+                     theta=theta, writer=writer)

@@ -1,0 +1,395 @@
+"""Adapter dump throughput: per-sample gradients into a store on disk, versus computing alone.
+
+Models (CPU, batch 256 by default):
+
+* MLP 784-512-256-10 (ReLU), P = 535,818
+* CNN: two conv blocks (3->16->32 channels, 3x3, ReLU, 2x2 max-pool) + 2048-128-10, input
+  3x32x32, P = 268,650
+
+Columns, in samples per second:
+
+* ``torch.func`` -- ``vmap(grad)`` of the per-sample loss with ``functional_call``, gradients
+  computed and discarded (the reference the torch adapter is measured against);
+* ``gsnr torch dump`` -- ``gsnr_stats.adapters.torch.Recorder`` writing every batch into an
+  uncompressed float32 store (includes flattening, host copies, HDF5 writes, final flush);
+* ``BackPACK BatchGrad`` / ``Opacus GradSampleModule`` -- the same per-sample gradients by
+  those libraries (summed loss, so nothing is scaled by 1/B), when importable;
+* ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
+* ``I/O ceiling`` -- ``GradientWriter.write`` of ready gradient arrays, nothing computed: the
+  dump cannot beat it (a batch of the MLP is 256 x 535,818 x 4 B = 549 MB).
+
+BackPACK and Opacus are not dependencies. To include them without touching the project's
+environment, install them (no dependencies: they would pull another torch) into a separate
+folder and point ``--extra-path`` (or ``GSNR_BENCH_EXTRA_PATH``) at it::
+
+    python -m venv /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install --no-deps --target /tmp/benchdeps \\
+        backpack-for-pytorch opacus einops unfoldnd
+    python bench/adapters.py --extra-path /tmp/benchdeps
+
+Before timing, each third-party result is checked against ``torch.func`` on one batch (the
+"max rel err" column). Run: ``python bench/adapters.py [--quick]``; prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Row = dict[str, Any]
+
+
+def _rate(n_samples: int, seconds: float) -> float:
+    return n_samples / seconds if seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------
+
+
+def torch_models() -> dict[str, tuple[Any, tuple[int, ...]]]:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256),
+                        nn.ReLU(), nn.Linear(256, 10))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+    return {"MLP 784-512-256-10": (mlp.eval(), (784,)),
+            "CNN 2conv+2fc 3x32x32": (cnn.eval(), (3, 32, 32))}
+
+
+def torch_func_grads(model: Any, loss_fn: Any) -> Callable[[Any, Any], dict[str, Any]]:
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def one(p: dict[str, Any], x: Any, y: Any) -> Any:
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    f = vmap(grad(one), in_dims=(None, 0, 0))
+    return lambda x, y: f(params, x, y)
+
+
+def time_batches(fn: Callable[[Any, Any], Any], batches: list[tuple[Any, Any]],
+                 warmup: int = 1) -> float:
+    for x, y in batches[:warmup]:
+        fn(x, y)
+    t0 = time.perf_counter()
+    n = 0
+    for x, y in batches[warmup:]:
+        out = fn(x, y)
+        del out
+        n += len(x)
+    return _rate(n, time.perf_counter() - t0)
+
+
+def flat_torch(d: dict[str, Any], names: list[str]) -> np.ndarray:
+    n = next(iter(d.values())).shape[0]
+    import torch
+
+    return torch.cat([d[k].reshape(n, -1) for k in names], 1).numpy()
+
+
+def backpack_fn(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
+    import copy
+
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+    from torch import nn
+
+    m = extend(copy.deepcopy(model))
+    lf = extend(nn.CrossEntropyLoss(reduction="sum"))  # sum: grad_batch not scaled by 1/B
+
+    def run(x: Any, y: Any) -> dict[str, Any]:
+        m.zero_grad()
+        loss = lf(m(x), y)
+        with backpack(BatchGrad()):
+            loss.backward()
+        return {k: p.grad_batch for k, p in m.named_parameters()}
+
+    return run, run
+
+
+def opacus_fn(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
+    import copy
+    import warnings
+
+    from opacus import GradSampleModule
+    from torch import nn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # opacus records activations in training mode only (these models have no
+        # BatchNorm/Dropout, so train() changes nothing else)
+        m = GradSampleModule(copy.deepcopy(model).train(), loss_reduction="sum")
+    lf = nn.CrossEntropyLoss(reduction="sum")
+
+    def run(x: Any, y: Any) -> dict[str, Any]:
+        for p in m.parameters():
+            p.grad = None
+            p.grad_sample = None
+        lf(m(x), y).backward()
+        return {k.removeprefix("_module."): p.grad_sample for k, p in m.named_parameters()}
+
+    return run, run
+
+
+def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: Path,
+               warmup: int = 1) -> float:
+    from gsnr_stats.adapters import torch as gt
+
+    path = where / "torch_dump.h5"
+    with gt.open_writer(path, model, overwrite=True) as w:
+        rec = gt.Recorder(w, model, loss_fn)
+        rec.record(batches[:warmup], step=0, split="warmup")
+        t0 = time.perf_counter()
+        rec.record(batches[warmup:], step=1, split="train")
+        n = sum(len(x) for x, _ in batches[warmup:])
+        w.flush()
+        dt = time.perf_counter() - t0
+    path.unlink()
+    return _rate(n, dt)
+
+
+def write_only(layout: list[tuple[str, tuple[int, ...]]], G: np.ndarray, nb: int,
+               where: Path) -> float:
+    """The I/O ceiling: ``GradientWriter.write`` of ready (n, P) float32 arrays, no compute."""
+    import gsnr_stats as gs
+
+    path = where / "write_only.h5"
+    with gs.GradientWriter(path, layout, overwrite=True) as w:
+        w.write(0, "warmup", G)
+        t0 = time.perf_counter()
+        for _ in range(nb):
+            w.write(1, "train", G)
+        w.flush()
+        dt = time.perf_counter() - t0
+    path.unlink()
+    return _rate(nb * G.shape[0], dt)
+
+
+def best_of(cells: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Run the cells interleaved ``repeats`` times; keep each one's best rate (least noise)."""
+    out: dict[str, float] = {}
+    for _ in range(repeats):
+        for key, fn in cells.items():
+            rate = fn()
+            out[key] = max(out.get(key, 0.0), rate)
+            gc.collect()
+    return out
+
+
+def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
+    import torch
+    from torch import nn
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[Row] = []
+    lf = nn.CrossEntropyLoss(reduction="none")
+    for mname, (model, shape) in torch_models().items():
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(args.batch, *shape, generator=gen),
+                    torch.randint(0, 10, (args.batch,), generator=gen))
+                   for _ in range(args.batches + 1)]
+        names = [k for k, _ in model.named_parameters()]
+        ref_fn = torch_func_grads(model, lf)
+        ref = flat_torch(ref_fn(*batches[0]), names)
+        cells: dict[str, Callable[[], float]] = {
+            "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b)}
+        for tname, where in targets.items():
+            cells[f"gsnr torch dump -> store ({tname})"] = (
+                lambda m=model, b=batches, w=where: torch_dump(m, lf, b, w))
+        lay = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+        for tname, where in targets.items():
+            cells[f"(I/O ceiling: GradientWriter.write alone, {tname})"] = (
+                lambda lay=lay, G=ref, w=where: write_only(lay, G, args.batches, w))
+        errs: dict[str, Any] = {"torch.func vmap(grad)": 0.0}
+        for label, maker in (("BackPACK BatchGrad", backpack_fn),
+                             ("Opacus GradSampleModule", opacus_fn)):
+            try:
+                run, _ = maker(model)
+            except ImportError as e:
+                errs[label] = f"not importable ({e.name})"
+                continue
+            got = flat_torch(run(*batches[0]), names)
+            errs[label] = float(np.abs(got - ref).max() / np.abs(ref).max())
+            cells[label] = lambda r=run, b=batches: time_batches(r, b)
+        rates = best_of(cells, args.repeats)
+        base = rates["torch.func vmap(grad)"]
+        for key, rate in rates.items():
+            rows.append({"model": mname, "method": key, "rate": rate, "ratio": rate / base,
+                         "err": errs.get(key)})
+        for key, note in errs.items():
+            if isinstance(note, str):
+                rows.append({"model": mname, "method": key, "rate": None, "ratio": None,
+                             "note": note})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# JAX
+# --------------------------------------------------------------------------------------
+
+
+def jax_models() -> dict[str, tuple[Any, Callable[..., Any], tuple[int, ...]]]:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+
+    def dense(i: int, o: int) -> dict[str, np.ndarray]:
+        return {"w": (rng.normal(size=(i, o)) / np.sqrt(i)).astype(np.float32),
+                "b": np.zeros(o, np.float32)}
+
+    def conv(i: int, o: int) -> dict[str, np.ndarray]:
+        return {"w": (rng.normal(size=(o, i, 3, 3)) / np.sqrt(9 * i)).astype(np.float32),
+                "b": np.zeros(o, np.float32)}
+
+    def xent(logits: Any, y: Any) -> Any:
+        return jax.nn.logsumexp(logits) - logits[y]
+
+    mlp = {"fc1": dense(784, 512), "fc2": dense(512, 256), "fc3": dense(256, 10)}
+
+    def mlp_loss(p: Any, x: Any, y: Any) -> Any:
+        h = jax.nn.relu(x @ p["fc1"]["w"] + p["fc1"]["b"])
+        h = jax.nn.relu(h @ p["fc2"]["w"] + p["fc2"]["b"])
+        return xent(h @ p["fc3"]["w"] + p["fc3"]["b"], y)
+
+    cnn = {"conv1": conv(3, 16), "conv2": conv(16, 32), "fc1": dense(2048, 128),
+           "fc2": dense(128, 10)}
+
+    def block(p: Any, h: Any) -> Any:
+        h = jax.lax.conv_general_dilated(h, p["w"], (1, 1), "SAME",
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        h = jax.nn.relu(h + p["b"][None, :, None, None])
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
+                                     "VALID")
+
+    def cnn_loss(p: Any, x: Any, y: Any) -> Any:
+        h = block(p["conv2"], block(p["conv1"], x[None]))
+        h = jax.nn.relu(h.reshape(-1) @ p["fc1"]["w"] + p["fc1"]["b"])
+        return xent(h @ p["fc2"]["w"] + p["fc2"]["b"], y)
+
+    return {"MLP 784-512-256-10": (mlp, mlp_loss, (784,)),
+            "CNN 2conv+2fc 3x32x32": (cnn, cnn_loss, (3, 32, 32))}
+
+
+def jax_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]], where: Path) -> float:
+    from gsnr_stats.adapters import jax as gj
+
+    path = where / "jax_dump.h5"
+    with gj.open_writer(path, params, overwrite=True) as w:
+        rec = gj.Recorder(w, loss, params)
+        rec.record(params, batches[:1], step=0, split="warmup")
+        t0 = time.perf_counter()
+        rec.record(params, batches[1:], step=1, split="train")
+        w.flush()
+        dt = time.perf_counter() - t0
+    path.unlink()
+    return _rate(sum(len(x) for x, _ in batches[1:]), dt)
+
+
+def bench_jax(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
+    import jax
+
+    rows: list[Row] = []
+    for mname, (params, loss, shape) in jax_models().items():
+        rng = np.random.default_rng(1)
+        batches = [(rng.normal(size=(args.batch, *shape)).astype(np.float32),
+                    rng.integers(0, 10, args.batch)) for _ in range(args.batches + 1)]
+        f = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
+        cells: dict[str, Callable[[], float]] = {
+            "jax jit(vmap(grad))": lambda f=f, p=params, b=batches: time_batches(
+                lambda x, y: jax.block_until_ready(f(p, x, y)), b)}
+        for tname, where in targets.items():
+            cells[f"gsnr jax dump -> store ({tname})"] = (
+                lambda p=params, lo=loss, b=batches, w=where: jax_dump(p, lo, b, w))
+        rates = best_of(cells, args.repeats)
+        base = rates["jax jit(vmap(grad))"]
+        for key, rate in rates.items():
+            rows.append({"model": mname, "method": key, "rate": rate, "ratio": rate / base,
+                         "err": None})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+
+
+def table(rows: list[Row], args: argparse.Namespace) -> str:
+    lines = [
+        f"batch {args.batch}, {args.batches} timed batches per cell, CPU "
+        f"({os.cpu_count()} cores), float32 gradients, uncompressed store",
+        "",
+        "| model | method | samples/s | x own vmap(grad) | max rel err vs torch.func |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        rate = "n/a" if r.get("rate") is None else f"{r['rate']:.0f}"
+        ratio = "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        err = r.get("note") or ("" if r.get("err") is None else f"{r['err']:.1e}")
+        lines.append(f"| {r['model']} | {r['method']} | {rate} | {ratio} | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: batch 32, 1 timed batch, 1 repeat")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batches", type=int, default=4, help="timed batches per cell")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--extra-path", default=os.environ.get("GSNR_BENCH_EXTRA_PATH", ""),
+                   help="folder with backpack/opacus installed outside the project env")
+    p.add_argument("--dir", default=None, help="where stores are written (temp dir)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["torch", "jax"])
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats, best kept")
+    p.add_argument("--no-tmpfs", action="store_true", help="do not also dump to /dev/shm")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.batches, args.repeats = 32, 1, 1
+    if args.extra_path:
+        sys.path.append(args.extra_path)
+    warnings.filterwarnings("ignore", category=UserWarning)  # backpack/opacus hook chatter
+    disk = Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=args.dir))
+    targets = {"disk": disk}
+    shm = Path("/dev/shm")
+    if not args.no_tmpfs and shm.is_dir() and os.access(shm, os.W_OK):
+        targets["tmpfs"] = Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=shm))
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    try:
+        if "torch" not in args.skip:
+            rows += bench_torch(args, targets)
+        if "jax" not in args.skip:
+            rows += bench_jax(args, targets)
+    finally:
+        for where in targets.values():
+            shutil.rmtree(where, ignore_errors=True)
+    print(table(rows, args))
+    print(f"\n(total {time.perf_counter() - t0:.0f} s; best of {args.repeats} interleaved "
+          "repeats per cell; disk = a temp dir on the working filesystem, tmpfs = /dev/shm)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Command line: ``gsnr-stats info | reduce | osgr | plot | report | demo``.
+
+Exit codes: 0 success, 1 bad input (a :class:`GSNRError`: message on stderr, no traceback),
+2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import GSNRError
+
+log = logging.getLogger("gsnr_stats")
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import expand_paths, open_store
+
+    for path in expand_paths(args.stores):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store = open_store(path)
+        with store:
+            a = store.attrs
+            lay = store.layout
+            print(f"{path}  ({_human(store.file_size())})")
+            print(f"  format {a['format']} v{a['format_version']}, written by gsnr-stats "
+                  f"{a['library_version']}, framework {a['framework']} {a['framework_version']}")
+            print(f"  created {a['created_at']}, run {a['run_id']}")
+            if a["user_attrs"]:
+                print(f"  attrs {a['user_attrs']}")
+            ds = store.grads_dataset
+            comp = ds.compression or "none"
+            print(f"  layout: {len(lay.names)} tensors, P={lay.n_params}, hash {lay.hash[:12]}, "
+                  f"dtype {ds.dtype}, chunks {ds.chunks}, compression {comp}")
+            for n, s, layer, o in zip(lay.names, lay.shapes, lay.layers, lay.offsets, strict=True):
+                print(f"    {n:<32} {str(tuple(s)):<20} layer {layer:<20} offset {o}")
+            print(f"  records: {len(store.records)} complete")
+            for r in store.records:
+                extra = f" lr={r.lr:g}" if r.lr == r.lr else ""
+                extra += f" epoch={r.epoch:g}" if r.epoch == r.epoch else ""
+                print(f"    step {r.step:>8}  {r.split:<12} {r.kind:<10} n={r.n_samples}{extra}")
+            if store.incomplete:
+                print(f"  INCOMPLETE records (skipped by every reader): {len(store.incomplete)}")
+                for r in store.incomplete:
+                    print(f"    step {r.step:>8}  {r.split:<12} {r.kind:<10} "
+                          f"n={r.n_samples} written before the writer stopped")
+            traj, probes = store.trajectory(), store.probes()
+            if len(traj["step"]) or len(probes["step"]):
+                print(f"  trajectory rows: {len(traj['step'])}, probe rows: {len(probes['step'])}")
+    return 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from .reduce import reduce
+
+    scheduler = None
+    client = None
+    if args.scheduler:
+        scheduler = args.scheduler
+    elif args.workers:
+        from .distributed import local_client
+
+        client = local_client(args.workers)
+        scheduler = client
+    try:
+        stats = reduce(
+            args.stores,
+            steps=args.steps,
+            splits=args.splits,
+            ddof=args.ddof,
+            nonfinite=args.nonfinite,
+            blocks=args.blocks,
+            progress=not args.quiet,
+            scheduler=scheduler,
+            **({"skip_bad": True} if getattr(args, "skip_bad", False) else {}),
+        )
+    finally:
+        if client is not None:
+            cluster = client.cluster
+            client.close()
+            cluster.close()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats.to_netcdf(out)
+    if not args.quiet:
+        print(f"wrote {out}: {stats.sizes['step']} steps x {stats.sizes['split']} splits x "
+              f"{stats.sizes['param']} parameters")
+    return 0
+
+
+def cmd_osgr(args: argparse.Namespace) -> int:
+    import xarray as xr
+
+    from . import theory
+
+    stats = xr.load_dataset(args.stats)
+    res = theory.osgr(stats, n=args.n, split=args.split, debias=not args.no_debias, by=args.by)
+    if args.output:
+        res.to_netcdf(args.output)
+    print(res["osgr"].to_dataframe().to_string() if hasattr(res["osgr"], "to_dataframe")
+          else res["osgr"])
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import xarray as xr
+
+    from . import plot
+
+    stats = xr.load_dataset(args.stats)
+    paths = plot.save_all(stats, Path(args.output))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(args.stores, Path(args.output), n=args.n)
+    print(page)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="gsnr-stats",
+        description="GSNR, OSGR and generalization-gap analytics on saved per-sample gradients",
+    )
+    p.add_argument("--version", action="version", version=f"gsnr-stats {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("info", help="records, sample counts, layout, incomplete records, size")
+    s.add_argument("stores", nargs="+", help="store files or glob patterns")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("reduce", help="per-parameter moments and GSNR -> netCDF")
+    s.add_argument("stores", nargs="+", help="store files (shards) or glob patterns")
+    s.add_argument("-o", "--output", required=True, help="output netCDF file")
+    s.add_argument("--steps", type=int, nargs="+", default=None)
+    s.add_argument("--splits", nargs="+", default=None)
+    s.add_argument("--ddof", type=int, choices=(0, 1), default=1)
+    s.add_argument("--nonfinite", choices=("raise", "omit"), default="raise")
+    s.add_argument("--blocks", type=int, default=None,
+                   help="keep K sample blocks for jackknife confidence intervals")
+    s.add_argument("--workers", type=int, default=None,
+                   help="run on a local Dask cluster of N single-threaded worker processes")
+    s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip shards that fail validation instead of failing the run")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_reduce)
+
+    s = sub.add_parser("osgr", help="theoretical one-step generalization ratio from stats")
+    s.add_argument("stats", help="netCDF written by `gsnr-stats reduce`")
+    s.add_argument("-n", type=int, nargs="+", required=True, help="training-set sizes")
+    s.add_argument("--split", default=None, help="split whose moments to use (default: all)")
+    s.add_argument("--by", choices=("tensor", "layer"), default=None)
+    s.add_argument("--no-debias", action="store_true", help="use m^2 instead of m^2 - s^2/N")
+    s.add_argument("-o", "--output", default=None, help="also write a netCDF")
+    s.set_defaults(func=cmd_osgr)
+
+    s = sub.add_parser("plot", help="PNG figures from a stats netCDF")
+    s.add_argument("stats")
+    s.add_argument("-o", "--output", required=True, help="output directory")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("report", help="one-page summary (figures + Markdown) of stores")
+    s.add_argument("stores", nargs="+")
+    s.add_argument("-o", "--output", required=True, help="output directory")
+    s.add_argument("-n", type=int, nargs="+", default=None, help="sizes n for the OSGR")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("demo", help="end-to-end run on bundled data (netCDF + PNG figures)")
+    s.add_argument("-o", "--output", default="out/demo")
+    s.add_argument("--quick", action="store_true", help="fewer epochs, for tests")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gsnr-stats`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GSNRError as e:
+        print(f"gsnr-stats {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"gsnr-stats {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

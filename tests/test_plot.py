@@ -1,0 +1,122 @@
+"""Smoke tests of gsnr_stats.plot: figures build headless, have the expected artists, save PNGs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from test_theory import make_stats
+
+from gsnr_stats import plot
+from gsnr_stats import theory as th
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return make_stats(seed=0, steps=(0, 10, 20, 40), N=30, blocks=3)[0]
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG
+
+
+def test_headless_without_pyplot(tmp_path):
+    # building and saving figures never imports pyplot: no GUI backend, no global registry
+    code = (
+        "import sys, numpy as np, xarray as xr\n"
+        "from gsnr_stats import plot\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_theory import make_stats\n"
+        "from gsnr_stats import theory\n"
+        "fig = plot.osgr_plot(theory.osgr(make_stats()[0], [4, 64]))\n"
+        f"fig.savefig({str(tmp_path / 'osgr.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "", "DISPLAY": ""}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert _is_png(tmp_path / "osgr.png")
+
+
+def test_gsnr_trajectories(stats, tmp_path):
+    fig = plot.gsnr_trajectories(stats, by="layer")
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert len(ax.get_lines()) == 2  # fc1, fc2
+    assert len(ax.collections) == 2  # quantile bands
+    assert ax.get_yscale() == "log"
+    fig2 = plot.gsnr_trajectories(stats, by="tensor", split=None)
+    assert len(fig2.axes) == 2 and all(len(a.get_lines()) == 4 for a in fig2.axes)
+    fig2.savefig(tmp_path / "t.png")
+    assert _is_png(tmp_path / "t.png")
+
+
+def test_gsnr_histogram(stats):
+    fig = plot.gsnr_histogram(stats, steps=[0, 40])
+    (ax,) = fig.axes
+    assert len(ax.patches) == 2
+    assert len(ax.get_legend().get_texts()) == 2
+    fig = plot.gsnr_histogram(stats, split="test", debias=True)
+    assert len(fig.axes[0].patches) == 3  # first, middle, last
+
+
+def test_osgr_scatter(stats):
+    raw = make_stats(seed=0, steps=(0, 10, 20, 40), N=30)[1]
+    fo = th.osgr_first_order({k: v.astype(np.float32) for k, v in raw.items()}, n=[3, 10],
+                             n_subsets=8, stats=stats)
+    fig = plot.osgr_scatter(fo)
+    (ax,) = fig.axes
+    assert len(ax.containers) == 2  # one error-bar series per n
+    diag = [ln for ln in ax.get_lines() if ln.get_label() == "y = x"]
+    assert len(diag) == 1
+    # explicit prediction, no colouring
+    fig = plot.osgr_scatter(fo, fo["osgr_theory"], color_by=None)
+    assert len(fig.axes[0].containers) == 1
+    with pytest.raises(ValueError, match="osgr_theory"):
+        plot.osgr_scatter(fo.drop_vars("osgr_theory"))
+
+
+def test_gap_plot(stats):
+    gap = th.accumulated_gap(stats, [100, 1000])
+    fig = plot.gap_plot(gap)
+    (ax,) = fig.axes
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert labels == ["theory (n=100)", "theory (n=1000)", "measured"]
+    jk = th.jackknife(stats, lambda s: th.accumulated_gap(s, [100, 1000]))
+    fig = plot.gap_plot(jk)
+    assert len(fig.axes[0].collections) == 2  # jackknife bands
+    fig = plot.gap_plot(th.one_step_gap(stats, 50))
+    assert len(fig.axes[0].get_lines()) == 3  # train, test theory + measured
+
+
+def test_train_vs_test_and_osgr_plot(stats):
+    fig = plot.train_vs_test_gsnr(stats, by="layer")
+    assert len(fig.axes) == 2
+    assert len(fig.axes[0].get_lines()) == 4  # 2 layers x (train, test)
+    assert len(fig.axes[1].collections) == 1
+    fig = plot.osgr_plot(th.osgr(stats, [8, 64]))
+    assert len([ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("R")]) == 4
+
+
+def test_save_all(stats, tmp_path):
+    raw = make_stats(seed=0, steps=(0, 10, 20, 40), N=30)[1]
+    fo = th.osgr_first_order(raw, n=4, n_subsets=5, stats=stats)
+    paths = plot.save_all(stats, tmp_path / "figs", measured=fo)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["gsnr_trajectories.png", "gsnr_histogram.png", "osgr.png",
+                            "train_vs_test_gsnr.png", "gap.png", "osgr_scatter.png"])
+    assert all(p.parent == tmp_path / "figs" and _is_png(p) for p in paths)
+    # train split only, no lr: what cannot be drawn is skipped
+    only = make_stats(splits=("train",), lr=None)[0]
+    paths = plot.save_all(only, tmp_path / "only", n=64)
+    assert sorted(p.name for p in paths) == ["gsnr_histogram.png", "gsnr_trajectories.png",
+                                             "osgr.png"]
