@@ -72,8 +72,9 @@ def run_demo(outdir: Path, *, quick: bool = False) -> dict[str, Path]:
         print(f"{name}: median train GSNR per recorded epoch {np.round(med, 4).tolist()}")
         print(f"{name}: theoretical OSGR R(n={len(Xtr)}) from test moments "
               f"{np.round(r['osgr'].sel(n=len(Xtr)).values.ravel(), 3).tolist()}")
-        print(f"{name}: measured gap (test - train loss) "
-              f"{np.round((stats['loss_mean'].sel(split='test') - stats['loss_mean'].sel(split='train')).values, 4).tolist()}")
-    for k, v in written.items():
+        lm = stats["loss_mean"]
+        gap = (lm.sel(split="test") - lm.sel(split="train")).values
+        print(f"{name}: measured gap (test - train loss) {np.round(gap, 4).tolist()}")
+    for v in written.values():
         print(f"wrote {v}")
     return written
