@@ -549,6 +549,16 @@ class GradientWriter:
         self._f.flush()
         self._done.add(key)
 
+    def abort_record(self, step: int, split: str) -> None:
+        """Leave record ``(step, split)`` incomplete: no completion marker is written.
+
+        Its rows stay in the file but every reader skips it (and ``info`` lists it), as if
+        the writer had been killed. Use it when producing the record failed half-way.
+        """
+        self._check_open()
+        self._open.pop((int(step), split), None)
+        self._f.flush()
+
     @contextlib.contextmanager
     def record(
         self, step: int, split: str, *, lr: float | None = None, epoch: float | None = None

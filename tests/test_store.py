@@ -174,3 +174,15 @@ def test_live_reader_sees_flushed_records(tmp_path, rng):
     w.close()
     with h5py.File(path, "r") as f:  # cleanly closed: plain open works again
         assert f.attrs["format"] == "gsnr-stats"
+
+
+def test_abort_record_leaves_it_incomplete(tmp_path, rng):
+    path = tmp_path / "ab.h5"
+    with gs.GradientWriter(path, [("a", (2,))]) as w:
+        w.write(0, "train", rng.normal(size=(4, 2)))
+        w.write(1, "train", rng.normal(size=(4, 2)))
+        w.abort_record(1, "train")
+    with pytest.warns(gs.IncompleteRecordWarning, match="step=1"):
+        s = gs.open_store(path)
+    assert [r.step for r in s.records] == [0] and [r.step for r in s.incomplete] == [1]
+    s.close()
