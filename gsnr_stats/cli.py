@@ -72,7 +72,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if args.scheduler:
         scheduler = args.scheduler
     elif args.workers:
-        from .distributed import local_client
+        try:
+            from .distributed import local_client
+        except ImportError as e:
+            raise GSNRError("--workers needs the Dask backend, not implemented yet (issue 5)") from e
 
         client = local_client(args.workers)
         scheduler = client
@@ -129,8 +132,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
+    try:
+        from .report import write_report
+    except ImportError as e:
+        raise GSNRError("`gsnr-stats report` is not implemented yet (issue 4)") from e
     page = write_report(args.stores, Path(args.output), n=args.n)
     print(page)
     return 0
