@@ -163,3 +163,19 @@ def merge_moments(
     mean = np.where(n > 0, mean, np.nan)
     m2 = np.where(n > 0, m2, np.nan)
     return n, mean, m2
+
+
+def finalize_moments(
+    count: np.ndarray, mean: np.ndarray, m2: np.ndarray, ddof: int
+) -> dict[str, np.ndarray]:
+    """Variance, GSNR and debiased GSNR from moments (the DESIGN §1 table)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dof = count - ddof
+        var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)
+        # M2 of a constant column may come out as a tiny positive round-off; it is exact zero
+        # when every sample is equal, which the two-pass kernel reproduces exactly.
+        msq = mean * mean
+        gsnr = np.where(var > 0, msq / np.where(var > 0, var, 1.0),
+                        np.where(var == 0, np.where(msq > 0, np.inf, np.nan), np.nan))
+        gsnr_deb = gsnr - 1.0 / np.where(count > 0, count, np.nan)
+    return {"var": var, "gsnr": gsnr, "gsnr_debiased": gsnr_deb}

@@ -342,22 +342,6 @@ def _loss_moments(
     return (float(v.size), mu, float(((v - mu) ** 2).sum()))
 
 
-def _finalize(
-    count: np.ndarray, mean: np.ndarray, m2: np.ndarray, ddof: int
-) -> dict[str, np.ndarray]:
-    """Variance, GSNR and debiased GSNR from moments (the DESIGN §1 table)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dof = count - ddof
-        var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)
-        # M2 of a constant column may come out as a tiny positive round-off; it is exact zero
-        # when every sample is equal, which the two-pass kernel reproduces exactly.
-        msq = mean * mean
-        gsnr = np.where(var > 0, msq / np.where(var > 0, var, 1.0),
-                        np.where(var == 0, np.where(msq > 0, np.inf, np.nan), np.nan))
-        gsnr_deb = gsnr - 1.0 / np.where(count > 0, count, np.nan)
-    return {"var": var, "gsnr": gsnr, "gsnr_debiased": gsnr_deb}
-
-
 def reduce(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -535,7 +519,7 @@ def build_dataset(
             b_count[i, j] = p.count[:, 0] if P else 0
             b_mean[i, j] = p.mean
             b_m2[i, j] = p.m2
-    fin = _finalize(cnt_p, mean, m2, ddof)
+    fin = kernels.finalize_moments(cnt_p, mean, m2, ddof)
     one = {"units": "1"}
     coords = {
         "step": ("step", np.array(steps, dtype=np.int64), {"long_name": "optimizer step"}),

@@ -32,6 +32,8 @@ import numpy as np
 import xarray as xr
 from numba import njit, prange
 
+from .kernels import finalize_moments
+
 __all__ = [
     "accumulated_gap",
     "aggregate",
@@ -207,18 +209,7 @@ def _call_schedule(lr: Callable[[np.ndarray], Any], u: np.ndarray) -> np.ndarray
     return np.array([float(lr(int(x))) for x in u], dtype=np.float64)
 
 
-def _finalize_moments(
-    count: np.ndarray, mean: np.ndarray, m2: np.ndarray, ddof: int
-) -> dict[str, np.ndarray]:
-    """``var``, ``gsnr``, ``gsnr_debiased`` from moments (DESIGN §1 table, edge cases)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dof = count - ddof
-        var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)
-        msq = mean * mean
-        gsnr = np.where(var > 0, msq / np.where(var > 0, var, 1.0),
-                        np.where(var == 0, np.where(msq > 0, np.inf, np.nan), np.nan))
-        gsnr_deb = gsnr - 1.0 / np.where(count > 0, count, np.nan)
-    return {"var": var, "gsnr": gsnr, "gsnr_debiased": gsnr_deb}
+_finalize_moments = finalize_moments
 
 
 # --------------------------------------------------------------------------------------
