@@ -26,6 +26,21 @@ from .store import (
     RecordInfo,
     open_store,
 )
+from .theory import (
+    accumulated_gap,
+    aggregate,
+    aggregate_ci,
+    jackknife,
+    measured_gap,
+    noise_scale,
+    one_step_gap,
+    osgr,
+    osgr_ci,
+    osgr_first_order,
+    osgr_param,
+    osgr_probe,
+    osgr_trajectory,
+)
 
 __all__ = [
     "AdapterError",
@@ -40,6 +55,19 @@ __all__ = [
     "SchemaError",
     "StoreError",
     "__version__",
+    "accumulated_gap",
+    "aggregate",
+    "aggregate_ci",
+    "jackknife",
+    "measured_gap",
+    "noise_scale",
+    "one_step_gap",
     "open_store",
+    "osgr",
+    "osgr_ci",
+    "osgr_first_order",
+    "osgr_param",
+    "osgr_probe",
+    "osgr_trajectory",
     "reduce",
 ]
