@@ -15,6 +15,7 @@ import contextlib
 import math
 import mmap
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from . import kernels
-from .errors import NonFiniteError, SchemaError, StoreError
+from .errors import LayoutMismatchError, NonFiniteError, SchemaError, StoreError
 from .store import GradientStore, Layout, check_same_layout, expand_paths, open_store
 
 _STRIPE_BYTES = 32 << 20
@@ -353,6 +354,7 @@ def reduce(
     threads: int | None = None,
     progress: bool = False,
     scheduler: object | None = None,
+    skip_bad: bool = False,
 ) -> xr.Dataset:
     """Per-parameter gradient moments and GSNR of every record, as a labelled Dataset.
 
@@ -385,8 +387,16 @@ def reduce(
         Numba threads; results do not depend on it.
     progress : bool
         Show a progress bar (tqdm) over bytes.
-    scheduler : None, "processes", dask Client or address, optional
-        Run on Dask (see :mod:`gsnr_stats.distributed`); ``None`` reduces in-process.
+    scheduler : None, "processes", dask Client, cluster or address, optional
+        Run on Dask (see :func:`gsnr_stats.distributed.reduce_distributed`): ``"processes"``
+        starts a temporary local cluster of ``os.cpu_count()`` single-threaded worker
+        processes; a ``Client`` is used as is; a cluster object or an address such as
+        ``"tcp://host:8786"`` is connected to. ``None`` reduces in-process.
+    skip_bad : bool
+        A shard that fails validation (:class:`StoreError`: unreadable, truncated, foreign or
+        schema-violating file) raises by default; with ``skip_bad`` it is skipped with a
+        :class:`SkippedShardWarning` naming the file and the reason. Layout mismatches between
+        valid shards always raise.
 
     Returns
     -------
@@ -403,9 +413,9 @@ def reduce(
 
         return reduce_distributed(
             files, steps=steps, splits=splits, ddof=ddof, nonfinite=nonfinite, blocks=blocks,
-            scheduler=scheduler, progress=progress,
+            scheduler=scheduler, progress=progress, skip_bad=skip_bad,
         )
-    stores = [open_store(p) for p in files]
+    stores = open_shards(files, skip_bad=skip_bad)
     try:
         layout = check_same_layout(stores)
         keys = select_keys(stores, steps, splits)
@@ -442,6 +452,62 @@ def reduce(
     finally:
         for s in stores:
             s.close()
+
+
+class SkippedShardWarning(UserWarning):
+    """A shard failed validation and was skipped (``skip_bad=True``)."""
+
+
+def check_shard(store: GradientStore) -> None:
+    """Validation beyond :func:`open_store`: the chunk index of ``grads`` lies within the file.
+
+    Raises
+    ------
+    SchemaError
+        A gradient chunk points beyond the end of the file (truncated copy).
+    StoreError
+        The chunk index cannot be read.
+    """
+    _ChunkMap(store)
+
+
+def open_shards(
+    files: Sequence[str | os.PathLike[str]], *, skip_bad: bool = False
+) -> list[GradientStore]:
+    """Open and validate shards (:func:`open_store` + :func:`check_shard`).
+
+    A shard raising :class:`StoreError` fails the call, or with ``skip_bad`` is skipped with a
+    :class:`SkippedShardWarning` naming it; :class:`StoreError` if no shard is left.
+    """
+    stores: list[GradientStore] = []
+    bad: list[str] = []
+    try:
+        for p in files:
+            try:
+                s = open_store(p)
+            except StoreError as e:
+                if not skip_bad or isinstance(e, LayoutMismatchError):
+                    raise
+                warnings.warn(f"{p}: skipping bad shard: {e}", SkippedShardWarning, stacklevel=3)
+                bad.append(f"{p}: {e}")
+                continue
+            try:
+                check_shard(s)
+            except StoreError as e:
+                s.close()
+                if not skip_bad:
+                    raise
+                warnings.warn(f"{p}: skipping bad shard: {e}", SkippedShardWarning, stacklevel=3)
+                bad.append(f"{p}: {e}")
+                continue
+            stores.append(s)
+    except BaseException:
+        for s in stores:
+            s.close()
+        raise
+    if not stores:
+        raise StoreError(f"no valid shard among {len(files)} file(s): " + "; ".join(bad))
+    return stores
 
 
 def _has(store: GradientStore, key: tuple[int, str]) -> bool:
