@@ -17,7 +17,7 @@ from .errors import (
     SchemaError,
     StoreError,
 )
-from .reduce import reduce
+from .reduce import SkippedShardWarning, reduce
 from .store import (
     GradientStore,
     GradientWriter,
@@ -38,6 +38,7 @@ from .theory import (
     osgr_ci,
     osgr_first_order,
     osgr_param,
+    osgr_pools,
     osgr_probe,
     osgr_trajectory,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "NonFiniteError",
     "RecordInfo",
     "SchemaError",
+    "SkippedShardWarning",
     "StoreError",
     "__version__",
     "accumulated_gap",
@@ -67,6 +69,7 @@ __all__ = [
     "osgr_ci",
     "osgr_first_order",
     "osgr_param",
+    "osgr_pools",
     "osgr_probe",
     "osgr_trajectory",
     "reduce",

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import GSNRError
+from .errors import GSNRError, StoreError
 
 log = logging.getLogger("gsnr_stats")
 
@@ -29,11 +29,25 @@ def _human(nbytes: float) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import expand_paths, open_store
 
-    for path in expand_paths(args.stores):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            store = open_store(path)
+    paths = expand_paths(args.stores)
+    bad: list[str] = []
+    merged: dict[tuple[int, str], int] = {}
+    hashes: dict[str, str] = {}
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                store = open_store(path)
+        except StoreError as e:
+            if len(paths) == 1:
+                raise
+            print(f"{path}  BAD SHARD: {e}")
+            bad.append(str(path))
+            continue
         with store:
+            hashes.setdefault(store.layout.hash, str(path))
+            for r in store.records:
+                merged[(r.step, r.split)] = merged.get((r.step, r.split), 0) + r.n_samples
             a = store.attrs
             lay = store.layout
             print(f"{path}  ({_human(store.file_size())})")
@@ -61,24 +75,49 @@ def cmd_info(args: argparse.Namespace) -> int:
             traj, probes = store.trajectory(), store.probes()
             if len(traj["step"]) or len(probes["step"]):
                 print(f"  trajectory rows: {len(traj['step'])}, probe rows: {len(probes['step'])}")
-    return 0
+    if len(paths) > 1:
+        print(f"{len(paths)} shards: {len(paths) - len(bad)} valid, {len(bad)} bad")
+        if len(hashes) > 1:
+            print("  LAYOUTS DIFFER (reduce refuses to merge): "
+                  + ", ".join(f"{h[:12]} in {p}" for h, p in hashes.items()))
+        print(f"  merged records: {len(merged)}")
+        for (step, split), n in sorted(merged.items()):
+            print(f"    step {step:>8}  {split:<12} n={n}")
+    return 1 if bad else 0
+
+
+def _quiet_dask() -> None:
+    """Dask logs its cluster's life cycle at INFO (and harmless tracebacks on close)."""
+    import distributed  # noqa: F401 - creates its loggers
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     from .reduce import reduce
 
-    scheduler = None
+    scheduler: object = None
     client = None
-    if args.scheduler:
-        scheduler = args.scheduler
-    elif args.workers:
+    if args.scheduler and args.workers:
+        raise GSNRError("give either --workers (a local cluster) or --scheduler (an existing one)")
+    if args.workers is not None and args.workers < 1:
+        raise GSNRError(f"--workers must be >= 1, got {args.workers}")
+    if args.scheduler or args.workers:
         try:
             from .distributed import local_client
-        except ImportError as e:
-            raise GSNRError("--workers needs the Dask backend, not implemented yet (issue 5)") from e
-
-        client = local_client(args.workers)
-        scheduler = client
+        except ImportError as e:  # pragma: no cover - dask is an optional extra
+            raise GSNRError(
+                "--workers/--scheduler need Dask: pip install 'gsnr-stats[distributed]'"
+            ) from e
+        if not args.verbose:
+            _quiet_dask()
+        if args.scheduler:
+            scheduler = args.scheduler
+        else:
+            client = local_client(args.workers)
+            scheduler = client
     try:
         stats = reduce(
             args.stores,
@@ -89,7 +128,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
             blocks=args.blocks,
             progress=not args.quiet,
             scheduler=scheduler,
-            **({"skip_bad": True} if getattr(args, "skip_bad", False) else {}),
+            skip_bad=args.skip_bad,
         )
     finally:
         if client is not None:
@@ -132,11 +171,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from .report import write_report
-    except ImportError as e:
-        raise GSNRError("`gsnr-stats report` is not implemented yet (issue 4)") from e
-    page = write_report(args.stores, Path(args.output), n=args.n)
+    from .report import write_report
+
+    blocks = None if args.blocks == 0 else args.blocks
+    page = write_report(args.stores, Path(args.output), n=args.n, blocks=blocks,
+                        split=args.split, by=args.by)
     print(page)
     return 0
 
@@ -160,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("info", help="records, sample counts, layout, incomplete records, size")
-    s.add_argument("stores", nargs="+", help="store files or glob patterns")
+    s.add_argument("stores", nargs="+",
+                   help="store files or glob patterns; several shards get a merged summary, bad "
+                        "ones are reported by name (exit status 1)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("reduce", help="per-parameter moments and GSNR -> netCDF")
@@ -174,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep K sample blocks for jackknife confidence intervals")
     s.add_argument("--workers", type=int, default=None,
                    help="run on a local Dask cluster of N single-threaded worker processes")
-    s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    s.add_argument("--scheduler", default=None,
+                   help="address of an existing Dask scheduler (tcp://host:8786), or 'processes'")
     s.add_argument("--skip-bad", action="store_true",
                    help="skip shards that fail validation instead of failing the run")
     s.add_argument("-q", "--quiet", action="store_true")
@@ -195,9 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("report", help="one-page summary (figures + Markdown) of stores")
-    s.add_argument("stores", nargs="+")
+    s.add_argument("stores", nargs="+",
+                   help="store files (shards) or glob patterns, or one stats netCDF (.nc)")
     s.add_argument("-o", "--output", required=True, help="output directory")
-    s.add_argument("-n", type=int, nargs="+", default=None, help="sizes n for the OSGR")
+    s.add_argument("-n", type=int, nargs="+", default=None,
+                   help="training-set sizes n for the OSGR and gap (default: train count)")
+    s.add_argument("--blocks", type=int, default=8,
+                   help="sample blocks for jackknife intervals when reducing (0: none)")
+    s.add_argument("--split", default=None,
+                   help="split whose moments feed OSGR and gap (default: test)")
+    s.add_argument("--by", default="layer", help="grouping: layer, tensor or model")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="end-to-end run on bundled data (netCDF + PNG figures)")

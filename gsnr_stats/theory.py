@@ -47,6 +47,7 @@ __all__ = [
     "osgr_ci",
     "osgr_first_order",
     "osgr_param",
+    "osgr_pools",
     "osgr_probe",
     "osgr_trajectory",
 ]
@@ -1347,4 +1348,83 @@ def osgr_first_order(
     ds.attrs.update({"title": "first-order OSGR from stored per-sample gradients",
                      "splits": f"{sa},{sb}", "n_subsets": K, "theory_split": tsplit,
                      "debias": int(debias)})
+    return ds
+
+
+# -- expectation of the measured estimators, given the two finite pools ---------------------
+
+
+def osgr_pools(
+    stats: xr.Dataset,
+    n: int | Sequence[int],
+    *,
+    splits: tuple[str, str] = ("train", "test"),
+) -> xr.Dataset:
+    """First-order expectation of the probe and first-order OSGR, given their two pools.
+
+    The probe (:func:`osgr_probe`) and :func:`osgr_first_order` draw ``D_k`` (``n`` rows,
+    without replacement) from a *finite* pool A of ``N_A`` samples and ``D'_k`` from a
+    disjoint finite pool B. With pool means ``m_A``, ``m_B`` and pool-A variance
+    ``s_A²`` (ddof 1), ``E[g_{D'}·g_D] = m_B·m_A`` and
+    ``E|g_D|² = |m_A|² + (1/n − 1/N_A) Σ_j s_Aj²``, so, to first order in λ and up to the
+    O(1/K) bias of a ratio of sums,
+
+    .. math::
+
+        \\mathbb E[\\hat R \\mid A, B] = \\frac{\\sum_j m_{Aj} m_{Bj}}
+        {\\sum_j \\left(m_{Aj}^2 + (1/n - 1/N_A)\\, s_{Aj}^2\\right)} .
+
+    The theory :func:`osgr` on pool A has the same denominator (debiased ``G``) but the
+    numerator ``Σ_j (m_Aj² − s_Aj²/N_A)``: both estimate ``Σ_j g̃_j²``, but they differ by
+    the sampling noise of the *pools*, ``m_A·(m_B − m_A) + Σ s_A²/N_A``, which neither the
+    probes' jackknife over k nor :func:`osgr_ci` (pool A only, and nearly cancelling
+    between numerator and denominator when R → 1) contains. Compare a measured OSGR with
+    the theory using ``SE² = SE_measured² + SE_pools²``, where ``SE_pools`` is the
+    jackknife SE of ``osgr_pools − osgr`` (variable ``pool_minus_theory``):
+    ``jackknife(stats, lambda s: osgr_pools(s, n, splits=(a, b)))``.
+
+    Parameters
+    ----------
+    stats : xarray.Dataset
+        Moments with both ``splits`` (``mean``, ``var``, ``count``).
+    n : int or sequence of int
+        Draw size(s).
+    splits : (str, str)
+        Pools A (``D_k``) and B (``D'_k``).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``osgr_pools`` (step, n): the expectation above; ``osgr_theory`` (step, n): :func:`osgr`
+        on pool A (debiased); ``pool_minus_theory`` their difference.
+    """
+    a, b = splits
+    st = _select_splits(stats, [a, b])
+    ns = _n_grid(n)
+    ma = st["mean"].sel(split=a).transpose("step", "param").values
+    mb = st["mean"].sel(split=b).transpose("step", "param").values
+    va = st["var"].sel(split=a).transpose("step", "param").values
+    Na = st["count"].sel(split=a).values.astype(np.float64)
+    ok = np.isfinite(ma) & np.isfinite(mb) & np.isfinite(va)
+    num = np.where(ok, ma * mb, 0.0).sum(-1)
+    m2 = np.where(ok, ma * ma, 0.0).sum(-1)
+    sv = np.where(ok, va, 0.0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = m2[:, None] + (1.0 / ns[None, :] - 1.0 / Na[:, None]) * sv[:, None]
+        E = np.where((den > 0) & ok.any(-1)[:, None], num[:, None] / den, np.nan)
+    T = osgr(stats, ns, split=a)["osgr"].sel(split=a).transpose("step", "n").values
+    coords = {"step": st["step"], "n": _n_coord(ns)}
+    ds = xr.Dataset(
+        {
+            "osgr_pools": (("step", "n"), E, {"long_name": "first-order expectation of the "
+                                                          "measured OSGR given pools A, B",
+                                              **_ONE}),
+            "osgr_theory": (("step", "n"), T, {"long_name": f"theoretical OSGR R(n) on {a!r}",
+                                               **_ONE}),
+            "pool_minus_theory": (("step", "n"), E - T,
+                                  {"long_name": "osgr_pools - osgr_theory", **_ONE}),
+        },
+        coords=coords,
+    )
+    ds.attrs.update({"title": "expected measured OSGR given finite pools", "splits": f"{a},{b}"})
     return ds

@@ -1,0 +1,296 @@
+"""``gsnr-stats report``: a one-page Markdown summary of a run, with its PNG figures.
+
+:func:`write_report` reduces the stores (or loads a stats netCDF), computes the headline
+numbers with :mod:`gsnr_stats.theory` and writes ``report.md`` next to the figures of
+:func:`gsnr_stats.plot.save_all` and the reduced ``stats.nc``. Every number on the page
+is printed from those functions' outputs (6 significant digits).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import plot, theory
+from .errors import GSNRError, StoreError
+
+__all__ = ["fmt", "report_numbers", "write_report"]
+
+
+def fmt(x: Any) -> str:
+    """How every number is printed on the page: 6 significant digits, ``nan``/``inf`` as is."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, int | np.integer):
+        return str(int(x))
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.6g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _load(stores: Any, blocks: int | None) -> tuple[xr.Dataset, list[Path], dict[str, Any]]:
+    """Stats and the store paths behind them (none for a netCDF input)."""
+    from .reduce import reduce
+    from .store import expand_paths, open_store
+
+    items = [stores] if isinstance(stores, str | os.PathLike) else list(stores)
+    if not items:
+        raise StoreError("report: no input given; pass store files (HDF5) or one stats netCDF")
+    if len(items) == 1 and str(items[0]).endswith(".nc"):
+        p = Path(items[0])
+        if not p.is_file():
+            raise FileNotFoundError(f"report: stats file {p} does not exist")
+        try:
+            stats = xr.load_dataset(p)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"report: {p} is not a readable netCDF stats file: {e}") from e
+        need = {"mean", "var", "count"} - set(stats.data_vars)
+        if need:
+            raise StoreError(f"report: {p} lacks {sorted(need)}; pass the netCDF written by "
+                             "`gsnr-stats reduce`")
+        return stats, [], {"source": str(p)}
+    paths = expand_paths(items)
+    stats = reduce(paths, blocks=blocks)
+    attrs: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open_store(paths[0]) as s:
+            attrs = dict(s.attrs)
+    return stats, paths, attrs
+
+
+def _held_out(splits: list[str]) -> str:
+    if "test" in splits:
+        return "test"
+    others = [s for s in splits if s != "train"]
+    return others[0] if others else splits[0]
+
+
+def report_numbers(
+    stats: xr.Dataset,
+    n: Sequence[int],
+    *,
+    split: str | None = None,
+    by: str = "layer",
+) -> dict[str, xr.Dataset]:
+    """The Datasets behind the page (exposed so that tests and scripts can check it).
+
+    Returns
+    -------
+    dict
+        ``aggregate`` (:func:`theory.aggregate` by ``by``, every split), ``osgr``
+        (:func:`theory.osgr_ci` on ``split`` when per-block moments exist, else
+        :func:`theory.osgr`), ``noise_scale`` (every split), and when ``train``/``test``
+        losses exist ``gap`` (:func:`theory.accumulated_gap` at the largest ``n``, V from
+        ``split``; without a recorded learning rate only the measured gap).
+    """
+    splits = [str(s) for s in stats["split"].values]
+    split = split or _held_out(splits)
+    out: dict[str, xr.Dataset] = {
+        "aggregate": theory.aggregate(stats, by=by, quantiles=(0.5,)),
+        "noise_scale": theory.noise_scale(stats),
+    }
+    if "block_mean" in stats:
+        out["osgr"] = theory.osgr_ci(stats, list(n), split=split)
+    else:
+        out["osgr"] = theory.osgr(stats, list(n), split=split)
+    if {"train", "test"} <= set(splits) and "loss_mean" in stats \
+            and np.isfinite(stats["loss_mean"]).any():
+        try:
+            out["gap"] = theory.accumulated_gap(stats, max(n), split=split)
+        except ValueError:
+            out["gap"] = theory.measured_gap(stats)
+    return out
+
+
+def write_report(
+    stores: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    outdir: str | os.PathLike[str],
+    n: int | Sequence[int] | None = None,
+    *,
+    blocks: int | None = 8,
+    split: str | None = None,
+    by: str = "layer",
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Write a one-page Markdown report of a run: tables of the headline numbers and figures.
+
+    The page holds: run attributes; the records (step, split, N, learning rate, epoch, mean
+    loss); the median GSNR ``r_j = m_j²/s_j²`` per ``by`` group and split at every step; the
+    theoretical OSGR ``R(n) = ΣG/Σ(G + V/n)`` (``G = m² − s²/N``, ``V = s²``) on the
+    held-out split with its jackknife SE when per-block moments exist; the measured gap
+    (mean test − train loss) next to the accumulated theoretical gap ``Σ λ ΣV / n``; the
+    noise scale ``B_simple = Σs²/ΣG``; measured OSGR from stored probe rows; and the PNG
+    figures of :func:`gsnr_stats.plot.save_all`.
+
+    Parameters
+    ----------
+    stores : path, glob or list of them
+        HDF5 store files (shards of one run), or a single stats netCDF (``.nc``) written by
+        ``gsnr-stats reduce``.
+    outdir : path
+        Created if missing; receives ``report.md``, the PNGs and ``stats.nc``.
+    n : int or sequence of int, optional
+        Training-set sizes for the OSGR and the gap; default the largest ``train`` count.
+    blocks : int or None
+        Per-block moments for jackknife intervals when reducing stores (None: no CIs).
+    split : str, optional
+        Split whose moments feed OSGR and gap (default ``test``, else a non-train split).
+    by : str
+        Grouping of the GSNR table and trajectory figure (``layer``, ``tensor``, ``model``).
+    title : str, optional
+    dpi : int
+
+    Returns
+    -------
+    pathlib.Path
+        The ``report.md`` written.
+    """
+    stats, paths, attrs = _load(stores, blocks)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = [str(s) for s in stats["split"].values]
+    split = split or _held_out(splits)
+    if split not in splits:
+        raise GSNRError(f"report: split {split!r} is not in the data (splits: {splits})")
+    if by not in ("model", "tensor", "layer") and by not in stats["param"].coords:
+        raise GSNRError(f"report: cannot group by {by!r}; supported: model, tensor, layer")
+    if n is None:
+        sp = "train" if "train" in splits else splits[0]
+        n = [max(int(stats["count"].sel(split=sp).max()), 1)]
+    ns = [int(v) for v in np.atleast_1d(n)]
+    nums = report_numbers(stats, ns, split=split, by=by)
+    stats_nc = out / "stats.nc"
+    stats.to_netcdf(stats_nc)
+
+    measured: list[xr.Dataset] = []
+    probe_ds = None
+    if paths:
+        from .store import open_store
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_store(paths[0]) as s:
+                pr = s.probes()
+        if len(pr["step"]):
+            probe_ds = theory.osgr_probe(pr, stats, split=split)
+            measured.append(probe_ds)
+    figs = plot.save_all(stats, out, n=ns, by=by, gap=nums.get("gap"),
+                         measured=measured or None, dpi=dpi)
+
+    steps = [int(s) for s in stats["step"].values]
+    L: list[str] = [f"# {title or 'gsnr-stats report'}", ""]
+    src = ", ".join(str(p) for p in paths) if paths else attrs.get("source", "")
+    L += [f"Source: `{src}`  ", f"Written: {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}"
+          f" by gsnr-stats {stats.attrs.get('library_version', '')}  ",
+          f"Parameters P = {stats.sizes['param']}, steps {len(steps)}, splits {', '.join(splits)};"
+          f" ddof {stats.attrs.get('ddof', 1)}; moments for OSGR/gap from split `{split}`; "
+          f"n = {', '.join(map(str, ns))}.", ""]
+    if attrs:
+        keep = {k: v for k, v in attrs.items() if k in ("framework", "framework_version",
+                                                        "created_at", "run_id", "user_attrs")}
+        L += ["## Run", ""]
+        L += [f"- {k}: `{json.dumps(v, default=str) if not isinstance(v, str) else v}`"
+              for k, v in keep.items()]
+        L += [""]
+
+    L += ["## Records", ""]
+    rows = []
+    for st in steps:
+        for sp in splits:
+            c = int(stats["count"].sel(step=st, split=sp))
+            if c == 0:
+                continue
+            g = stats.sel(step=st, split=sp)
+            rows.append([st, sp, c, float(g["lr"]) if "lr" in g else math.nan,
+                         float(g["epoch"]) if "epoch" in g else math.nan,
+                         float(g["loss_mean"]) if "loss_mean" in g else math.nan])
+    L += [_table(["step", "split", "N", "lr", "epoch", "mean loss"], rows), ""]
+
+    ag = nums["aggregate"]
+    L += [f"## Median GSNR per {by}", "",
+          "Median over the group's parameters of `r_j = m_j^2 / s_j^2` (dead and infinite "
+          "parameters excluded); pooled `sum m^2 / sum s^2` in the last columns.", ""]
+    groups = [str(g) for g in ag["group"].values]
+    hdr = ["step", "split"] + [f"median {g}" for g in groups] + [f"pooled {g}" for g in groups]
+    rows = []
+    for st in steps:
+        for sp in splits:
+            a = ag.sel(step=st, split=sp)
+            rows.append([st, sp, *[float(a["gsnr_median"].sel(group=g)) for g in groups],
+                         *[float(a["gsnr_pooled"].sel(group=g)) for g in groups]])
+    L += [_table(hdr, rows), ""]
+
+    R = nums["osgr"]
+    has_ci = "osgr_se" in R
+    L += ["## OSGR, theory", "",
+          f"`R(n) = sum G / sum (G + V/n)`, `G = m^2 - s^2/N`, `V = s^2`, moments of `{split}`"
+          + (f"; jackknife SE over {R.attrs.get('jackknife_blocks')} sample blocks, 95 % "
+             "interval." if has_ci else "; no per-block moments, so no interval."), ""]
+    rows = []
+    for st in steps:
+        for nv in ns:
+            r = R.sel(step=st, split=split, n=nv)
+            row: list[Any] = [st, nv, float(r["osgr"])]
+            if has_ci:
+                row += [float(r["osgr_se"]), float(r["osgr_lo"]), float(r["osgr_hi"])]
+            rows.append(row)
+    L += [_table(["step", "n", "R(n)"] + (["SE", "lo", "hi"] if has_ci else []), rows), ""]
+
+    if "gap" in nums:
+        gp = nums["gap"]
+        L += ["## Generalization gap", "",
+              "Measured: mean test loss - mean train loss. Theory: accumulated "
+              f"`sum_u lr_u sum_j V_j(u) / n` at n = {max(ns)}, V from `{split}`, plus the "
+              "measured gap at the first checkpoint (first order; see docs/theory.md for "
+              "where it parts from the measurement).", ""]
+        rows = []
+        for st in steps:
+            g = gp.sel(step=st)
+            th_v = float(g["gap_theory_offset"].sel(n=max(ns))) if "gap_theory_offset" in g \
+                else math.nan
+            rows.append([st, float(g["gap_measured"]), th_v])
+        L += [_table(["step", "measured gap", "theory gap"], rows), ""]
+
+    B = nums["noise_scale"]
+    L += ["## Gradient noise scale", "", "`B_simple = sum s^2 / sum G` (samples; negative "
+          "where the debiased signal is below the noise).", ""]
+    rows = [[st, *[float(B["b_simple"].sel(step=st, split=sp)) for sp in splits]] for st in steps]
+    L += [_table(["step", *[f"B_simple {sp}" for sp in splits]], rows), ""]
+
+    if probe_ds is not None:
+        L += ["## OSGR, measured by probes", "",
+              "`R = sum dL[D'] / sum dL[D]` over virtual steps, jackknife SE over probes; "
+              f"theory on `{split}`.", ""]
+        rows = [[int(probe_ds["step"][i]), int(probe_ds["n"][i]), float(probe_ds["lr"][i]),
+                 float(probe_ds["osgr_measured"][i]), float(probe_ds["osgr_se"][i]),
+                 float(probe_ds["osgr_theory"][i]) if "osgr_theory" in probe_ds else math.nan]
+                for i in range(probe_ds.sizes["probe"])]
+        L += [_table(["step", "n", "lr", "R measured", "SE", "R theory"], rows), ""]
+
+    L += ["## Figures", ""]
+    for f in figs:
+        L += [f"![{f.stem}]({f.name})", ""]
+    L += [f"Moments: [`{stats_nc.name}`]({stats_nc.name}).", ""]
+    page = out / "report.md"
+    page.write_text("\n".join(L))
+    return page
