@@ -180,8 +180,9 @@ def run_probe(
 class AsyncWriter:
     """Run ``GradientWriter.write`` calls on one background thread.
 
-    The frameworks release the GIL while computing, so writing batch ``b`` (HDF5 copies and
-    ``pwrite``) overlaps computing batch ``b + 1``. At most ``max_pending`` batches wait in
+    The frameworks release the GIL while computing, and ``GradientWriter`` writes whole chunk
+    rows with ``pwritev`` (GIL released), so writing batch ``b`` overlaps computing batch
+    ``b + 1``. At most ``max_pending`` batches wait in
     the queue; ``submit`` blocks beyond that, which bounds memory. The writer object is used
     by this thread only until :meth:`close` returns, and every error raised on the thread is
     re-raised in the caller at the next ``submit`` or at ``close``.
@@ -195,9 +196,10 @@ class AsyncWriter:
 
     Notes
     -----
-    h5py holds the GIL for the whole of each ``write``. Work that runs without the GIL
-    overlaps with it (XLA executions of JAX, CUDA kernels already queued); PyTorch's CPU
-    ``vmap`` dispatches every operator from Python and so mostly waits for the write.
+    Only the small parts of a write hold the GIL (dataset resizes, per-sample losses and ids,
+    partial chunk rows through h5py). On few cores the page-cache copy of the gradients
+    still competes with computing for CPU time; ``GradientWriter(direct_io=True)`` removes
+    that copy (``O_DIRECT``).
     """
 
     def __init__(self, writer: Any, max_pending: int = 2) -> None:

@@ -12,6 +12,8 @@ Columns, in samples per second:
   computed and discarded (the reference the torch adapter is measured against);
 * ``gsnr torch dump`` -- ``gsnr_stats.adapters.torch.Recorder`` writing every batch into an
   uncompressed float32 store (includes flattening, host copies, HDF5 writes, final flush);
+  ``disk``: through the page cache; ``disk, direct_io``: ``GradientWriter(direct_io=True)``,
+  whole chunks written with ``O_DIRECT``; ``tmpfs``: into ``/dev/shm``;
 * ``BackPACK BatchGrad`` / ``Opacus GradSampleModule`` -- the same per-sample gradients by
   those libraries (summed loss, so nothing is scaled by 1/B), when importable;
 * ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
@@ -154,11 +156,11 @@ def opacus_fn(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any
 
 
 def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: Path,
-               warmup: int = 1) -> float:
+               direct_io: bool = False, warmup: int = 1) -> float:
     from gsnr_stats.adapters import torch as gt
 
     path = where / "torch_dump.h5"
-    with gt.open_writer(path, model, overwrite=True) as w:
+    with gt.open_writer(path, model, overwrite=True, direct_io=direct_io) as w:
         rec = gt.Recorder(w, model, loss_fn)
         rec.record(batches[:warmup], step=0, split="warmup")
         t0 = time.perf_counter()
@@ -171,12 +173,18 @@ def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: 
 
 
 def write_only(layout: list[tuple[str, tuple[int, ...]]], G: np.ndarray, nb: int,
-               where: Path) -> float:
-    """The I/O ceiling: ``GradientWriter.write`` of ready (n, P) float32 arrays, no compute."""
+               where: Path, direct_io: bool = False) -> float:
+    """The I/O ceiling: ``GradientWriter.write`` of ready (n, P) float32 arrays, no compute.
+
+    The rows sit in a buffer from ``GradientWriter.alloc_rows``, as in the torch recorder.
+    """
     import gsnr_stats as gs
 
     path = where / "write_only.h5"
-    with gs.GradientWriter(path, layout, overwrite=True) as w:
+    with gs.GradientWriter(path, layout, overwrite=True, direct_io=direct_io) as w:
+        buf = w.alloc_rows(G.shape[0])
+        buf[:] = G
+        G = buf
         w.write(0, "warmup", G)
         t0 = time.perf_counter()
         for _ in range(nb):
@@ -187,15 +195,29 @@ def write_only(layout: list[tuple[str, tuple[int, ...]]], G: np.ndarray, nb: int
     return _rate(nb * G.shape[0], dt)
 
 
-def best_of(cells: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Run the cells interleaved ``repeats`` times; keep each one's best rate (least noise)."""
-    out: dict[str, float] = {}
+def best_of(cells: dict[str, Callable[[], float]], repeats: int,
+            base: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Best rate of each cell, and its median ratio to the ``base`` cell run just before it.
+
+    Each repeat runs every cell once, each right after a fresh run of ``base``: on a shared
+    machine the load drifts over minutes, and a ratio of two adjacent runs is far less noisy
+    than a ratio of two bests taken at different times.
+    """
+    best: dict[str, float] = {}
+    ratios: dict[str, list[float]] = {k: [] for k in cells}
     for _ in range(repeats):
         for key, fn in cells.items():
-            rate = fn()
-            out[key] = max(out.get(key, 0.0), rate)
+            if key == base:
+                continue
+            b = cells[base]()
             gc.collect()
-    return out
+            rate = fn()
+            gc.collect()
+            best[base] = max(best.get(base, 0.0), b)
+            best[key] = max(best.get(key, 0.0), rate)
+            ratios[key].append(rate / b)
+    ratios[base] = [1.0]
+    return best, {k: float(np.median(v)) for k, v in ratios.items()}
 
 
 def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
@@ -216,13 +238,13 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
         ref = flat_torch(ref_fn(*batches[0]), names)
         cells: dict[str, Callable[[], float]] = {
             "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b)}
-        for tname, where in targets.items():
+        for tname, (where, dio) in targets.items():
             cells[f"gsnr torch dump -> store ({tname})"] = (
-                lambda m=model, b=batches, w=where: torch_dump(m, lf, b, w))
+                lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d))
         lay = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
-        for tname, where in targets.items():
+        for tname, (where, dio) in targets.items():
             cells[f"(I/O ceiling: GradientWriter.write alone, {tname})"] = (
-                lambda lay=lay, G=ref, w=where: write_only(lay, G, args.batches, w))
+                lambda lay=lay, G=ref, w=where, d=dio: write_only(lay, G, args.batches, w, d))
         errs: dict[str, Any] = {"torch.func vmap(grad)": 0.0}
         for label, maker in (("BackPACK BatchGrad", backpack_fn),
                              ("Opacus GradSampleModule", opacus_fn)):
@@ -234,10 +256,9 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
             got = flat_torch(run(*batches[0]), names)
             errs[label] = float(np.abs(got - ref).max() / np.abs(ref).max())
             cells[label] = lambda r=run, b=batches: time_batches(r, b)
-        rates = best_of(cells, args.repeats)
-        base = rates["torch.func vmap(grad)"]
+        rates, ratio = best_of(cells, args.repeats, "torch.func vmap(grad)")
         for key, rate in rates.items():
-            rows.append({"model": mname, "method": key, "rate": rate, "ratio": rate / base,
+            rows.append({"model": mname, "method": key, "rate": rate, "ratio": ratio[key],
                          "err": errs.get(key)})
         for key, note in errs.items():
             if isinstance(note, str):
@@ -294,11 +315,12 @@ def jax_models() -> dict[str, tuple[Any, Callable[..., Any], tuple[int, ...]]]:
             "CNN 2conv+2fc 3x32x32": (cnn, cnn_loss, (3, 32, 32))}
 
 
-def jax_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]], where: Path) -> float:
+def jax_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]], where: Path,
+             direct_io: bool = False) -> float:
     from gsnr_stats.adapters import jax as gj
 
     path = where / "jax_dump.h5"
-    with gj.open_writer(path, params, overwrite=True) as w:
+    with gj.open_writer(path, params, overwrite=True, direct_io=direct_io) as w:
         rec = gj.Recorder(w, loss, params)
         rec.record(params, batches[:1], step=0, split="warmup")
         t0 = time.perf_counter()
@@ -321,13 +343,12 @@ def bench_jax(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
         cells: dict[str, Callable[[], float]] = {
             "jax jit(vmap(grad))": lambda f=f, p=params, b=batches: time_batches(
                 lambda x, y: jax.block_until_ready(f(p, x, y)), b)}
-        for tname, where in targets.items():
+        for tname, (where, dio) in targets.items():
             cells[f"gsnr jax dump -> store ({tname})"] = (
-                lambda p=params, lo=loss, b=batches, w=where: jax_dump(p, lo, b, w))
-        rates = best_of(cells, args.repeats)
-        base = rates["jax jit(vmap(grad))"]
+                lambda p=params, lo=loss, b=batches, w=where, d=dio: jax_dump(p, lo, b, w, d))
+        rates, ratio = best_of(cells, args.repeats, "jax jit(vmap(grad))")
         for key, rate in rates.items():
-            rows.append({"model": mname, "method": key, "rate": rate, "ratio": rate / base,
+            rows.append({"model": mname, "method": key, "rate": rate, "ratio": ratio[key],
                          "err": None})
     return rows
 
@@ -340,7 +361,8 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
         f"batch {args.batch}, {args.batches} timed batches per cell, CPU "
         f"({os.cpu_count()} cores), float32 gradients, uncompressed store",
         "",
-        "| model | method | samples/s | x own vmap(grad) | max rel err vs torch.func |",
+        "| model | method | samples/s (best) | x own vmap(grad) (median, paired) "
+        "| max rel err vs torch.func |",
         "|---|---|---:|---:|---:|",
     ]
     for r in rows:
@@ -356,14 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 32, 1 timed batch, 1 repeat")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--batches", type=int, default=4, help="timed batches per cell")
+    p.add_argument("--batches", type=int, default=6, help="timed batches per cell")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--extra-path", default=os.environ.get("GSNR_BENCH_EXTRA_PATH", ""),
                    help="folder with backpack/opacus installed outside the project env")
     p.add_argument("--dir", default=None, help="where stores are written (temp dir)")
     p.add_argument("--skip", nargs="*", default=[], choices=["torch", "jax"])
-    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats, best kept")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats, best kept")
     p.add_argument("--no-tmpfs", action="store_true", help="do not also dump to /dev/shm")
+    p.add_argument("--no-direct-io", action="store_true",
+                   help="do not also dump with GradientWriter(direct_io=True) (O_DIRECT)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.batches, args.repeats = 32, 1, 1
@@ -371,10 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.append(args.extra_path)
     warnings.filterwarnings("ignore", category=UserWarning)  # backpack/opacus hook chatter
     disk = Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=args.dir))
-    targets = {"disk": disk}
+    targets = {"disk": (disk, False)}
+    if not args.no_direct_io:
+        targets["disk, direct_io"] = (disk, True)
     shm = Path("/dev/shm")
     if not args.no_tmpfs and shm.is_dir() and os.access(shm, os.W_OK):
-        targets["tmpfs"] = Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=shm))
+        targets["tmpfs"] = (Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=shm)), False)
     rows: list[Row] = []
     t0 = time.perf_counter()
     try:
@@ -383,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         if "jax" not in args.skip:
             rows += bench_jax(args, targets)
     finally:
-        for where in targets.values():
+        for where, _ in targets.values():
             shutil.rmtree(where, ignore_errors=True)
     print(table(rows, args))
-    print(f"\n(total {time.perf_counter() - t0:.0f} s; best of {args.repeats} interleaved "
-          "repeats per cell; disk = a temp dir on the working filesystem, tmpfs = /dev/shm)")
+    print(f"\n(total {time.perf_counter() - t0:.0f} s; {args.repeats} repeats; samples/s: best "
+          "run; ratio: median over repeats of the cell's rate over its own vmap(grad) run just "
+          "before it; disk = a temp dir on the working filesystem, through the page "
+          "cache; direct_io = whole chunks written with O_DIRECT; tmpfs = /dev/shm)")
     return 0
 
 
