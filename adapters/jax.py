@@ -40,6 +40,7 @@ from jax.tree_util import (
 
 from gsnr_stats.errors import AdapterError
 
+from . import _moments
 from ._common import (
     AsyncWriter,
     ProbeResult,
@@ -52,9 +53,12 @@ from ._common import (
     run_probe,
     split_batch,
 )
+from ._moments import JLProjection, ParamSubset
 
 __all__ = [
     "SUPPORTED",
+    "JLProjection",
+    "ParamSubset",
     "ProbeResult",
     "RecordSummary",
     "Recorder",
@@ -212,13 +216,20 @@ def layout(params: Any, *, param_filter: ParamFilter | None = None
 
 
 def open_writer(path: Any, params: Any, *, param_filter: ParamFilter | None = None,
-                attrs: dict[str, Any] | None = None, **writer_kwargs: Any) -> Any:
-    """A ``gsnr_stats.GradientWriter`` for ``params``' layout with JAX provenance attrs."""
+                attrs: dict[str, Any] | None = None, params_subset: Any = None,
+                project: Any = None, seed: int = 0, **writer_kwargs: Any) -> Any:
+    """A ``gsnr_stats.GradientWriter`` for ``params``' layout with JAX provenance attrs.
+
+    ``params_subset``/``project``/``seed`` as in :class:`Recorder`: the writer gets the
+    subsampled or projected layout and its description in the user attributes.
+    """
     import gsnr_stats as gs
 
     a = {"framework": "jax", "framework_version": jax.__version__}
     a.update(attrs or {})
-    return gs.GradientWriter(path, layout(params, param_filter=param_filter), attrs=a,
+    tf = _moments.make_transform(layout(params, param_filter=param_filter), params_subset,
+                                 project, seed)
+    return gs.GradientWriter(path, tf.layout, attrs=_moments.writer_attrs(tf, a),
                              **writer_kwargs)
 
 
@@ -414,6 +425,12 @@ class Recorder:
         Batches queued for the writer thread; 0 writes synchronously.
     store_labels : bool
         Store 1-D targets as labels.
+    keep : {"grads", "moments"}
+        ``"moments"``: store ``(count, mean, M2)`` blocks (float64), reduced on the fly with
+        the two-pass kernel, instead of per-sample gradients (no per-sample losses).
+    params_subset, project, seed, block_size :
+        Parameter subsampling, JL projection and moments blocks, as in the torch
+        ``Recorder`` (``adapters/_moments.py``); create the writer with the same options.
     """
 
     def __init__(
@@ -428,12 +445,22 @@ class Recorder:
         progress: bool | dict[str, Any] = False,
         max_pending: int = 2,
         store_labels: bool = True,
+        keep: str = "grads",
+        params_subset: Any = None,
+        project: Any = None,
+        seed: int = 0,
+        block_size: int | None = None,
     ) -> None:
         self.writer = writer
         self._param_filter = param_filter
         self._split = _Split(params, param_filter)
-        check_layout_matches(writer, list(zip(self._split.names, self._split.shapes,
-                                              strict=True)), "jax Recorder")
+        self._keep = _moments.check_keep(keep, "jax Recorder")
+        self._tf = _moments.make_transform(
+            list(zip(self._split.names, self._split.shapes, strict=True)), params_subset,
+            project, seed)
+        self._block_size = block_size
+        check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], "jax Recorder")
+        _moments.check_writer(writer, self._tf, "jax Recorder")
         self._loss_fn, self._chunk_size = loss_fn, chunk_size
         self._fn = _build(self._split, loss_fn, chunk_size)
         self.lr = lr
@@ -485,6 +512,9 @@ class Recorder:
             total = max_samples if total is None else min(total, max_samples)
         lr_v = as_float(lr) if lr is not None else _resolve_lr(self.lr, int(step))
         ep = as_float(epoch)
+        if self._keep == "moments" or self._tf.active:
+            return self._record_small(sel, frozen, batches, total, step, split, lr_v, ep,
+                                      max_samples)
         bar = progress_bar(self.progress, total, f"step {step} {split}")
         rows, seen = 0, 0
         loss_parts: list[np.ndarray] = []
@@ -536,6 +566,68 @@ class Recorder:
             bar.close()
         mean = float(np.concatenate(loss_parts).mean())
         return RecordSummary(int(step), split, seen, mean, lr_v, ep)
+
+
+    def _record_small(self, sel: list[Any], frozen: list[Any], batches: Any, total: int | None,
+                      step: int, split: str, lr_v: float, ep: float, max_samples: int | None
+                      ) -> RecordSummary:
+        """:meth:`record` for ``keep="moments"`` and/or ``params_subset``/``project``:
+        per-sample gradients of each batch, transformed, then reduced to a moments block
+        (``adapters/_moments.py``) or written; synchronous.
+        """
+        tf = self._tf
+        P_out = sum(math.prod(s) for _, s, _ in tf.layout)
+        mom = (_moments.MomentsBlocks(self.writer, step, split, P_out, self._block_size,
+                                      lr=lr_v, epoch=ep, names=tf.layout)
+               if self._keep == "moments" else None)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        rows, seen, loss_sum = 0, 0, 0.0
+        try:
+            for batch in batches:
+                x, y, sid = split_batch(batch, "jax Recorder.record")
+                n = _batch_len(x)
+                if max_samples is not None:
+                    n = min(n, max_samples - seen)
+                    if n <= 0:
+                        break
+                    x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
+                    sid = None if sid is None else sid[:n]
+                if n == 0:
+                    continue
+                rows = max(rows, n)
+                label = _labels(y, n) if self.store_labels else None
+                if n < rows:
+                    x, y = _pad(x, n, rows), _pad(y, n, rows)
+                try:
+                    G, loss = self._fn(sel, frozen, x, y)
+                except (TypeError, ValueError, *_TRACE_ERRORS) as e:
+                    raise _fail(e) from e
+                G = tf.apply(np.asarray(G)[:n])
+                loss = np.asarray(loss, dtype=np.float64)[:n]
+                if mom is not None:
+                    mom.add_samples(G)
+                else:
+                    self.writer.write(step, split, G, loss=loss,
+                                      sample_id=None if sid is None else np.asarray(sid, np.int64),
+                                      label=label, lr=lr_v, epoch=ep)
+                loss_sum += float(loss.sum())
+                seen += n
+                bar.update(n)
+            if seen == 0:
+                raise AdapterError(
+                    f"jax Recorder.record: no samples in data for record (step={step}, "
+                    f"split={split!r})"
+                )
+            if mom is not None:
+                mom.finish()
+            else:
+                self.writer.end_record(step, split)
+        except BaseException:
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bar.close()
+        return RecordSummary(int(step), split, seen, loss_sum / seen, lr_v, ep)
 
 
 def record(

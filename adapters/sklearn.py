@@ -118,10 +118,14 @@ from sklearn.utils.validation import check_is_fitted
 
 from gsnr_stats.errors import AdapterError
 
+from . import _moments
 from ._common import ProbeResult, RecordSummary, check_layout_matches, progress_bar, run_probe
+from ._moments import JLProjection, ParamSubset
 
 __all__ = [
     "SUPPORTED",
+    "JLProjection",
+    "ParamSubset",
     "flat_params",
     "layout",
     "open_writer",
@@ -796,9 +800,14 @@ def open_writer(path: Any, estimator: Any, **kwargs: Any) -> Any:
 
     ``framework="sklearn"``, its version and the estimator's class name and parameters
     (``get_params(deep=False)``, JSON-safe values only) are stored as attributes; ``kwargs``
-    go to ``GradientWriter`` (``attrs`` are merged).
+    go to ``GradientWriter`` (``attrs`` are merged). ``params_subset``, ``project`` and
+    ``seed`` (as in :func:`record`) give the writer the subsampled or projected layout.
     """
     from gsnr_stats import GradientWriter
+
+    tf = _moments.make_transform(layout(estimator, with_layers=True),
+                                 kwargs.pop("params_subset", None), kwargs.pop("project", None),
+                                 kwargs.pop("seed", 0))
 
     final, _ = _resolve(estimator)
     params = {}
@@ -810,7 +819,7 @@ def open_writer(path: Any, estimator: Any, **kwargs: Any) -> Any:
     attrs = {"framework": "sklearn", "framework_version": sklearn.__version__,
              "estimator": type(final).__name__, "estimator_params": params}
     attrs.update(kwargs.pop("attrs", None) or {})
-    return GradientWriter(path, layout(estimator, with_layers=True), attrs=attrs, **kwargs)
+    return GradientWriter(path, tf.layout, attrs=_moments.writer_attrs(tf, attrs), **kwargs)
 
 
 def record(
@@ -827,6 +836,11 @@ def record(
     epoch: float | None = None,
     include_penalty: bool = False,
     sample_id: Any = None,
+    keep: str = "grads",
+    params_subset: Any = None,
+    project: Any = None,
+    seed: int = 0,
+    block_size: int | None = None,
 ) -> RecordSummary:
     """Write one complete record ``(step, split)``: gradients, losses, ids and labels.
 
@@ -836,13 +850,25 @@ def record(
     regressors); none for multilabel/multi-target ``y``. With ``include_penalty`` the
     penalty share uses ``N = len(X)``, the whole record.
 
+    ``keep="moments"`` writes ``(count, mean, M2)`` blocks (float64, one per batch or per
+    ``block_size`` samples) reduced on the fly by the two-pass kernel, instead of the
+    gradients (no per-sample losses, ids or labels then). ``params_subset``, ``project``
+    and ``seed`` record a seeded parameter subset or JL projections (see
+    ``adapters/_moments.py``); the writer must come from :func:`open_writer` with the same.
+
     Returns
     -------
     RecordSummary
         Step, split, number of samples and mean per-sample loss of the record.
     """
     model, Xd, Y = _prepare(estimator, X, y)
-    check_layout_matches(writer, model.layout, f"record(step={step}, split={split!r})")
+    keep = _moments.check_keep(keep, f"{model.name}: record")
+    tf = _moments.make_transform(
+        [(n, s, lay) for (n, s), lay in zip(model.layout, model.layers, strict=True)],
+        params_subset, project, seed)
+    check_layout_matches(writer, [(n, s) for n, s, _ in tf.layout],
+                         f"record(step={step}, split={split!r})")
+    _moments.check_writer(writer, tf, f"record(step={step}, split={split!r})")
     N = Xd.shape[0]
     if N == 0:
         raise AdapterError(f"{model.name}: record(step={step}, split={split!r}) has no samples")
@@ -855,19 +881,29 @@ def record(
     share = model.penalty_share(model.theta, N) if include_penalty else None
     bar = progress_bar(progress, N, f"{split} @ step {step}")
     total = 0.0
+    mom = (_moments.MomentsBlocks(writer, step, split, sum(math.prod(s) for _, s, _ in tf.layout),
+                                  block_size, lr=lr, epoch=epoch, names=tf.layout)
+           if keep == "moments" else None)
     try:
         for start in range(0, N, batch_size):
             sl = slice(start, start + batch_size)
             loss, G = model.loss_grads(model.theta, Xd[sl], Y[sl])
             if share is not None:
                 G += share
-            writer.write(step, split, G, loss=loss,
-                         sample_id=None if ids is None else ids[sl],
-                         label=None if labels is None else labels[sl], lr=lr, epoch=epoch)
+            if tf.active:
+                G = tf.apply(G)
+            if mom is not None:
+                mom.add_samples(G)
+            else:
+                writer.write(step, split, G, loss=loss,
+                             sample_id=None if ids is None else ids[sl],
+                             label=None if labels is None else labels[sl], lr=lr, epoch=epoch)
             total += float(loss.sum())
             bar.update(loss.size)
     finally:
         bar.close()
+    if mom is not None:
+        mom.flush()
     writer.end_record(step, split)
     return RecordSummary(step=int(step), split=split, n_samples=N, mean_loss=total / N,
                          lr=math.nan if lr is None else float(lr),

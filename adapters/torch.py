@@ -33,6 +33,9 @@ unless you opt in:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,6 +48,7 @@ from torch.utils._pytree import tree_map
 
 from gsnr_stats.errors import AdapterError
 
+from . import _moments
 from ._common import (
     AsyncWriter,
     BufferPool,
@@ -58,9 +62,12 @@ from ._common import (
     run_probe,
     split_batch,
 )
+from ._moments import JLProjection, ParamSubset
 
 __all__ = [
     "SUPPORTED",
+    "JLProjection",
+    "ParamSubset",
     "ProbeResult",
     "RecordSummary",
     "Recorder",
@@ -154,22 +161,27 @@ def open_writer(
     include_frozen: bool = False,
     param_filter: ParamFilter | None = None,
     attrs: dict[str, Any] | None = None,
+    params_subset: Any = None,
+    project: Any = None,
+    seed: int = 0,
     **writer_kwargs: Any,
 ) -> Any:
     """A ``gsnr_stats.GradientWriter`` for ``model``'s layout with torch provenance attrs.
 
     ``writer_kwargs`` go to ``GradientWriter`` (``dtype``, ``chunks``, ``compression``,
-    ``overwrite``, ...).
+    ``overwrite``, ...). With ``params_subset``/``project``/``seed`` (as in
+    :class:`Recorder`) the writer gets the subsampled or projected layout, and the chosen
+    indices / projection seed are stored in its user attributes (``docs/format.md``).
     """
     import gsnr_stats as gs
 
     a = {"framework": "torch", "framework_version": torch.__version__,
          "model": type(model).__name__}
     a.update(attrs or {})
-    return gs.GradientWriter(
-        path, layout(model, include_frozen=include_frozen, param_filter=param_filter),
-        attrs=a, **writer_kwargs,
-    )
+    lay = layout(model, include_frozen=include_frozen, param_filter=param_filter)
+    tf = _moments.make_transform(lay, params_subset, project, seed)
+    return gs.GradientWriter(path, tf.layout, attrs=_moments.writer_attrs(tf, a),
+                             **writer_kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -518,6 +530,30 @@ class Recorder:
         Batches queued for the writer thread; 0 writes synchronously.
     store_labels : bool
         Store 1-D targets (class labels, scalar regression targets) as labels.
+    keep : {"grads", "moments"}
+        ``"moments"``: store per-parameter ``(count, mean, M2)`` blocks (float64) instead of
+        per-sample gradients -- O(P) per block, for models too big to dump. Each block is a
+        jackknife block of ``reduce(..., blocks=K)``. Per-sample losses are not stored
+        (``RecordSummary.mean_loss`` has their mean).
+    fast : bool, optional
+        With ``keep="moments"`` (default True): ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
+        moments come from the layer inputs and output gradients of one ordinary backward,
+        :math:`\\sum_i g_i = \\delta^\\top a`, :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2`
+        in float64 for ``Linear`` (``unfold`` + ``einsum`` per layer for ``Conv``; see
+        ``_torch_fast.py``); other parameters use ``vmap``. Not used with ``project``, train-mode BatchNorm or
+        Dropout (everything goes through ``vmap`` then).
+    params_subset : int, float in (0, 1) or ParamSubset, optional
+        Record a seeded subset of ``k`` flat parameters (stratified over tensors); the
+        writer must have the subset layout (``open_writer(..., params_subset=k, seed=s)``).
+    project : int or JLProjection, optional
+        Store Johnson-Lindenstrauss projections :math:`R^\\top g_i/\\sqrt{k}` (``k``
+        values per sample, layout ``[("jl", (k,))]``) instead of gradients; inner products
+        (and ``gsnr_stats.osgr_first_order``) are preserved within JL error.
+    seed : int
+        Seed of the subset and of the projection (must match ``open_writer``'s).
+    block_size : int, optional
+        With ``keep="moments"``: samples per stored block (batches are merged until at
+        least this many; default one block per batch).
     """
 
     def __init__(
@@ -535,6 +571,12 @@ class Recorder:
         progress: bool | dict[str, Any] = False,
         max_pending: int = 2,
         store_labels: bool = True,
+        keep: str = "grads",
+        fast: bool | None = None,
+        params_subset: Any = None,
+        project: Any = None,
+        seed: int = 0,
+        block_size: int | None = None,
     ) -> None:
         self.writer = writer
         self.optimizer = optimizer
@@ -544,17 +586,153 @@ class Recorder:
         self._eng = _Engine(model, loss_fn, include_frozen=include_frozen,
                             param_filter=param_filter, chunk_size=chunk_size,
                             train_batchnorm=train_batchnorm, dropout=dropout)
-        check_layout_matches(writer, list(zip(self._eng.names, self._eng.shapes, strict=True)),
-                             "torch Recorder")
+        # keep="moments", params_subset, project: see _record_small and adapters/_moments.py
+        self._keep = _moments.check_keep(keep, "torch Recorder")
+        self._tf = _moments.make_transform(
+            list(zip(self._eng.names, self._eng.shapes, strict=True)), params_subset, project, seed)
+        self._block_size = block_size
+        self._fast_opt = fast
+        self._fast: Any = None
+        self._engine_kw = {"include_frozen": include_frozen, "param_filter": param_filter,
+                           "chunk_size": chunk_size, "train_batchnorm": train_batchnorm,
+                           "dropout": dropout}
+        check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], "torch Recorder")
+        _moments.check_writer(writer, self._tf, "torch Recorder")
         self._cuda = self._eng.device.type == "cuda"
         self._buffers: BufferPool | None = None
+        self._host: dict[int, np.ndarray] = {}  # data_ptr -> writer.alloc_rows buffer
         self._rows = 0
         self._copy_stream = torch.cuda.Stream(self._eng.device) if self._cuda else None
 
+    def _sub_engine(self, names: set[str]) -> _Engine:
+        """A vmap engine over the selected parameters in ``names`` only."""
+        kw = dict(self._engine_kw)
+        base = kw.pop("param_filter")
+        kw["param_filter"] = lambda n, p: n in names and (base is None or base(n, p))
+        return _Engine(self._eng.model, self._eng.loss_fn, **kw)
+
+    def _uses_fast(self) -> bool:
+        eng = self._eng
+        want = True if self._fast_opt is None else bool(self._fast_opt)
+        return (want and self._keep == "moments" and self._tf.projection is None
+                and eng.route == "vmap" and eng.randomness == "error")
+
+    def _record_small(self, data: Any, step: int, split: str, *, batch_size: int | None,
+                      lr: float | None, epoch: float | None, max_samples: int | None
+                      ) -> RecordSummary:
+        """:meth:`record` for ``keep="moments"`` and/or ``params_subset``/``project``.
+
+        Per batch: moments from the Linear/Conv fast path (``adapters/_torch_fast.py``) or
+        per-sample gradients from ``vmap``, then the subset / projection
+        (``adapters/_moments.py``), then either a moments block (Chan-merged, float64) or the
+        transformed rows, written synchronously.
+        """
+        eng, tf = self._eng, self._tf
+        where = "torch Recorder.record"
+        batches, total = iter_data(data, batch_size, where)
+        if max_samples is not None:
+            total = max_samples if total is None else min(total, max_samples)
+        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
+        ep = as_float(epoch)
+        fast = None
+        if self._uses_fast():
+            if self._fast is None:
+                from ._torch_fast import FastPath
+
+                self._fast = FastPath(eng, self._sub_engine)
+            fast = self._fast
+        out_layout = tf.layout
+        P_out = sum(math.prod(s) for _, s, _ in out_layout)
+        mom = (_moments.MomentsBlocks(self.writer, step, split, P_out, self._block_size,
+                                      lr=lr_v, epoch=ep, names=out_layout)
+               if self._keep == "moments" else None)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        seen, loss_sum = 0, 0.0
+        bg = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        pending: concurrent.futures.Future[Any] | None = None
+        try:
+            for batch in batches:
+                x, y, sid = split_batch(batch, where)
+                n = _batch_len(x)
+                if max_samples is not None:
+                    n = min(n, max_samples - seen)
+                    if n <= 0:
+                        break
+                    x, y, sid = tree_map(
+                        lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
+                        (x, y, sid))
+                if n == 0:
+                    continue
+                if fast is not None:
+                    mean, m2, losses = fast.moments(x, y, n)
+                    if tf.subset is not None:
+                        idx = tf.subset.indices
+                        mean, m2 = mean[idx], m2[idx]
+                    mom.add_moments(n, mean, m2)
+                else:
+                    grads, losses = eng.compute(x, y)
+                    if tf.projection is None:  # per-tensor column blocks: no concatenation
+                        sub = tf.subset.local if tf.subset is not None else None
+                        G = [_to_numpy(grads[k].reshape(n, -1)) for k in eng.names
+                             if sub is None or k in sub]
+                        if sub is not None:
+                            G = [g[:, sub[k]] for g, k in
+                                 zip(G, [k for k in eng.names if k in sub], strict=True)]
+                    else:
+                        G = tf.apply(_to_numpy(eng.flatten(grads)))
+                    del grads
+                    if mom is not None:
+                        work = functools.partial(mom.add_samples, G)
+                    else:
+                        G = G if isinstance(G, np.ndarray) else np.concatenate(G, axis=1)
+                        ids = None if sid is None else np.asarray(
+                            sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
+                        kw = {"loss": _to_numpy(losses).astype(np.float64), "sample_id": ids,
+                              "label": _labels(y, n) if self.store_labels else None,
+                              "lr": lr_v, "epoch": ep}
+                        work = functools.partial(self.writer.write, step, split, G, **kw)
+                    # reduce/write batch b on a worker thread (the kernel and h5py release
+                    # the GIL) while batch b+1 is computed; batches stay in order
+                    if pending is not None:
+                        pending.result()
+                    pending = bg.submit(work)
+                loss_sum += float(losses.detach().to(torch.float64).sum())
+                seen += n
+                bar.update(n)
+            if pending is not None:
+                pending.result()
+                pending = None
+            if seen == 0:
+                raise AdapterError(
+                    f"{where}: no samples in data for record (step={step}, split={split!r})")
+            if mom is not None:
+                mom.finish()
+            else:
+                self.writer.end_record(step, split)
+        except BaseException:
+            if pending is not None:  # let the worker finish before marking the record aborted
+                with contextlib.suppress(BaseException):
+                    pending.result()
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bg.shutdown(wait=True)
+            bar.close()
+        return RecordSummary(int(step), split, seen, loss_sum / seen, lr_v, ep)
+
     def _pool(self, rows: int) -> BufferPool:
         P, dtype = self._eng.P, self._eng.dtype
+        alloc = getattr(self.writer, "alloc_rows", None)
+        self._host.clear()  # the old pool's buffers live on only in queued writes
+        same = dtype == torch.float32 and getattr(self.writer, "dtype", None) == np.float32
 
         def make() -> torch.Tensor:
+            if alloc is not None and same and not self._cuda:
+                # rows laid out as the store's chunks: written without a copy (store.py)
+                host = alloc(rows)
+                t = torch.from_numpy(host)
+                self._host[t.data_ptr()] = host
+                return t
             return torch.empty((rows, P), dtype=dtype, pin_memory=self._cuda)
 
         return BufferPool(make, self.max_pending + 1)
@@ -591,6 +769,9 @@ class Recorder:
         -------
         RecordSummary
         """
+        if self._keep == "moments" or self._tf.active:
+            return self._record_small(data, step, split, batch_size=batch_size, lr=lr,
+                                      epoch=epoch, max_samples=max_samples)
         eng = self._eng
         batches, total = iter_data(data, batch_size, "torch Recorder.record")
         if max_samples is not None:
@@ -645,10 +826,13 @@ class Recorder:
                     ids = None if sid is None else np.asarray(
                         sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
 
-                    def grads_np(view: torch.Tensor = view, ready: Any = ready) -> np.ndarray:
+                    host = self._host.get(buf.data_ptr())
+
+                    def grads_np(view: torch.Tensor = view, ready: Any = ready,
+                                 host: Any = host) -> np.ndarray:
                         if ready is not None:
                             ready()
-                        return view.numpy()
+                        return view.numpy() if host is None else host[: view.shape[0]]
 
                     def loss_np(loss_h: torch.Tensor = loss_h, ready: Any = ready) -> np.ndarray:
                         if ready is not None:

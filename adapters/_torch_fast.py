@@ -1,0 +1,311 @@
+"""Moments of per-sample gradients of ``Linear``/``Conv`` layers without ``vmap``.
+
+For a layer ``y = W a + b`` (``nn.Linear`` on ``(B, in)`` inputs) and the summed per-sample
+loss :math:`L = \\sum_i \\ell_i`, the output gradient :math:`\\delta_i = \\partial L / \\partial
+y_i = \\partial \\ell_i / \\partial y_i` of sample ``i`` gives its own gradient
+:math:`g_i = \\delta_i a_i^\\top`, so, per weight element,
+
+.. math:: \\sum_i g_i = \\delta^\\top a, \\qquad \\sum_i g_i^{\\odot 2} = (\\delta^{\\odot 2})^\\top
+          (a^{\\odot 2}),
+
+(the identity behind BackPACK's ``SumGradSquared``) and for the bias
+:math:`\\sum_i \\delta_i`, :math:`\\sum_i \\delta_i^2`. Both are computed in float64 from the
+layer's inputs and output gradients of one ordinary forward/backward, and
+:math:`M2 = \\sum_i g_i^2 - (\\sum_i g_i)^2 / n` per batch; batches are Chan-merged.
+
+Cancellation bound. ``a`` and ``δ`` are cast to float64 before the products, so each
+product is exact to a float64 rounding, and the sums carry a relative error of at most
+about :math:`n u` (``u = 2^{-53}``, ``n`` the batch). The subtraction then loses
+:math:`\\sum g^2 / M2 = 1 + n\\,m^2/M2 \\approx 1 + r` digits' worth, so the relative error
+of the variance is about :math:`n u (1 + r_j)`, ``r_j`` the parameter's GSNR: ≈3e-14 for
+``n = 256`` and ``r ≲ 1`` (typical), still below 1e-9 for ``r`` up to ~3e4. Only the
+per-batch moments are affected; the merge across batches is exact (Chan).
+
+Where the square identity does not hold (the per-sample gradient is a sum over positions:
+``Linear`` on ``(B, T, in)``, ``Conv1d``/``Conv2d`` via ``unfold``, a layer called more than
+once per forward), the per-sample gradients *of that layer only* are materialised with one
+batched ``einsum`` in the layer's dtype (as ``vmap`` computes them; in sample chunks of
+bounded memory) and reduced in float64 with the exact two-pass formula. Every other
+selected parameter (LayerNorm, Embedding, BatchNorm in eval mode, tied weights, …) falls
+back to ``torch.func.vmap`` for those parameters only. On the
+first batch the fast layers are checked against ``vmap`` on two samples; a layer that
+disagrees (e.g. its weight is also used outside its ``forward``) is moved to the fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gsnr_stats.errors import AdapterError
+
+_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_CHUNK_BYTES = 64 << 20
+
+
+def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
+    """Symmetric integer padding of a conv module, or None if unfold cannot express it."""
+    if m.padding_mode != "zeros":
+        return None
+    pad = m.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0,) * len(m.kernel_size)
+        out = []
+        for k, d in zip(m.kernel_size, m.dilation, strict=True):
+            tot = d * (k - 1)
+            if tot % 2:
+                return None
+            out.append(tot // 2)
+        return tuple(out)
+    return tuple(int(p) for p in pad)
+
+
+def fast_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Modules whose selected parameters can take the fast path: ``{module name: module}``.
+
+    Exact types ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (``groups == 1``, zero padding
+    expressible by ``unfold``), whose parameters are not shared with another module.
+    """
+    sel = set(names)
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for _, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    out: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if type(m) not in _FAST_TYPES or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, nn.Conv1d | nn.Conv2d) and (m.groups != 1 or _conv_padding(m) is None):
+            continue
+        pnames = [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
+        if not pnames or not all(n in sel for n in pnames):
+            continue
+        if any(owners[id(p)] > 1 for p in m.parameters(recurse=False)):
+            continue
+        out[mname] = m
+    return out
+
+
+def _pnames(mname: str, m: nn.Module) -> list[str]:
+    return [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
+
+
+def _moments_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-pass mean and M2 over axis 0 (float64)."""
+    mu = g.mean(0)
+    return mu, ((g - mu) ** 2).sum(0)
+
+
+def _chan(acc: list[Any] | None, n: float, mu: torch.Tensor, q: torch.Tensor) -> list[Any]:
+    if acc is None:
+        return [n, mu, q]
+    na, ma, qa = acc
+    tot = na + n
+    d = mu - ma
+    return [tot, ma + d * (n / tot), qa + q + d * d * (na * n / tot)]
+
+
+def _per_sample(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], lo: int, hi: int,
+                ) -> list[torch.Tensor]:
+    """Materialised per-sample gradients of samples ``lo:hi`` for each parameter of ``m``."""
+    gw = gb = None
+    for a, d in calls:
+        # products in the layer's dtype, like vmap's per-sample gradients; moments in float64
+        a = a[lo:hi]
+        d = d[lo:hi].to(a.dtype)
+        b = a.shape[0]
+        if isinstance(m, nn.Linear):
+            a2 = a.reshape(b, -1, a.shape[-1])
+            d2 = d.reshape(b, -1, d.shape[-1])
+            w = torch.einsum("bto,bti->boi", d2, a2)
+            bias = d2.sum(1)
+        else:
+            if isinstance(m, nn.Conv1d):
+                a4, d4 = a.unsqueeze(2), d.unsqueeze(2)
+                ks, dil, pad, st = ((1, m.kernel_size[0]), (1, m.dilation[0]),
+                                    (0, _conv_padding(m)[0]), (1, m.stride[0]))
+            else:
+                a4, d4 = a, d
+                ks, dil, pad, st = m.kernel_size, m.dilation, _conv_padding(m), m.stride
+            U = F.unfold(a4, ks, dilation=dil, padding=pad, stride=st)  # (b, Cin*k, L)
+            D = d4.reshape(b, d4.shape[1], -1)  # (b, Cout, L)
+            w = torch.einsum("bol,bkl->bok", D, U)
+            bias = D.sum(2)
+        gw = w if gw is None else gw + w
+        if m.bias is not None:
+            gb = bias if gb is None else gb + bias
+    out = [gw.reshape(gw.shape[0], *m.weight.shape)]
+    if m.bias is not None:
+        out.append(gb)
+    return out
+
+
+def module_moments(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], n: int,
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(mean, M2)]`` (float64, parameter-shaped) of the per-sample gradients of ``m``'s
+    parameters (weight, then bias) over a batch of ``n`` samples.
+
+    ``calls`` holds ``(input, output gradient)`` of each call of ``m`` in the forward.
+    """
+    shapes = [p.shape for _, p in m.named_parameters(recurse=False)]
+    if not calls:  # never called: zero gradients
+        return [(torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64))
+                for s in shapes]
+    if isinstance(m, nn.Linear) and len(calls) == 1 and calls[0][0].ndim == 2:
+        a = calls[0][0].to(torch.float64)
+        d = calls[0][1].to(torch.float64)
+        s1 = d.T @ a
+        s2 = (d * d).T @ (a * a)
+        out = [(s1 / n, (s2 - s1 * s1 / n).clamp_min_(0.0))]
+        if m.bias is not None:
+            b1 = d.sum(0)
+            b2 = (d * d).sum(0)
+            out.append((b1 / n, (b2 - b1 * b1 / n).clamp_min_(0.0)))
+        return out
+    per = sum(math.prod(s) for s in shapes) * 8
+    step = max(1, _CHUNK_BYTES // max(1, per))
+    accs: list[Any] = [None] * len(shapes)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        for i, g in enumerate(_per_sample(m, calls, lo, hi)):
+            mu, q = _moments_rows(g.to(torch.float64))
+            accs[i] = _chan(accs[i], float(hi - lo), mu, q)
+    return [(acc[1], acc[2]) for acc in accs]
+
+
+class FastPath:
+    """Per-batch moments of the selected parameters: Linear/Conv from one backward, the rest
+    from ``vmap`` over those parameters only.
+
+    Parameters
+    ----------
+    eng : adapters.torch._Engine
+        The recorder's engine (model, loss, selected names, state).
+    make_engine : callable (set of names) -> _Engine
+        Builds the vmap engine restricted to the given parameter names.
+    """
+
+    def __init__(self, eng: Any, make_engine: Callable[[set[str]], Any]) -> None:
+        self.eng = eng
+        self.make_engine = make_engine
+        self.modules = fast_modules(eng.model, eng.names)
+        self._checked = False
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.fast_names = {n for mname, m in self.modules.items() for n in _pnames(mname, m)}
+        rest = {n for n in self.eng.names if n not in self.fast_names}
+        self.fallback = self.make_engine(rest) if rest else None
+
+    def _forward(self, x: Any, y: Any) -> tuple[dict[str, list[Any]], torch.Tensor]:
+        from .torch import _call, _to
+
+        eng = self.eng
+        x, y = _to(x, eng.device), _to(y, eng.device)
+        params, frozen = eng.state()
+        eng.check_loss(x, y, frozen, params)
+        calls: dict[str, list[Any]] = {k: [] for k in self.modules}
+        handles = []
+
+        def make_hook(mname: str) -> Callable[..., Any]:
+            def hook(mod: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+                if not inp or not isinstance(out, torch.Tensor):
+                    raise AdapterError(f"torch moments fast path: layer {mname!r} was called "
+                                       "without a positional input; pass fast=False")
+                calls[mname].append([inp[0].detach(), out])
+                # a clone goes downstream, so in-place ops after the layer cannot rebase `out`
+                return out.clone()
+            return hook
+
+        for mname, m in self.modules.items():
+            handles.append(m.register_forward_hook(make_hook(mname)))
+        try:
+            leaves = {k: (v.detach().requires_grad_(True) if k in self.fast_names else v)
+                      for k, v in params.items()}
+            with torch.enable_grad():
+                losses = eng.loss_fn(_call(eng.model, (leaves, *frozen), x), y)
+                outs = [c[1] for cs in calls.values() for c in cs]
+                if outs:
+                    gs = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                else:
+                    gs = []
+        finally:
+            for h in handles:
+                h.remove()
+        i = 0
+        for cs in calls.values():
+            for c in cs:
+                c[1] = torch.zeros_like(c[1]) if gs[i] is None else gs[i].detach()
+                i += 1
+        return calls, losses.detach()
+
+    def _fast_part(self, x: Any, y: Any, n: int
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        calls, losses = self._forward(x, y)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for mname, m in self.modules.items():
+            for name, mom in zip(_pnames(mname, m), module_moments(m, calls[mname], n),
+                                 strict=True):
+                out[name] = mom
+        return out, losses
+
+    def _check(self, x: Any, y: Any) -> None:
+        """Compare each fast layer with vmap on two samples; demote layers that disagree."""
+        from torch.utils._pytree import tree_map
+
+        from .torch import _batch_len
+
+        self._checked = True
+        if not self.modules:
+            return
+        m = min(2, _batch_len(x))
+        head = tree_map(lambda a: a[:m] if isinstance(a, torch.Tensor | np.ndarray) else a, (x, y))
+        got, _ = self._fast_part(head[0], head[1], m)
+        ref = self.make_engine(set(self.fast_names))
+        grads, _ = ref.compute(*head)
+        bad = []
+        for mname, mod in self.modules.items():
+            for name in _pnames(mname, mod):
+                g = grads[name].to(torch.float64).reshape(m, -1)
+                mu, q = _moments_rows(g)
+                gm, gq = got[name][0].reshape(-1), got[name][1].reshape(-1)
+                scale = float(g.abs().max()) or 1.0
+                tol = 1e-4 * scale
+                if (float((gm.cpu() - mu.cpu()).abs().max()) > tol
+                        or float((gq.cpu().sqrt() - q.cpu().sqrt()).abs().max()) > tol):
+                    bad.append(mname)
+                    break
+        if bad:
+            warnings.warn(
+                f"torch moments fast path: layers {bad} do not match torch.func on a check "
+                "(weight used outside the layer's forward, or the batch is not the first "
+                "dimension); they use vmap instead", stacklevel=4)
+            for b in bad:
+                del self.modules[b]
+            self._rebuild()
+
+    def moments(self, x: Any, y: Any, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """``(mean (P,), M2 (P,), losses (n,))`` of one batch, float64, in layout order."""
+        if not self._checked:
+            self._check(x, y)
+        parts, losses = self._fast_part(x, y, n) if self.modules else ({}, None)
+        if self.fallback is not None:
+            grads, fl = self.fallback.compute(x, y)
+            if losses is None:
+                losses = fl
+            for name, g in grads.items():
+                g = g.detach().to(torch.float64)
+                parts[name] = _moments_rows(g)
+        means = [parts[k][0].reshape(-1).cpu() for k in self.eng.names]
+        m2s = [parts[k][1].reshape(-1).cpu() for k in self.eng.names]
+        return torch.cat(means).numpy(), torch.cat(m2s).numpy(), losses

@@ -1,0 +1,421 @@
+"""Moments-only recording, the torch Linear/Conv fast path, parameter subsets, JL projections.
+
+Independent routes: float64 two-pass NumPy moments of ``torch.func``/``jax``/analytic
+per-sample gradients (``conftest.two_pass``), the per-sample records' own ``reduce``, the
+explicit projection matrix, and exact inner products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import two_pass
+
+torch = pytest.importorskip("torch")
+from gsnr_stats.adapters import _moments  # noqa: E402
+from gsnr_stats.adapters import torch as gt  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gsnr_stats as gs  # noqa: E402
+from gsnr_stats.errors import AdapterError, NonFiniteError  # noqa: E402
+
+LF = nn.CrossEntropyLoss(reduction="none")
+
+
+def _close(got_m, got_v, ref_m, ref_v, rtol):
+    """|Δmean| ≤ rtol (|m| + s) and |Δvar| ≤ rtol var, elementwise."""
+    s = np.sqrt(ref_v)
+    assert np.all(np.abs(got_m - ref_m) <= rtol * (np.abs(ref_m) + s) + 1e-300), \
+        np.max(np.abs(got_m - ref_m) / (np.abs(ref_m) + s + 1e-300))
+    assert np.all(np.abs(got_v - ref_v) <= rtol * ref_v + 1e-300), \
+        np.nanmax(np.abs(got_v - ref_v) / np.where(ref_v > 0, ref_v, 1))
+
+
+def _data(n, shape, classes=5, seed=0, dtype=torch.float64, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=dtype) + shift
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+class SeqNet(nn.Module):
+    """Embedding + LayerNorm (vmap fallback), a Linear on (B, T, d) (materialised fast path),
+    a Linear called twice, and a head tied to nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.proj = nn.Linear(6, 6)
+        self.twice = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, tok):
+        h = self.norm(self.emb(tok))             # (B, T, 6)
+        h = torch.tanh(self.proj(h)).mean(1)     # Linear on (B, T, d)
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.head(h)
+
+
+class Tied(nn.Module):
+    """The output layer's weight is the input layer's, transposed via a parameter share."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 7, bias=False)
+        self.b = nn.Linear(7, 5, bias=False)
+        self.c = nn.Linear(7, 5)
+        self.c.weight = self.b.weight  # tied: both uses must be counted
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + self.c(h)
+
+
+class OutsideUse(nn.Module):
+    """A Linear whose weight is also used outside its forward (the first-batch check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(x) + 0.3 * torch.tanh(x @ self.fc.weight.T)
+
+
+def models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(inplace=True),
+                        nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 5))
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 6, 3, stride=2, padding="valid", bias=False), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6, 5))
+    c1d = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(3 * 9, 5))
+    return {
+        "mlp": (mlp, lambda n, s: _data(n, (12,), seed=s, shift=0.7)),
+        "cnn": (cnn, lambda n, s: _data(n, (3, 8, 8), seed=s)),
+        "conv1d": (c1d, lambda n, s: _data(n, (2, 9), seed=s)),
+        "seq": (SeqNet(), lambda n, s: (torch.randint(0, 11, (n, 4),
+                                                      generator=torch.Generator().manual_seed(s)),
+                                        torch.randint(0, 5, (n,)))),
+        "tied": (Tied(), lambda n, s: _data(n, (5,), seed=s)),
+        "outside": (OutsideUse(), lambda n, s: _data(n, (4,), seed=s)),
+        "nofast": (nn.Sequential(nn.LayerNorm(5), nn.Tanh()), lambda n, s: _data(n, (5,), seed=s)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast"])
+def test_fast_path_matches_float64_reference(name, tmp_path):
+    model, make = models()[name]
+    model = model.double().eval()
+    x, y = make(96, 1)
+    G = gt.per_sample_gradients(model, LF, x, y)  # vmap, float64
+    ref_m, ref_v = two_pass(G)
+    path = tmp_path / "m.h5"
+    with gt.open_writer(path, model) as w:
+        with pytest.warns(UserWarning, match="do not match") if name == "outside" else _noop():
+            s = gt.record(w, model, LF, (x, y), 0, "train", batch_size=32, keep="moments")
+    st = gs.reduce(path)
+    assert int(st["count"][0, 0]) == 96
+    _close(st["mean"].values[0, 0], st["var"].values[0, 0], ref_m, ref_v, 1e-9)
+    with torch.no_grad():
+        assert s.mean_loss == pytest.approx(float(LF(model(x), y).mean()), rel=1e-12)
+    assert math.isnan(float(st["loss_mean"][0, 0]))  # moments-only records carry no losses
+
+
+class _noop:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_fast_path_modules_plan():
+    from gsnr_stats.adapters._torch_fast import fast_modules
+
+    m = models()
+    names = lambda mod: [n for n, _ in mod.named_parameters()]  # noqa: E731
+    seq = m["seq"][0]
+    assert set(fast_modules(seq, names(seq))) == {"proj", "twice", "head"}
+    tied = m["tied"][0]
+    assert set(fast_modules(tied, names(tied))) == {"a"}  # b and c share a weight
+    cnn = m["cnn"][0]
+    assert set(fast_modules(cnn, names(cnn))) == {"0", "3", "6"}
+
+
+def test_float32_moments_equal_per_sample_records(tmp_path):
+    """keep="moments" (fast and vmap) against keep="grads" + reduce on a float32 MLP with
+    |mean|/std typical of training: agreement to float32 rounding of the stored gradients."""
+    model, make = models()["mlp"]
+    model = model.float().eval()
+    x, y = make(128, 2)
+    x = x.float()
+    out = {}
+    for tag, kw in (("grads", {}), ("fast", {"keep": "moments"}),
+                    ("vmap", {"keep": "moments", "fast": False})):
+        p = tmp_path / f"{tag}.h5"
+        with gt.open_writer(p, model) as w:
+            gt.record(w, model, LF, (x, y), 3, "train", batch_size=64, **kw)
+        out[tag] = gs.reduce(p)
+    ref = out["grads"]
+    r = (ref["mean"] ** 2 / ref["var"]).values
+    assert np.nanmedian(r) < 10  # realistic GSNR, so float32 agreement is meaningful
+    for tag in ("fast", "vmap"):
+        _close(out[tag]["mean"].values, out[tag]["var"].values, ref["mean"].values,
+               ref["var"].values, 2e-5)
+        np.testing.assert_array_equal(out[tag]["count"].values, ref["count"].values)
+
+
+def test_moments_blocks_are_jackknife_blocks(tmp_path):
+    model, make = models()["mlp"]
+    model = model.double().eval()
+    x, y = make(64, 3)
+    pg, pm, pb = tmp_path / "g.h5", tmp_path / "m.h5", tmp_path / "b.h5"
+    with gt.open_writer(pg, model) as w:
+        gt.record(w, model, LF, (x, y), 0, "train", batch_size=16)
+    with gt.open_writer(pm, model) as w:
+        gt.record(w, model, LF, (x, y), 0, "train", batch_size=16, keep="moments")
+    with gt.open_writer(pb, model) as w:  # 8-sample batches merged into 32-sample blocks
+        gt.record(w, model, LF, (x, y), 0, "train", batch_size=8, keep="moments", block_size=32)
+    with gs.open_store(pm) as s:
+        assert s.read_moments(0, "train")[0].tolist() == [16.0] * 4
+    with gs.open_store(pb) as s:
+        assert s.read_moments(0, "train")[0].tolist() == [32.0, 32.0]
+    G = gt.per_sample_gradients(model, LF, x, y)
+    for K in (2, 4):
+        a = gs.reduce(pg, blocks=K)
+        b = gs.reduce(pm, blocks=K)
+        np.testing.assert_array_equal(a["block_count"].values, b["block_count"].values)
+        for k in range(K):
+            rm, rv = two_pass(G[k * 64 // K:(k + 1) * 64 // K])
+            _close(b["block_mean"].values[0, 0, k], b["block_m2"].values[0, 0, k] /
+                   (64 // K - 1), rm, rv, 1e-9)
+        # stored float32 gradients vs float64 moments: float32 rounding only
+        np.testing.assert_allclose(b["block_mean"].values, a["block_mean"].values,
+                                   rtol=1e-5, atol=1e-6 * np.abs(G).max())
+        ja = gs.jackknife(a, lambda s: s[["var"]], variables=["var"])
+        jb = gs.jackknife(b, lambda s: s[["var"]], variables=["var"])
+        np.testing.assert_allclose(jb["var_se"].values, ja["var_se"].values, rtol=1e-4,
+                                   atol=1e-6 * float(np.nanmax(ja["var_se"].values)))
+    c, d = gs.reduce(pb, blocks=2), gs.reduce(pm, blocks=2)
+    np.testing.assert_allclose(c["block_mean"].values, d["block_mean"].values, rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(c["block_m2"].values, d["block_m2"].values, rtol=1e-10)
+
+
+def test_subset_columns_and_seeds(tmp_path):
+    model, make = models()["cnn"]
+    model = model.float().eval()
+    x, y = make(40, 4)
+    x = x.float()
+    full = tmp_path / "full.h5"
+    with gt.open_writer(full, model) as w:
+        gt.record(w, model, LF, (x, y), 0, "train", batch_size=20)
+    ref = gs.reduce(full)
+    for keep in ("grads", "moments"):
+        p = tmp_path / f"sub_{keep}.h5"
+        with gt.open_writer(p, model, params_subset=50, seed=7) as w:
+            gt.record(w, model, LF, (x, y), 0, "train", batch_size=20, keep=keep,
+                      params_subset=50, seed=7)
+        st = gs.reduce(p)
+        with gs.open_store(p) as s:
+            sub = _moments.ParamSubset.from_attrs(s.attrs["user_attrs"])
+            names = list(s.layout.names)
+        assert sub.k == 50 and sub.seed == 7
+        assert all(n.endswith("[sub]") for n in names)
+        assert names == [f"{n}[sub]" for n, _ in gt.layout(model) if n in sub.local]
+        idx = sub.indices
+        assert idx.size == 50 and np.all(np.diff(idx) > 0)
+        # stratified: each tensor's share is within one of k * P_t / P
+        P = ref.sizes["param"]
+        for n, shape in gt.layout(model):
+            want = 50 * math.prod(shape) / P
+            assert abs(sub.local.get(n, np.zeros(0)).size - want) < 1
+        rtol = 1e-12 if keep == "grads" else 3e-6
+        np.testing.assert_allclose(st["mean"].values[0, 0], ref["mean"].values[0, 0, idx],
+                                   rtol=rtol, atol=1e-7 * float(np.abs(ref["mean"]).max()))
+        np.testing.assert_allclose(st["var"].values[0, 0], ref["var"].values[0, 0, idx],
+                                   rtol=rtol * 10, atol=1e-12)
+        assert list(st["tensor"].values) == list(np.repeat(
+            names, [sub.local[n.removesuffix("[sub]")].size for n in names]))
+    lay = gt.layout(model)
+    a = _moments.ParamSubset.choose(lay, 0.1, seed=3)
+    b = _moments.ParamSubset.choose(lay, 0.1, seed=3)
+    c = _moments.ParamSubset.choose(lay, 0.1, seed=4)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert not np.array_equal(a.indices, c.indices)
+    assert a.k == round(0.1 * sum(math.prod(s) for _, s in lay))
+
+
+def test_projection_inner_products_and_reproducibility():
+    rng = np.random.default_rng(0)
+    P, k = 3000, 2048
+    G = rng.normal(size=(12, P)) + 0.5 * rng.normal(size=P)
+    proj = _moments.JLProjection(P, k, seed=5, block_rows=700)
+    Z = proj.project(G)
+    R = proj.matrix()
+    assert R.shape == (P, k)
+    np.testing.assert_allclose(Z, G @ R, rtol=1e-12, atol=1e-12)
+    # the same matrix whatever the batching or caching (BLAS round-off aside)
+    np.testing.assert_allclose(np.vstack([proj.project(G[:5]), proj.project(G[5:])]), Z,
+                               rtol=1e-12, atol=1e-12)
+    again = _moments.JLProjection(P, k, seed=5, block_rows=700, cache_bytes=0)
+    np.testing.assert_array_equal(again.matrix(), R)
+    other = _moments.JLProjection(P, k, seed=6, block_rows=700)
+    assert not np.allclose(other.project(G), Z)
+    exact = G @ G.T
+    approx = Z @ Z.T
+    nrm = np.sqrt(np.diag(exact))
+    sd = np.sqrt((np.outer(nrm, nrm) ** 2 + exact ** 2) / k)  # JL: Var[z_g.z_h]
+    assert np.all(np.abs(approx - exact) <= 5 * sd)
+
+
+def test_projection_preserves_first_order_osgr(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 24), nn.Tanh(), nn.Linear(24, 5)).float().eval()
+    P = sum(p.numel() for p in model.parameters())
+    k = 4096
+    data = {sp: _data(160, (20,), seed=s, dtype=torch.float32, shift=0.4)
+            for sp, s in (("train", 10), ("test", 11))}
+    full, proj = tmp_path / "full.h5", tmp_path / "jl.h5"
+    with gt.open_writer(full, model) as w:
+        for sp, d in data.items():
+            gt.record(w, model, LF, d, 0, sp, batch_size=80)
+    with gt.open_writer(proj, model, project=k, seed=2) as w:
+        for sp, d in data.items():
+            gt.record(w, model, LF, d, 0, sp, batch_size=80, project=k, seed=2)
+    with gs.open_store(proj) as s:
+        assert list(s.layout.names) == ["jl"] and s.layout.n_params == k
+        ua = s.attrs["user_attrs"]["jl_projection"]
+        assert ua["k"] == k and ua["seed"] == 2 and ua["n_params"] == P
+        Zs = s.read_grads(0, "train")
+    with gs.open_store(full) as s:
+        Gs = s.read_grads(0, "train")
+    R = _moments.JLProjection.from_attrs({"jl_projection": ua}).matrix()
+    # float32 storage of G (the source) and of Z: projected rows agree to float32 rounding
+    np.testing.assert_allclose(Zs, Gs.astype(np.float64) @ R, rtol=1e-4,
+                               atol=1e-5 * np.abs(Zs).max())
+    n = 16
+    a = gs.osgr_first_order(full, n=n, n_subsets=32, seed=0)
+    b = gs.osgr_first_order(proj, n=n, n_subsets=32, seed=0)
+    Ra = float(a["osgr_first_order"].values.ravel()[0])
+    Rb = float(b["osgr_first_order"].values.ravel()[0])
+    # JL bound: each subset inner product has sd <= sqrt(2/k) |u||v|, so
+    # |ΔR| <= 4 sqrt(2/k) (sqrt(S_test S_train) + |R| S_train) / S_train, with S the
+    # expected |g_D|^2 = n^2 |m|^2 + n tr(Σ) of each split.
+    S = {}
+    with gs.open_store(full) as s:
+        for sp in ("train", "test"):
+            m, v = two_pass(s.read_grads(0, sp))
+            S[sp] = n * n * float(m @ m) + n * float(v.sum())
+    tol = 4 * math.sqrt(2 / k) * (math.sqrt(S["test"] * S["train"]) + abs(Ra) * S["train"]) \
+        / S["train"]
+    assert tol < 0.3
+    assert abs(Rb - Ra) <= tol, (Ra, Rb, tol)
+
+
+def test_jax_and_sklearn_keep_moments(tmp_path):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from gsnr_stats.adapters import jax as gj
+    from gsnr_stats.adapters import sklearn as gk
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(6, 3)).astype(np.float32) * 0.5,
+              "b": np.zeros(3, np.float32)}
+
+    def loss_one(p, x, y):
+        z = x @ p["w"] + p["b"]
+        return jax.nn.logsumexp(z) - z[y]
+
+    X = rng.normal(size=(72, 6)).astype(np.float32) + 0.3
+    Y = rng.integers(0, 3, 72)
+    out = {}
+    for keep in ("grads", "moments"):
+        p = tmp_path / f"jax_{keep}.h5"
+        with gj.open_writer(p, params) as w:
+            gj.record(w, loss_one, params, (X, Y), 0, "train", batch_size=24, keep=keep)
+        out[keep] = gs.reduce(p, blocks=3)
+    for v in ("mean", "var", "gsnr", "block_mean", "block_m2"):
+        np.testing.assert_allclose(out["moments"][v].values, out["grads"][v].values, rtol=1e-10,
+                                   atol=0)
+    # the independent route: float64 two-pass of jax's per-sample gradients
+    G = gj.per_sample_gradients(loss_one, params, jnp.asarray(X), jnp.asarray(Y))
+    m, v = two_pass(G)
+    _close(out["moments"]["mean"].values[0, 0], out["moments"]["var"].values[0, 0], m, v, 1e-10)
+
+    est = LogisticRegression(max_iter=500).fit(X.astype(np.float64), Y)
+    Xd = X.astype(np.float64)
+    Gs = gk.per_sample_gradients(est, Xd, Y)  # float64, analytic
+    m, v = two_pass(Gs)
+    res = {}
+    for keep in ("grads", "moments"):
+        p = tmp_path / f"sk_{keep}.h5"
+        with gk.open_writer(p, est) as w:
+            gk.record(w, est, Xd, Y, step=0, split="train", batch_size=25, keep=keep)
+        res[keep] = gs.reduce(p)
+    # moments keep float64 gradients: float64 agreement with the analytic reference
+    _close(res["moments"]["mean"].values[0, 0], res["moments"]["var"].values[0, 0], m, v, 1e-10)
+    # the per-sample record stores float32: agreement to float32 rounding
+    _close(res["moments"]["mean"].values, res["moments"]["var"].values, res["grads"]["mean"].values,
+           res["grads"]["var"].values, 1e-6)
+    # subset + projection through sklearn and JAX writers
+    p = tmp_path / "sk_sub.h5"
+    with gk.open_writer(p, est, params_subset=7, seed=1) as w:
+        gk.record(w, est, Xd, Y, step=0, split="train", params_subset=7, seed=1, keep="moments")
+    with gs.open_store(p) as s:
+        idx = _moments.ParamSubset.from_attrs(s.attrs["user_attrs"]).indices
+    sub = gs.reduce(p)
+    _close(sub["mean"].values[0, 0], sub["var"].values[0, 0], m[idx], v[idx], 1e-10)
+    p = tmp_path / "jax_jl.h5"
+    with gj.open_writer(p, params, project=8, seed=3) as w:
+        gj.record(w, loss_one, params, (X, Y), 0, "train", batch_size=32, project=8, seed=3)
+    with gs.open_store(p) as s:
+        Z = s.read_grads(0, "train")
+    np.testing.assert_allclose(Z, G.astype(np.float64) @ _moments.JLProjection(21, 8, 3).matrix(),
+                               rtol=1e-5, atol=1e-6 * np.abs(Z).max())
+
+
+def test_errors(tmp_path):
+    model, make = models()["mlp"]
+    x, y = make(8, 0)
+    model = model.double()
+    with gt.open_writer(tmp_path / "a.h5", model) as w:
+        with pytest.raises(AdapterError, match="keep must be"):
+            gt.Recorder(w, model, LF, keep="mean")
+        with pytest.raises(AdapterError, match="1 <= k <= P"):
+            gt.Recorder(w, model, LF, params_subset=10 ** 6)
+        with pytest.raises(AdapterError, match="1 <= k <= P"):
+            gt.Recorder(w, model, LF, params_subset=0)
+        with pytest.raises(AdapterError, match="fraction"):
+            gt.Recorder(w, model, LF, params_subset=1.5)
+        with pytest.raises(AdapterError, match="positive int"):
+            gt.Recorder(w, model, LF, project=0)
+        with pytest.raises(AdapterError, match="layout"):  # writer has the full layout
+            gt.Recorder(w, model, LF, params_subset=10)
+        with pytest.raises(AdapterError, match="block_size"):
+            gt.record(w, model, LF, (x, y), 0, "train", batch_size=4, keep="moments",
+                      block_size=0)
+    with gt.open_writer(tmp_path / "b.h5", model, params_subset=10, seed=1) as w:
+        with pytest.raises(AdapterError, match="param_subset.*seed 1.*seed 2"):  # other draw
+            gt.Recorder(w, model, LF, params_subset=10, seed=2)
+    with pytest.raises(AdapterError, match="different layout"):
+        _moments.make_transform([("a", (3,))], _moments.ParamSubset.choose([("b", (3,))], 2))
+    bad = x.clone()
+    bad[6, 0] = float("nan")  # in the second batch
+    for fast in (True, False):
+        p = tmp_path / f"c{fast}.h5"
+        with gt.open_writer(p, model) as w:
+            with pytest.raises(NonFiniteError,
+                               match=r"record \(step=0, split='train'\).*1\.weight"):
+                gt.record(w, model, LF, (bad, y), 0, "train", batch_size=4, keep="moments",
+                          fast=fast)
+            gt.record(w, model, LF, (x, y), 0, "test", batch_size=4, keep="moments", fast=fast)
+        with pytest.warns(gs.IncompleteRecordWarning):  # batch 0 of "train" was written
+            with gs.open_store(p) as s:
+                assert [(r.step, r.split) for r in s.records] == [(0, "test")]
