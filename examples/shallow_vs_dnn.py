@@ -8,7 +8,7 @@ training split, theoretical OSGR from held-out moments, first-order measured OSG
 gap. Writes ``<model>.h5``, ``<model>_stats.nc``, ``shallow_vs_dnn.nc`` (every plotted
 number) and ``shallow_vs_dnn.png`` into ``-o``, and prints the table.
 
-    python examples/shallow_vs_dnn.py -o out/shallow_vs_dnn [--quick] [--no-torch]
+    python examples/shallow_vs_dnn.py -o out/shallow_vs_dnn [--quick] [--no-torch] [--data generated]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> studies.StudyResult:
     p.add_argument("--quick", action="store_true", help="3 epochs instead of 40")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch MLP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=sorted(studies.DATASETS), default="digits",
+                   help="load_digits or digits-shaped generated data (make_classification)")
     args = p.parse_args(argv)
     extra = []
     if not args.no_torch:
@@ -97,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> studies.StudyResult:
             print("torch not installed: the PyTorch MLP is left out")
         else:
             extra.append(TorchMLP(64, 10, seed=args.seed))
-    res = studies.shallow_vs_dnn(args.output, quick=args.quick, extra=extra, seed=args.seed)
+    res = studies.shallow_vs_dnn(args.output, quick=args.quick, extra=extra, seed=args.seed,
+                                 data=args.data)
     print(res.table)
     for k in ("summary", "figure"):
         print(f"wrote {res.files[k]}")

@@ -52,6 +52,22 @@ def test_shallow_vs_dnn_example(tmp_path, capsys):
     assert np.isfinite(res.summary["osgr_first_order"]).all()
 
 
+def test_shallow_vs_dnn_generated_data(tmp_path, capsys):
+    res = _load("shallow_vs_dnn").main(["-o", str(tmp_path), "--quick", "--no-torch",
+                                        "--data", "generated"])
+    out = capsys.readouterr().out
+    s = xr.load_dataset(tmp_path / "shallow_vs_dnn.nc")
+    assert s.attrs["title"] == "shallow vs DNN on make_classification"
+    assert list(s["model"].values) == ["logreg", "linear_svm", "mlp"]
+    _check_printed(out, s, ["gsnr_mean", "osgr_theory", "gap_measured"], ["model", "epoch"])
+    # the printed mean GSNR is the mean over parameters of the stored train-split GSNR
+    st = xr.load_dataset(tmp_path / "logreg_stats.nc")
+    g = st["gsnr"].sel(split="train").values
+    mean = np.array([np.mean(r[np.isfinite(r)]) for r in g])
+    np.testing.assert_allclose(s["gsnr_mean"].sel(model="logreg").values, mean, rtol=1e-12)
+    assert res.summary.attrs["n_train"] == 1078
+
+
 def test_osgr_validation_example(tmp_path, capsys):
     _load("osgr_validation").main(["-o", str(tmp_path), "--quick", "-n", "50", "100",
                                    "--noise", "0.2"])
