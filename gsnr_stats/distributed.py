@@ -51,6 +51,7 @@ from .reduce import (
     SkippedShardWarning,
     build_dataset,
     check_shard,
+    filter_keys,
     numba_threads,
     record_partial,
 )
@@ -301,22 +302,7 @@ def _select(
     shards: Sequence[ShardInfo], steps: Sequence[int] | None, splits: Sequence[str] | None
 ) -> list[tuple[int, str]]:
     keys = {(r[0], r[1]) for s in shards for r in s.records}
-    names = [s.path for s in shards]
-    if steps is not None:
-        want = {int(x) for x in steps}
-        missing = want - {k[0] for k in keys}
-        if missing:
-            raise StoreError(f"steps {sorted(missing)} are in none of {names}")
-        keys = {k for k in keys if k[0] in want}
-    if splits is not None:
-        want_s = set(splits)
-        missing_s = want_s - {k[1] for k in keys}
-        if missing_s:
-            raise StoreError(f"splits {sorted(missing_s)} are in none of the selected records")
-        keys = {k for k in keys if k[1] in want_s}
-    if not keys:
-        raise StoreError(f"no completed record to reduce in {names}")
-    return sorted(keys)
+    return filter_keys(keys, [s.path for s in shards], steps, splits)
 
 
 def reduce_distributed(

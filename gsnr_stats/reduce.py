@@ -521,11 +521,21 @@ def select_keys(
 ) -> list[tuple[int, str]]:
     """Sorted ``(step, split)`` keys present in any shard, filtered by ``steps``/``splits``."""
     keys = {(r.step, r.split) for s in stores for r in s.records}
+    return filter_keys(keys, [str(s.path) for s in stores], steps, splits)
+
+
+def filter_keys(
+    keys: set[tuple[int, str]],
+    names: Sequence[str],
+    steps: Sequence[int] | None,
+    splits: Sequence[str] | None,
+) -> list[tuple[int, str]]:
+    """Sorted record keys filtered by ``steps``/``splits``; a missing one names the shards."""
     if steps is not None:
         want = {int(x) for x in steps}
         missing = want - {k[0] for k in keys}
         if missing:
-            raise StoreError(f"steps {sorted(missing)} are in none of {[str(s.path) for s in stores]}")
+            raise StoreError(f"steps {sorted(missing)} are in none of {list(names)}")
         keys = {k for k in keys if k[0] in want}
     if splits is not None:
         want_s = set(splits)
@@ -534,9 +544,7 @@ def select_keys(
             raise StoreError(f"splits {sorted(missing_s)} are in none of the selected records")
         keys = {k for k in keys if k[1] in want_s}
     if not keys:
-        raise StoreError(
-            f"no completed record to reduce in {[str(s.path) for s in stores]}"
-        )
+        raise StoreError(f"no completed record to reduce in {list(names)}")
     return sorted(keys)
 
 
