@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -400,6 +400,25 @@ def _labels(y: Any, n: int) -> np.ndarray | None:
     return None
 
 
+def _limited(batches: Iterable[Any], max_samples: int | None,
+             where: str) -> Iterator[tuple[Any, Any, Any, int]]:
+    """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
+    seen = 0
+    for batch in batches:
+        x, y, sid = split_batch(batch, where)
+        n = _batch_len(x)
+        if max_samples is not None:
+            n = min(n, max_samples - seen)
+            if n <= 0:
+                return
+            x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
+            sid = None if sid is None else sid[:n]
+        if n == 0:
+            continue
+        seen += n
+        yield x, y, sid, n
+
+
 class Recorder:
     """Write per-sample gradient records of a JAX model, batch by batch.
 
@@ -520,17 +539,7 @@ class Recorder:
         loss_parts: list[np.ndarray] = []
         try:
             with AsyncWriter(self.writer, self.max_pending) as aw:
-                for batch in batches:
-                    x, y, sid = split_batch(batch, "jax Recorder.record")
-                    n = _batch_len(x)
-                    if max_samples is not None:
-                        n = min(n, max_samples - seen)
-                        if n <= 0:
-                            break
-                        x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
-                        sid = None if sid is None else sid[:n]
-                    if n == 0:
-                        continue
+                for x, y, sid, n in _limited(batches, max_samples, "jax Recorder.record"):
                     rows = max(rows, n)
                     if n < rows:
                         x, y = _pad(x, n, rows), _pad(y, n, rows)
@@ -583,17 +592,7 @@ class Recorder:
         bar = progress_bar(self.progress, total, f"step {step} {split}")
         rows, seen, loss_sum = 0, 0, 0.0
         try:
-            for batch in batches:
-                x, y, sid = split_batch(batch, "jax Recorder.record")
-                n = _batch_len(x)
-                if max_samples is not None:
-                    n = min(n, max_samples - seen)
-                    if n <= 0:
-                        break
-                    x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
-                    sid = None if sid is None else sid[:n]
-                if n == 0:
-                    continue
+            for x, y, sid, n in _limited(batches, max_samples, "jax Recorder.record"):
                 rows = max(rows, n)
                 label = _labels(y, n) if self.store_labels else None
                 if n < rows:

@@ -37,7 +37,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -506,6 +506,26 @@ def _current_lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"]) if len(lrs) >= 1 else math.nan
 
 
+def _limited(batches: Iterable[Any], max_samples: int | None,
+             where: str) -> Iterator[tuple[Any, Any, Any, int]]:
+    """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
+    seen = 0
+    for batch in batches:
+        x, y, sid = split_batch(batch, where)
+        n = _batch_len(x)
+        if max_samples is not None:
+            n = min(n, max_samples - seen)
+            if n <= 0:
+                return
+            x, y, sid = tree_map(
+                lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
+                (x, y, sid))
+        if n == 0:
+            continue
+        seen += n
+        yield x, y, sid, n
+
+
 class Recorder:
     """Write per-sample gradient records of a model, batch by batch, into a ``GradientWriter``.
 
@@ -651,18 +671,7 @@ class Recorder:
         bg = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         pending: concurrent.futures.Future[Any] | None = None
         try:
-            for batch in batches:
-                x, y, sid = split_batch(batch, where)
-                n = _batch_len(x)
-                if max_samples is not None:
-                    n = min(n, max_samples - seen)
-                    if n <= 0:
-                        break
-                    x, y, sid = tree_map(
-                        lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
-                        (x, y, sid))
-                if n == 0:
-                    continue
+            for x, y, sid, n in _limited(batches, max_samples, where):
                 if fast is not None:
                     mean, m2, losses = fast.moments(x, y, n)
                     if tf.subset is not None:
@@ -784,18 +793,7 @@ class Recorder:
         aw = AsyncWriter(self.writer, self.max_pending)
         try:
             with aw:
-                for batch in batches:
-                    x, y, sid = split_batch(batch, "torch Recorder.record")
-                    n = _batch_len(x)
-                    if max_samples is not None:
-                        n = min(n, max_samples - seen)
-                        if n <= 0:
-                            break
-                        x, y, sid = tree_map(
-                            lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray)
-                            else a, (x, y, sid))
-                    if n == 0:
-                        continue
+                for x, y, sid, n in _limited(batches, max_samples, "torch Recorder.record"):
                     grads, losses = eng.compute(x, y)
                     if self._buffers is None or n > self._rows:
                         # buffers live as long as the recorder: no fresh pages per record
