@@ -385,6 +385,33 @@ def iter_data(data: Any, batch_size: int | None, where: str) -> tuple[Iterable[A
     return data, total
 
 
+def limited_batches(
+    batches: Iterable[Any],
+    max_samples: int | None,
+    where: str,
+    batch_len: Callable[[Any], int],
+    cut: Callable[[Any, Any, Any, int], tuple[Any, Any, Any]],
+) -> Iterator[tuple[Any, Any, Any, int]]:
+    """``(x, y, sample_id, n)`` of each non-empty batch; the last one cut to ``max_samples``.
+
+    ``batch_len(x)`` counts a batch's samples and ``cut(x, y, sample_id, n)`` keeps its first
+    ``n`` (framework-specific slicing).
+    """
+    seen = 0
+    for batch in batches:
+        x, y, sid = split_batch(batch, where)
+        n = batch_len(x)
+        if max_samples is not None:
+            n = min(n, max_samples - seen)
+            if n <= 0:
+                return
+            x, y, sid = cut(x, y, sid, n)
+        if n == 0:
+            continue
+        seen += n
+        yield x, y, sid, n
+
+
 def check_layout_matches(writer: Any, layout: Sequence[tuple[str, tuple[int, ...]]],
                          where: str) -> None:
     """The writer's layout names and shapes must be the adapter's layout."""

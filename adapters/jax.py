@@ -49,6 +49,7 @@ from ._common import (
     as_float,
     check_layout_matches,
     iter_data,
+    limited_batches,
     progress_bar,
     run_probe,
     split_batch,
@@ -403,20 +404,12 @@ def _labels(y: Any, n: int) -> np.ndarray | None:
 def _limited(batches: Iterable[Any], max_samples: int | None,
              where: str) -> Iterator[tuple[Any, Any, Any, int]]:
     """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
-    seen = 0
-    for batch in batches:
-        x, y, sid = split_batch(batch, where)
-        n = _batch_len(x)
-        if max_samples is not None:
-            n = min(n, max_samples - seen)
-            if n <= 0:
-                return
-            x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
-            sid = None if sid is None else sid[:n]
-        if n == 0:
-            continue
-        seen += n
-        yield x, y, sid, n
+
+    def cut(x: Any, y: Any, sid: Any, n: int) -> tuple[Any, Any, Any]:
+        return (_take(x, slice(0, n)), _take(y, slice(0, n)),
+                None if sid is None else sid[:n])
+
+    return limited_batches(batches, max_samples, where, _batch_len, cut)
 
 
 class Recorder:

@@ -58,6 +58,7 @@ from ._common import (
     as_float,
     check_layout_matches,
     iter_data,
+    limited_batches,
     progress_bar,
     run_probe,
     split_batch,
@@ -509,21 +510,12 @@ def _current_lr(optimizer: Any) -> float:
 def _limited(batches: Iterable[Any], max_samples: int | None,
              where: str) -> Iterator[tuple[Any, Any, Any, int]]:
     """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
-    seen = 0
-    for batch in batches:
-        x, y, sid = split_batch(batch, where)
-        n = _batch_len(x)
-        if max_samples is not None:
-            n = min(n, max_samples - seen)
-            if n <= 0:
-                return
-            x, y, sid = tree_map(
-                lambda a, n=n: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
-                (x, y, sid))
-        if n == 0:
-            continue
-        seen += n
-        yield x, y, sid, n
+
+    def cut(x: Any, y: Any, sid: Any, n: int) -> tuple[Any, Any, Any]:
+        return tree_map(lambda a: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
+                        (x, y, sid))
+
+    return limited_batches(batches, max_samples, where, _batch_len, cut)
 
 
 class Recorder:
