@@ -1275,6 +1275,30 @@ class GradientStore:
             return np.empty(shape, ds.dtype)
         return np.concatenate(parts, axis=0)
 
+    def iter_grads(self, step: int, split: str, rows: int = 4096) -> Iterator[np.ndarray]:
+        """Per-sample gradients of a record in blocks of at most ``rows`` rows (stored dtype).
+
+        Streams: memory is O(rows · P) whatever the record's size.
+        """
+        rec = self.record(step, split)
+        if rec.kind != "gradients":
+            raise StoreError(
+                f"{self.path}: record (step={step}, split={split!r}) holds moments only; "
+                f"per-sample grads were not stored"
+            )
+        rows = max(1, int(rows))
+        ds = self._f["grads"]
+        for a, b in self._segments[(int(step), split)]:
+            for i in range(a, b, rows):
+                try:
+                    block = ds[i:min(i + rows, b)]
+                except (OSError, ValueError) as e:
+                    raise StoreError(
+                        f"{self.path}: record (step={step}, split={split!r}): cannot read grads "
+                        f"rows {i}..{min(i + rows, b)} ({e})"
+                    ) from e
+                yield block
+
     def read_grads(self, step: int, split: str) -> np.ndarray:
         """Per-sample gradients of a record, ``(n, P)`` in the stored dtype (float32)."""
         return self._read_rows("grads", step, split)

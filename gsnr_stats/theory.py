@@ -1200,16 +1200,17 @@ def _record_reader(
                 yield arr[i:i + chunk_rows]
 
         return it_arr, int(arr.shape[0]), int(arr.shape[1])
-    rec = source.record(step, split)
-    P = source.layout.n_params
+    # shards of one run: the record's rows are those of every shard holding it, in order
+    parts = [st for st in source if any(r.step == step and r.split == split
+                                        and r.kind == "gradients" for r in st.records)]
+    N = sum(st.record(step, split).n_samples for st in parts)
+    P = source[0].layout.n_params
 
     def it_store() -> Iterator[np.ndarray]:
-        # TODO(lead): switch to the store's chunked row iterator when it lands.
-        g = source.read_grads(step, split)
-        for i in range(0, g.shape[0], chunk_rows):
-            yield g[i:i + chunk_rows]
+        for st in parts:
+            yield from st.iter_grads(step, split, chunk_rows)
 
-    return it_store, int(rec.n_samples), int(P)
+    return it_store, int(N), int(P)
 
 
 def osgr_first_order(
@@ -1245,8 +1246,10 @@ def osgr_first_order(
 
     Parameters
     ----------
-    source : path, GradientStore or mapping
-        A store (path or open) or a mapping ``{(step, split): (N, P) array}``.
+    source : path, glob, list of paths, GradientStore or mapping
+        A store (path or open), the shards of one run (their rows of a record are pooled;
+        layouts must match), or a mapping ``{(step, split): (N, P) array}``. Gradients are
+        streamed ``chunk_rows`` rows at a time.
     steps : int or sequence, optional
         Checkpoints; default every step holding both splits.
     n : int or sequence of int
@@ -1276,16 +1279,22 @@ def osgr_first_order(
         raise ValueError(f"n_subsets must be >= 1, got {n_subsets!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     sa, sb = splits
-    close = None
-    if not isinstance(source, Mapping) and not hasattr(source, "read_grads"):
-        from .store import open_store
-
-        source = close = open_store(source)
+    opened: list[Any] = []
     try:
         if isinstance(source, Mapping):
             have = {(int(k[0]), str(k[1])) for k in source}
         else:
-            have = {(int(r.step), str(r.split)) for r in source.records if r.kind == "gradients"}
+            if hasattr(source, "read_grads"):
+                source = [source]
+            else:
+                from .store import check_same_layout, expand_paths, open_store
+
+                for path in expand_paths(source):
+                    opened.append(open_store(path))
+                check_same_layout(opened)
+                source = opened
+            have = {(int(r.step), str(r.split)) for st in source for r in st.records
+                    if r.kind == "gradients"}
         if steps is None:
             st_list = sorted({s for s, _ in have if (s, sa) in have and (s, sb) in have})
         else:
@@ -1326,8 +1335,8 @@ def osgr_first_order(
                     dot[i, c0 + jj] = num[sl].mean() / float(nv) ** 2
                     sq[i, c0 + jj] = den[sl].mean() / float(nv) ** 2
     finally:
-        if close is not None:
-            close.close()
+        for st in opened:
+            st.close()
     data: dict[str, Any] = {
         "osgr_first_order": (("step", "n"), R, {"long_name": "first-order OSGR sum g_D'.g_D / "
                                                              "sum |g_D|^2", **_ONE}),

@@ -668,6 +668,42 @@ def test_osgr_first_order_mapping():
         th.osgr_first_order(src, 5, n=4)
 
 
+def test_osgr_first_order_streams_stores_and_pools_shards(tmp_path):
+    """A store (streamed in small row blocks) and the same rows split over shards and write
+    batches give exactly the result of the in-memory mapping (same draws, same rows)."""
+    import gsnr_stats as gs
+
+    rng = np.random.default_rng(8)
+    P = 300
+    src = {(s, sp): (rng.normal(size=(N, P)) + 0.2).astype(np.float32)
+           for s in (0, 5) for sp, N in (("train", 70), ("test", 50))}
+    ref = th.osgr_first_order(src, n=[5, 20], n_subsets=9, seed=4)
+    one = tmp_path / "one.h5"
+    with gs.GradientWriter(one, [("w", (P,))]) as w:
+        for (s, sp), g in src.items():
+            w.write(s, sp, g[:33])  # two write batches per record
+            w.write(s, sp, g[33:])
+    out = th.osgr_first_order(one, n=[5, 20], n_subsets=9, seed=4, chunk_rows=8)
+    np.testing.assert_allclose(out["osgr_first_order"].values, ref["osgr_first_order"].values,
+                               rtol=1e-12)
+    # three shards holding consecutive rows of every record; a glob and a list
+    cuts = [0, 20, 41]
+    for k in range(3):
+        with gs.GradientWriter(tmp_path / f"shard-{k}.h5", [("w", (P,))]) as w:
+            for (s, sp), g in src.items():
+                hi = cuts[k + 1] if k < 2 else g.shape[0]
+                w.write(s, sp, g[cuts[k]:hi])
+    for source in (str(tmp_path / "shard-*.h5"), sorted(tmp_path.glob("shard-*.h5"))):
+        sh = th.osgr_first_order(source, n=[5, 20], n_subsets=9, seed=4, chunk_rows=16)
+        np.testing.assert_allclose(sh["osgr_first_order"].values,
+                                   ref["osgr_first_order"].values, rtol=1e-12)
+        np.testing.assert_allclose(sh["osgr_se"].values, ref["osgr_se"].values, rtol=1e-10)
+    with gs.GradientWriter(tmp_path / "other.h5", [("v", (P,))]) as w:
+        w.write(0, "train", src[(0, "train")])
+    with pytest.raises(gs.LayoutMismatchError, match="other.h5"):
+        th.osgr_first_order([one, tmp_path / "other.h5"], n=5)
+
+
 def test_osgr_first_order_agrees_with_theory_statistically():
     # many samples from one distribution: E[R1] = sum g^2 / sum (g^2 + rho^2/n)
     rng = np.random.default_rng(2)
