@@ -151,10 +151,21 @@ def cmd_osgr(args: argparse.Namespace) -> int:
 
     stats = xr.load_dataset(args.stats)
     res = theory.osgr(stats, n=args.n, split=args.split, debias=not args.no_debias, by=args.by)
+    print(res["osgr"].to_dataframe().to_string())
+    if args.first_order:
+        # the measurement beside the theory: one streaming pass over the stored gradients
+        fo = theory.osgr_first_order(
+            args.first_order, n=args.n, splits=tuple(args.pools), n_subsets=args.subsets,
+            seed=args.seed, stats=stats, theory_split=args.split or args.pools[0],
+            debias=not args.no_debias,
+        )
+        print(f"first-order OSGR, D from {args.pools[0]!r}, D' from {args.pools[1]!r}, "
+              f"{args.subsets} subsets (theory from {args.split or args.pools[0]!r}):")
+        print(fo[["osgr_first_order", "osgr_se", "osgr_theory"]].to_dataframe().to_string())
+        res = res.merge(fo.rename({"osgr_se": "osgr_first_order_se",
+                                   "osgr_theory": "osgr_first_order_theory"}))
     if args.output:
         res.to_netcdf(args.output)
-    print(res["osgr"].to_dataframe().to_string() if hasattr(res["osgr"], "to_dataframe")
-          else res["osgr"])
     return 0
 
 
@@ -228,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default=None, help="split whose moments to use (default: all)")
     s.add_argument("--by", choices=("tensor", "layer"), default=None)
     s.add_argument("--no-debias", action="store_true", help="use m^2 instead of m^2 - s^2/N")
+    s.add_argument("--first-order", nargs="+", metavar="STORE", default=None,
+                   help="also measure the first-order OSGR from these stores (shards pooled)")
+    s.add_argument("--pools", nargs=2, metavar=("A", "B"), default=("train", "test"),
+                   help="splits of D and D' for --first-order (default: train test)")
+    s.add_argument("--subsets", type=int, default=64, help="subset pairs for --first-order")
+    s.add_argument("--seed", type=int, default=0, help="seed of the subset draws")
     s.add_argument("-o", "--output", default=None, help="also write a netCDF")
     s.set_defaults(func=cmd_osgr)
 

@@ -41,3 +41,33 @@ def test_cli_reduce_and_info(small_store, tmp_path, capsys):
     st = xr.load_dataset(tmp_path / "s.nc")
     assert st.sizes["param"] == 16
     assert main(["osgr", str(tmp_path / "s.nc"), "-n", "10", "100"]) == 0
+
+
+def test_cli_osgr_with_first_order_over_shards(tmp_path, capsys):
+    """`gsnr-stats osgr STATS --first-order SHARDS` = the library calls on the same inputs."""
+    import gsnr_stats as gs
+
+    rng = np.random.default_rng(3)
+    P = 40
+    for k in range(2):
+        with gs.GradientWriter(tmp_path / f"s{k}.h5", [("w", (P,))]) as w:
+            for step in (0, 1):
+                for sp in ("train", "test"):
+                    w.write(step, sp, (rng.normal(size=(60, P)) + 0.3 / (step + 1)).astype("f4"))
+    shards = sorted(str(p) for p in tmp_path.glob("s*.h5"))
+    assert main(["reduce", *shards, "-o", str(tmp_path / "stats.nc")]) == 0
+    out_nc = tmp_path / "osgr.nc"
+    assert main(["osgr", str(tmp_path / "stats.nc"), "-n", "10", "40", "--first-order",
+                 str(tmp_path / "s*.h5"), "--subsets", "16", "-o", str(out_nc)]) == 0
+    printed = capsys.readouterr().out
+    assert "first-order OSGR" in printed
+    got = xr.load_dataset(out_nc)
+    stats = gs.reduce(shards)
+    want = gs.osgr_first_order(shards, n=[10, 40], n_subsets=16, seed=0, stats=stats)
+    np.testing.assert_allclose(got["osgr_first_order"].values, want["osgr_first_order"].values,
+                               rtol=1e-12)
+    np.testing.assert_allclose(got["osgr_first_order_theory"].values,
+                               gs.osgr(stats, [10, 40], split="train")["osgr"]
+                               .sel(split="train").values, rtol=1e-12)
+    np.testing.assert_allclose(got["osgr"].values, gs.osgr(stats, [10, 40])["osgr"].values,
+                               rtol=1e-12)
