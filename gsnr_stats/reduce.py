@@ -82,6 +82,52 @@ def numba_threads(n: int | None) -> Iterator[None]:
         numba.set_num_threads(old)
 
 
+def _chunk_offsets(store: GradientStore, n_rows: int, n_cols: int, mappable: bool) -> np.ndarray:
+    """Element offsets of the ``grads`` chunks (-1 absent, -2 unmappable), validated.
+
+    One scan of the chunk index per open store (cached on it): a reduce over R records
+    would otherwise visit every chunk of the file R times.
+    """
+    ds = store.grads_dataset
+    key = (ds.shape, ds.chunks)
+    cached = getattr(store, "_gs_chunk_offsets", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rows_c, cols_c = ds.chunks
+    itemsize = ds.dtype.itemsize
+    offsets = np.full((n_rows, n_cols), -1, dtype=np.int64)
+    if mappable and ds.shape[0]:
+        size = store.file_size()
+        want = rows_c * cols_c * itemsize
+        path = store.path
+
+        def visit(info: object) -> None:
+            r0, c0 = info.chunk_offset  # type: ignore[attr-defined]
+            r, c = r0 // rows_c, c0 // cols_c
+            if r >= n_rows or c >= n_cols:
+                return
+            off, nbytes = info.byte_offset, info.size  # type: ignore[attr-defined]
+            if off is None or off + nbytes > size:
+                raise SchemaError(
+                    f"{path}: gradient chunk at rows {r0}.. columns {c0}.. lies beyond the end "
+                    f"of the file ({size} bytes): truncated file"
+                )
+            if nbytes != want or off % itemsize:
+                offsets[r, c] = -2  # unmappable: read through h5py
+            else:
+                offsets[r, c] = off // itemsize
+
+        try:
+            ds.id.chunk_iter(visit)
+        except SchemaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any HDF5 failure here means a damaged index
+            raise StoreError(f"{path}: cannot read the chunk index of grads ({e})") from e
+    offsets.setflags(write=False)
+    store._gs_chunk_offsets = (key, offsets)  # type: ignore[attr-defined]
+    return offsets
+
+
 class _ChunkMap:
     """Byte offsets of the stored chunks of ``grads``, validated against the file."""
 
@@ -92,39 +138,14 @@ class _ChunkMap:
         rows, P = ds.shape
         self.n_rows = -(-rows // self.rows_c)
         self.n_cols = -(-P // self.cols_c)
-        self.offsets = np.full((self.n_rows, self.n_cols), -1, dtype=np.int64)
         self.buf: np.ndarray | None = None
         self._mm: mmap.mmap | None = None
         plist = ds.id.get_create_plist()
         self.mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
+        self.offsets = _chunk_offsets(store, self.n_rows, self.n_cols, self.mappable)
         if not self.mappable or rows == 0:
             return
-        size = store.file_size()
-        want = self.rows_c * self.cols_c * self.itemsize
         path = store.path
-
-        def visit(info: object) -> None:
-            r0, c0 = info.chunk_offset  # type: ignore[attr-defined]
-            r, c = r0 // self.rows_c, c0 // self.cols_c
-            if r >= self.n_rows or c >= self.n_cols:
-                return
-            off, nbytes = info.byte_offset, info.size  # type: ignore[attr-defined]
-            if off is None or off + nbytes > size:
-                raise SchemaError(
-                    f"{path}: gradient chunk at rows {r0}.. columns {c0}.. lies beyond the end "
-                    f"of the file ({size} bytes): truncated file"
-                )
-            if nbytes != want or off % self.itemsize:
-                self.offsets[r, c] = -2  # unmappable: read through h5py
-            else:
-                self.offsets[r, c] = off // self.itemsize
-
-        try:
-            ds.id.chunk_iter(visit)
-        except SchemaError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any HDF5 failure here means a damaged index
-            raise StoreError(f"{path}: cannot read the chunk index of grads ({e})") from e
         with open(path, "rb") as fh:
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(self._mm, dtype=np.uint8)
