@@ -36,6 +36,7 @@ bench: venv-test
 	$(PY) bench/reduce.py
 	$(PY) bench/adapters.py
 	$(PY) bench/scale.py
+	$(PY) bench/records.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
