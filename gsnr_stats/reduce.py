@@ -82,11 +82,18 @@ def numba_threads(n: int | None) -> Iterator[None]:
         numba.set_num_threads(old)
 
 
-def _chunk_offsets(store: GradientStore, n_rows: int, n_cols: int, mappable: bool) -> np.ndarray:
+def _chunk_offsets(
+    store: GradientStore,
+    n_rows: int,
+    n_cols: int,
+    mappable: bool,
+    only: tuple[Sequence[int], tuple[int, int]] | None = None,
+) -> np.ndarray:
     """Element offsets of the ``grads`` chunks (-1 absent, -2 unmappable), validated.
 
     One scan of the chunk index per open store (cached on it): a reduce over R records
-    would otherwise visit every chunk of the file R times.
+    would otherwise visit every chunk of the file R times. ``only=(chunk_rows, (cc0, cc1))``
+    looks up just those chunks (a Dask task opens its own handle and needs a few of them).
     """
     ds = store.grads_dataset
     key = (ds.shape, ds.chunks)
@@ -118,11 +125,21 @@ def _chunk_offsets(store: GradientStore, n_rows: int, n_cols: int, mappable: boo
                 offsets[r, c] = off // itemsize
 
         try:
-            ds.id.chunk_iter(visit)
+            if only is None:
+                ds.id.chunk_iter(visit)
+            else:
+                crows, (cc0, cc1) = only
+                for r in crows:
+                    for c in range(cc0, min(cc1, n_cols)):
+                        info = ds.id.get_chunk_info_by_coord((r * rows_c, c * cols_c))
+                        if info.byte_offset is not None:  # None: never written
+                            visit(info)
         except SchemaError:
             raise
         except Exception as e:  # noqa: BLE001 - any HDF5 failure here means a damaged index
             raise StoreError(f"{path}: cannot read the chunk index of grads ({e})") from e
+    if only is not None:
+        return offsets  # partial: not cached
     offsets.setflags(write=False)
     store._gs_chunk_offsets = (key, offsets)  # type: ignore[attr-defined]
     return offsets
@@ -131,7 +148,8 @@ def _chunk_offsets(store: GradientStore, n_rows: int, n_cols: int, mappable: boo
 class _ChunkMap:
     """Byte offsets of the stored chunks of ``grads``, validated against the file."""
 
-    def __init__(self, store: GradientStore) -> None:
+    def __init__(self, store: GradientStore,
+                 only: tuple[Sequence[int], tuple[int, int]] | None = None) -> None:
         ds = store.grads_dataset
         self.rows_c, self.cols_c = ds.chunks
         self.itemsize = ds.dtype.itemsize
@@ -142,7 +160,7 @@ class _ChunkMap:
         self._mm: mmap.mmap | None = None
         plist = ds.id.get_create_plist()
         self.mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
-        self.offsets = _chunk_offsets(store, self.n_rows, self.n_cols, self.mappable)
+        self.offsets = _chunk_offsets(store, self.n_rows, self.n_cols, self.mappable, only)
         if not self.mappable or rows == 0:
             return
         path = store.path
@@ -269,7 +287,12 @@ def record_partial(
                        n_omit, rec.n_samples, loss, rec.lr, rec.epoch)
 
     ds = store.grads_dataset
-    cmap = _ChunkMap(store)
+    only = None
+    if cols is not None:  # one column block (a Dask task): look up only its chunks
+        rc, cc = ds.chunks
+        crows = sorted({r for a, b in ranges for r in range(a // rc, -(-b // rc))})
+        only = (crows, (c0 // cc, -(-c1 // cc)))
+    cmap = _ChunkMap(store, only)
     rc, cc = cmap.rows_c, cmap.cols_c
     if c0 % cc and c0 != 0:
         raise ValueError(f"column start {c0} is not a multiple of the chunk width {cc}")
