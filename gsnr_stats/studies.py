@@ -254,6 +254,25 @@ def sklearn_trainers(classes: np.ndarray, seed: int = 0, hidden: int = 64) -> li
 # --------------------------------------------------------------------------------------
 
 
+def _train_reduce(
+    tr: Trainer,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    out: Path,
+    stem: str,
+    key: str,
+    epochs: Sequence[int],
+    files: dict[str, Path],
+) -> tuple[Path, xr.Dataset, list[int]]:
+    """Train ``tr`` recording ``<stem>.h5``, reduce it to ``<stem>_stats.nc``; note both files."""
+    store = out / f"{stem}.h5"
+    steps = train_and_record(tr, *data, store, epochs)
+    stats = reduce(store)
+    nc = out / f"{stem}_stats.nc"
+    stats.to_netcdf(nc)
+    files[f"{key}_store"], files[f"{key}_stats"] = store, nc
+    return store, stats, steps
+
+
 def shallow_vs_dnn(
     outdir: str | Path,
     *,
@@ -311,12 +330,8 @@ def shallow_vs_dnn(
     files: dict[str, Path] = {}
     per_model = []
     for tr in trainers:
-        store = out / f"{tr.name}.h5"
-        steps = train_and_record(tr, Xtr, ytr, Xte, yte, store, epochs)
-        stats = reduce(store)
-        nc = out / f"{tr.name}_stats.nc"
-        stats.to_netcdf(nc)
-        files[f"{tr.name}_store"], files[f"{tr.name}_stats"] = store, nc
+        store, stats, steps = _train_reduce(tr, (Xtr, ytr, Xte, yte), out, tr.name, tr.name,
+                                            epochs, files)
         ag = theory.aggregate(stats, by="model", quantiles=(), split="train")
         R = theory.osgr(stats, [n_train, n_probe], split="test")["osgr"].sel(split="test")
         fo = theory.osgr_first_order(store, n=n_probe, n_subsets=64, seed=seed)
@@ -662,12 +677,8 @@ def random_labels(
     for lab, (yt, ye) in {"true": (ytr, yte),
                           "shuffled": (rng.permutation(ytr), rng.permutation(yte))}.items():
         tr = [t for t in sklearn_trainers(classes, seed) if t.name == "mlp"][0]
-        store = out / f"rl_{lab}.h5"
-        steps = train_and_record(tr, Xtr, yt, Xte, ye, store, epochs)
-        stats = reduce(store)
-        nc = out / f"rl_{lab}_stats.nc"
-        stats.to_netcdf(nc)
-        files[f"{lab}_store"], files[f"{lab}_stats"] = store, nc
+        store, stats, steps = _train_reduce(tr, (Xtr, yt, Xte, ye), out, f"rl_{lab}", lab,
+                                            epochs, files)
         ag = theory.aggregate(stats, by="model", quantiles=(), split="train")
         gap = theory.accumulated_gap(stats, n, split="test")
         R = theory.osgr(stats, n, split="test")["osgr"].sel(split="test", n=n)
