@@ -1,4 +1,4 @@
-"""Moments of per-sample gradients of ``Linear``/``Conv`` layers without ``vmap``.
+"""Per-sample gradients of ``Linear``/``Conv`` layers and their moments, without ``vmap``.
 
 For a layer ``y = W a + b`` (``nn.Linear`` on ``(B, in)`` inputs) and the summed per-sample
 loss :math:`L = \\sum_i \\ell_i`, the output gradient :math:`\\delta_i = \\partial L / \\partial
@@ -30,6 +30,10 @@ selected parameter (LayerNorm, Embedding, BatchNorm in eval mode, tied weights, 
 back to ``torch.func.vmap`` for those parameters only. On the
 first batch the fast layers are checked against ``vmap`` on two samples; a layer that
 disagrees (e.g. its weight is also used outside its ``forward``) is moved to the fallback.
+
+Full dumps (``keep="grads"``) use the same backward: :math:`g_i = \\delta_i a_i^\\top` is written
+straight into the writer's chunk-ready buffer (no ``vmap`` intermediates, no concatenation),
+so computing costs about one backward plus writing ``n x P`` floats once.
 """
 
 from __future__ import annotations
@@ -184,8 +188,9 @@ def module_moments(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 class FastPath:
-    """Per-batch moments of the selected parameters: Linear/Conv from one backward, the rest
-    from ``vmap`` over those parameters only.
+    """Per-batch moments (:meth:`moments`) or per-sample gradients (:meth:`grads_into`) of the
+    selected parameters: Linear/Conv from one backward, the rest from ``vmap`` over those
+    parameters only.
 
     Parameters
     ----------
@@ -293,6 +298,58 @@ class FastPath:
             for b in bad:
                 del self.modules[b]
             self._rebuild()
+
+    def grads_into(self, x: Any, y: Any, n: int, out: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients of one batch written into ``out`` ``(n, P)``; the losses.
+
+        ``out`` may be a strided view (rows padded to whole chunk columns, see
+        ``GradientWriter.alloc_rows``). A ``Linear`` on ``(B, in)`` called once writes its
+        outer products :math:`\\delta_i a_i^\\top` straight into its columns, one float
+        multiply per element like ``vmap``'s; other fast layers are materialised in sample
+        chunks and copied; the rest come from ``vmap`` over those parameters only.
+        """
+        if not self._checked:
+            self._check(x, y)
+        eng = self.eng
+        offs: dict[str, tuple[int, int]] = {}
+        o = 0
+        for name, shape in zip(eng.names, eng.shapes, strict=True):
+            k = math.prod(shape)
+            offs[name] = (o, o + k)
+            o += k
+        losses = None
+        if self.modules:
+            calls, losses = self._forward(x, y)
+            for mname, m in self.modules.items():
+                names = _pnames(mname, m)
+                cs = calls[mname]
+                if not cs:  # never called: zero gradients
+                    for name in names:
+                        out[:, slice(*offs[name])].zero_()
+                    continue
+                if isinstance(m, nn.Linear) and len(cs) == 1 and cs[0][0].ndim == 2:
+                    a = cs[0][0]
+                    d = cs[0][1].to(a.dtype)
+                    lo, hi = offs[names[0]]
+                    torch.mul(d[:, :, None], a[:, None, :],
+                              out=out[:, lo:hi].view(n, *m.weight.shape))
+                    if m.bias is not None:
+                        out[:, slice(*offs[names[1]])].copy_(d)
+                    continue
+                per = sum(p.numel() for p in m.parameters(recurse=False)) * out.element_size()
+                step = max(1, _CHUNK_BYTES // max(1, per))
+                for s in range(0, n, step):
+                    e = min(n, s + step)
+                    for name, g in zip(names, _per_sample(m, cs, s, e), strict=True):
+                        out[s:e, slice(*offs[name])].copy_(g.reshape(e - s, -1))
+        if self.fallback is not None:
+            grads, fl = self.fallback.compute(x, y)
+            if losses is None:
+                losses = fl
+            for name, g in grads.items():
+                out[:, slice(*offs[name])].copy_(g.reshape(n, -1))
+        assert losses is not None
+        return losses
 
     def moments(self, x: Any, y: Any, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``(mean (P,), M2 (P,), losses (n,))`` of one batch, float64, in layout order."""

@@ -417,6 +417,14 @@ class _Engine:
         return torch.cat(parts, dim=1, out=out)
 
 
+def _restricted(eng: _Engine, kw: dict[str, Any], names: set[str]) -> _Engine:
+    """A vmap engine like ``eng`` (built with ``kw``) over the parameters in ``names`` only."""
+    kw = dict(kw)
+    base = kw.pop("param_filter")
+    kw["param_filter"] = lambda n, p: n in names and (base is None or base(n, p))
+    return _Engine(eng.model, eng.loss_fn, **kw)
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -433,6 +441,7 @@ def per_sample_gradients(
     train_batchnorm: str = "error",
     dropout: str = "error",
     return_loss: bool = False,
+    fast: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per-sample gradients of each sample's own loss, as an ``(n, P)`` array.
 
@@ -465,6 +474,12 @@ def per_sample_gradients(
         Policy for Dropout in training mode (see module docstring).
     return_loss : bool
         Also return the ``(n,)`` per-sample losses (float64).
+    fast : bool
+        Compute ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` gradients from one ordinary
+        backward, :math:`g_i = \\delta_i a_i^\\top` (as :class:`Recorder` does by default;
+        several times faster than ``vmap`` for MLPs), the rest with ``vmap``. Default False:
+        this function is the plain ``torch.func`` route, the reference the recorder is
+        tested against. Ignored with train-mode BatchNorm or Dropout.
 
     Returns
     -------
@@ -478,10 +493,20 @@ def per_sample_gradients(
         Not a module, unsupported layers or modes, loss not per-sample, or a forward that
         ``torch.func`` cannot transform; the message lists what is supported.
     """
-    eng = _Engine(model, loss_fn, include_frozen=include_frozen, param_filter=param_filter,
-                  chunk_size=chunk_size, train_batchnorm=train_batchnorm, dropout=dropout)
-    grads, losses = eng.compute(inputs, targets)
-    G = _to_numpy(eng.flatten(grads))
+    kw = {"include_frozen": include_frozen, "param_filter": param_filter,
+          "chunk_size": chunk_size, "train_batchnorm": train_batchnorm, "dropout": dropout}
+    eng = _Engine(model, loss_fn, **kw)
+    if fast and eng.route == "vmap" and eng.randomness == "error":
+        from ._torch_fast import FastPath
+
+        n = _batch_len(inputs)
+        flat = torch.empty((n, eng.P), dtype=eng.dtype, device=eng.device)
+        losses = FastPath(eng, lambda names: _restricted(eng, kw, names)).grads_into(
+            inputs, targets, n, flat)
+    else:
+        grads, losses = eng.compute(inputs, targets)
+        flat = eng.flatten(grads)
+    G = _to_numpy(flat)
     if return_loss:
         return G, _to_numpy(losses).astype(np.float64)
     return G
@@ -548,12 +573,16 @@ class Recorder:
         jackknife block of ``reduce(..., blocks=K)``. Per-sample losses are not stored
         (``RecordSummary.mean_loss`` has their mean).
     fast : bool, optional
-        With ``keep="moments"`` (default True): ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
-        moments come from the layer inputs and output gradients of one ordinary backward,
-        :math:`\\sum_i g_i = \\delta^\\top a`, :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2`
-        in float64 for ``Linear`` (``unfold`` + ``einsum`` per layer for ``Conv``; see
-        ``_torch_fast.py``); other parameters use ``vmap``. Not used with ``project``, train-mode BatchNorm or
-        Dropout (everything goes through ``vmap`` then).
+        Default True. ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` gradients come from the
+        layer inputs :math:`a` and output gradients :math:`\\delta` of one ordinary backward
+        instead of ``vmap``: with ``keep="grads"`` the per-sample :math:`g_i = \\delta_i
+        a_i^\\top` is written straight into the writer's buffer (``unfold`` + ``einsum`` for
+        ``Conv``); with ``keep="moments"``, :math:`\\sum_i g_i = \\delta^\\top a`,
+        :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2` in float64 for ``Linear`` (see
+        ``_torch_fast.py``). Other parameters use ``vmap``; each fast layer is checked
+        against ``vmap`` on the first batch. Not used with ``params_subset``/``project`` on
+        full dumps, ``project`` on moments, train-mode BatchNorm or Dropout (everything goes
+        through ``vmap`` then). ``fast=False`` is the plain ``vmap`` route.
     params_subset : int, float in (0, 1) or ParamSubset, optional
         Record a seeded subset of ``k`` flat parameters (stratified over tensors); the
         writer must have the subset layout (``open_writer(..., params_subset=k, seed=s)``).
@@ -618,16 +647,21 @@ class Recorder:
 
     def _sub_engine(self, names: set[str]) -> _Engine:
         """A vmap engine over the selected parameters in ``names`` only."""
-        kw = dict(self._engine_kw)
-        base = kw.pop("param_filter")
-        kw["param_filter"] = lambda n, p: n in names and (base is None or base(n, p))
-        return _Engine(self._eng.model, self._eng.loss_fn, **kw)
+        return _restricted(self._eng, self._engine_kw, names)
 
     def _uses_fast(self) -> bool:
         eng = self._eng
         want = True if self._fast_opt is None else bool(self._fast_opt)
-        return (want and self._keep == "moments" and self._tf.projection is None
+        return (want and (self._keep == "moments" or not self._tf.active)
+                and self._tf.projection is None
                 and eng.route == "vmap" and eng.randomness == "error")
+
+    def _fast_path(self) -> Any:
+        if self._fast is None:
+            from ._torch_fast import FastPath
+
+            self._fast = FastPath(self._eng, self._sub_engine)
+        return self._fast
 
     def _record_small(self, data: Any, step: int, split: str, *, batch_size: int | None,
                       lr: float | None, epoch: float | None, max_samples: int | None
@@ -646,13 +680,7 @@ class Recorder:
             total = max_samples if total is None else min(total, max_samples)
         lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
         ep = as_float(epoch)
-        fast = None
-        if self._uses_fast():
-            if self._fast is None:
-                from ._torch_fast import FastPath
-
-                self._fast = FastPath(eng, self._sub_engine)
-            fast = self._fast
+        fast = self._fast_path() if self._uses_fast() and self._keep == "moments" else None
         out_layout = tf.layout
         P_out = sum(math.prod(s) for _, s, _ in out_layout)
         mom = (_moments.MomentsBlocks(self.writer, step, split, P_out, self._block_size,
@@ -783,10 +811,13 @@ class Recorder:
         seen = 0
         loss_sum: Any = 0.0  # a device tensor once batches arrive: no sync per batch
         aw = AsyncWriter(self.writer, self.max_pending)
+        fast = self._fast_path() if self._uses_fast() else None
         try:
             with aw:
                 for x, y, sid, n in _limited(batches, max_samples, "torch Recorder.record"):
-                    grads, losses = eng.compute(x, y)
+                    grads: dict[str, torch.Tensor] | None = None
+                    if fast is None:
+                        grads, losses = eng.compute(x, y)
                     if self._buffers is None or n > self._rows:
                         # buffers live as long as the recorder: no fresh pages per record
                         self._rows = max(self._rows, n)
@@ -796,7 +827,11 @@ class Recorder:
                     view = buf[:n]
                     ready: Callable[[], Any] | None = None
                     if self._cuda:
-                        flat = eng.flatten(grads)
+                        if fast is not None:
+                            flat = torch.empty((n, eng.P), dtype=eng.dtype, device=eng.device)
+                            losses = fast.grads_into(x, y, n, flat)
+                        else:
+                            flat = eng.flatten(grads)
                         stream = self._copy_stream
                         stream.wait_stream(torch.cuda.current_stream(eng.device))
                         with torch.cuda.stream(stream):
@@ -807,6 +842,9 @@ class Recorder:
                             ev = torch.cuda.Event()
                             ev.record(stream)
                         ready = ev.synchronize
+                    elif fast is not None:  # straight into the chunk-ready buffer
+                        losses = fast.grads_into(x, y, n, view)
+                        loss_h = losses
                     else:
                         eng.flatten(grads, out=view)
                         loss_h = losses

@@ -10,8 +10,12 @@ Columns, in samples per second:
 
 * ``torch.func`` -- ``vmap(grad)`` of the per-sample loss with ``functional_call``, gradients
   computed and discarded (the reference the torch adapter is measured against);
+* ``gsnr per_sample_gradients(fast=True)`` -- the adapter's Linear/Conv route (one ordinary
+  backward, :math:`g_i = \\delta_i a_i^\\top`), computing only;
 * ``gsnr torch dump`` -- ``gsnr_stats.adapters.torch.Recorder`` writing every batch into an
-  uncompressed float32 store (includes flattening, host copies, HDF5 writes, final flush);
+  uncompressed float32 store (includes computing, host copies, HDF5 writes, final flush);
+  by default through the Linear/Conv route straight into the writer's buffer, ``fast=False``
+  through ``vmap`` + concatenation;
   ``disk``: through the page cache; ``disk, direct_io``: ``GradientWriter(direct_io=True)``,
   whole chunks written with ``O_DIRECT``; ``tmpfs``: into ``/dev/shm``;
 * ``BackPACK BatchGrad`` / ``Opacus GradSampleModule`` -- the same per-sample gradients by
@@ -156,12 +160,12 @@ def opacus_fn(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any
 
 
 def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: Path,
-               direct_io: bool = False, warmup: int = 1) -> float:
+               direct_io: bool = False, warmup: int = 1, fast: bool = True) -> float:
     from gsnr_stats.adapters import torch as gt
 
     path = where / "torch_dump.h5"
     with gt.open_writer(path, model, overwrite=True, direct_io=direct_io) as w:
-        rec = gt.Recorder(w, model, loss_fn)
+        rec = gt.Recorder(w, model, loss_fn, fast=fast)
         rec.record(batches[:warmup], step=0, split="warmup")
         t0 = time.perf_counter()
         rec.record(batches[warmup:], step=1, split="train")
@@ -222,6 +226,7 @@ def best_of(cells: dict[str, Callable[[], float]], repeats: int,
 
 def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
     import torch
+    from gsnr_stats.adapters import torch as gt
     from torch import nn
 
     if args.threads:
@@ -237,15 +242,26 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
         ref_fn = torch_func_grads(model, lf)
         ref = flat_torch(ref_fn(*batches[0]), names)
         cells: dict[str, Callable[[], float]] = {
-            "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b)}
+            "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b),
+            "gsnr per_sample_gradients(fast=True), compute only": (
+                lambda m=model, b=batches: time_batches(
+                    lambda x, y: gt.per_sample_gradients(m, lf, x, y, fast=True), b))}
+        fast_fn = lambda x, y, m=model: gt.per_sample_gradients(m, lf, x, y, fast=True)  # noqa: E731
+        errs_fast = float(np.abs(fast_fn(*batches[0]) - ref).max() / np.abs(ref).max())
         for tname, (where, dio) in targets.items():
             cells[f"gsnr torch dump -> store ({tname})"] = (
                 lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d))
+        for tname, (where, dio) in targets.items():
+            if tname.startswith("disk"):  # the vmap route, for comparison
+                cells[f"gsnr torch dump, fast=False ({tname})"] = (
+                    lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d,
+                                                                         fast=False))
         lay = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
         for tname, (where, dio) in targets.items():
             cells[f"(I/O ceiling: GradientWriter.write alone, {tname})"] = (
                 lambda lay=lay, G=ref, w=where, d=dio: write_only(lay, G, args.batches, w, d))
-        errs: dict[str, Any] = {"torch.func vmap(grad)": 0.0}
+        errs: dict[str, Any] = {"torch.func vmap(grad)": 0.0,
+                                "gsnr per_sample_gradients(fast=True), compute only": errs_fast}
         for label, maker in (("BackPACK BatchGrad", backpack_fn),
                              ("Opacus GradSampleModule", opacus_fn)):
             try:

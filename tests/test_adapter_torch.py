@@ -83,6 +83,10 @@ def make_case(kind: str) -> AdapterCase:
     gen = torch.Generator().manual_seed(1)
     n = 7
     kw = {}
+    label = kind
+    if kind.endswith("-fast"):  # Linear/Conv from one backward (the recorder's default)
+        kind = kind.removesuffix("-fast")
+        kw = {"fast": True}
     if kind == "mlp":
         model, x = mlp(), torch.randn(n, 4, generator=gen)
     elif kind == "cnn-bn-eval":
@@ -99,7 +103,7 @@ def make_case(kind: str) -> AdapterCase:
         gt.Recorder(w, model, CE, **kw).record((x, y), step, split, batch_size=batch_size)
 
     return AdapterCase(
-        name=f"torch-{kind}",
+        name=f"torch-{label}",
         framework="torch",
         layout=gt.layout(model),
         per_sample_gradients=lambda: gt.per_sample_gradients(model, CE, x, y, **kw),
@@ -154,7 +158,8 @@ UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn-bn-eval", "train-bn-batch"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn-bn-eval", "train-bn-batch", "mlp-fast",
+                                  "cnn-bn-eval-fast"])
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
 def test_contract(check, kind, tmp_path):
     check(make_case(kind), tmp_path)

@@ -134,6 +134,66 @@ class _noop:
         return False
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast"])
+def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
+    """keep="grads" through the fast path (per-sample rows written straight into the chunk
+    buffer) equals torch.func's float64 per-sample gradients row by row, with chunk widths
+    that do not divide P (padded, strided buffer rows) and a truncated last batch."""
+    model, make = models()[name]
+    model = model.double().eval()
+    x, y = make(70, 2)
+    G, L = gt.per_sample_gradients(model, LF, x, y, return_loss=True)  # vmap, float64
+    path = tmp_path / "g.h5"
+    P = G.shape[1]
+    with gt.open_writer(path, model, chunks=(16, max(1, P // 3 + 1))) as w:
+        rec = gt.Recorder(w, model, LF)
+        with pytest.warns(UserWarning, match="do not match") if name == "outside" else _noop():
+            s = rec.record((x, y), 0, "train", batch_size=32, max_samples=67)
+    fast_layers = {"mlp": 3, "cnn": 3, "conv1d": 2, "seq": 3, "tied": 1, "outside": 0,
+                   "nofast": 0}[name]
+    assert len(rec._fast.modules) == fast_layers  # the fast path did the work
+    with gs.GradientStore(path) as st:
+        got, loss = st.read_grads(0, "train"), st.read_loss(0, "train")
+    scale = np.abs(G).max(axis=0) + 1e-300
+    assert np.all(np.abs(got - G[:67]) <= 1e-7 * scale)  # the store holds float32
+    np.testing.assert_allclose(loss, L[:67], rtol=1e-13)
+    assert s.n_samples == 67
+    # in float64 itself, into a strided (padded-row) buffer
+    buf = torch.full((70, P + 5), np.nan, dtype=torch.float64)
+    losses = rec._fast.grads_into(x, y, 70, buf[:, :P])
+    assert np.all(np.abs(buf[:, :P].numpy() - G) <= 1e-12 * scale)
+    assert torch.isnan(buf[:, P:]).all()  # nothing written outside the view
+    np.testing.assert_allclose(losses.numpy(), L, rtol=1e-13)
+
+
+def test_fast_path_dump_float32_and_partial_layers(tmp_path):
+    """float32: fast dump equals the vmap dump (fast=False) to float32 rounding; a filter that
+    keeps a Linear's weight but not its bias sends that layer to vmap, others stay fast."""
+    model, make = models()["mlp"]
+    model = model.eval()
+    x, y = make(50, 3)
+    x = x.float()
+    keep = lambda n, p: n != "3.bias"  # noqa: E731
+    out = {}
+    for fast in (True, False):
+        path = tmp_path / f"{fast}.h5"
+        with gt.open_writer(path, model, param_filter=keep) as w:
+            rec = gt.Recorder(w, model, LF, fast=fast, param_filter=keep)
+            rec.record((x, y), 4, "test", batch_size=16)
+        if fast:
+            assert set(rec._fast.modules) == {"1", "5"}
+        else:
+            assert rec._fast is None
+        with gs.GradientStore(path) as st:
+            out[fast] = st.read_grads(4, "test"), st.read_loss(4, "test")
+    ref = gt.per_sample_gradients(model, LF, x, y, param_filter=keep)
+    scale = np.abs(ref).max(axis=0) + 1e-30
+    for g, _ in out.values():
+        assert g.shape == ref.shape
+        assert np.all(np.abs(g - ref) <= 1e-5 * scale)
+    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-6)
+
+
 def test_fast_path_modules_plan():
     from gsnr_stats.adapters._torch_fast import fast_modules
 
