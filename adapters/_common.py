@@ -198,8 +198,8 @@ class AsyncWriter:
     -----
     Only the small parts of a write hold the GIL (dataset resizes, per-sample losses and ids,
     partial chunk rows through h5py). On few cores the page-cache copy of the gradients
-    still competes with computing for CPU time; ``GradientWriter(direct_io=True)`` removes
-    that copy (``O_DIRECT``).
+    still competes with computing for CPU time; ``O_DIRECT`` (``GradientWriter``'s
+    ``direct_io``, by default after the first GiB) removes that copy.
     """
 
     def __init__(self, writer: Any, max_pending: int = 2) -> None:

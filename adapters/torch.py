@@ -442,6 +442,7 @@ def per_sample_gradients(
     dropout: str = "error",
     return_loss: bool = False,
     fast: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per-sample gradients of each sample's own loss, as an ``(n, P)`` array.
 
@@ -480,6 +481,10 @@ def per_sample_gradients(
         several times faster than ``vmap`` for MLPs), the rest with ``vmap``. Default False:
         this function is the plain ``torch.func`` route, the reference the recorder is
         tested against. Ignored with train-mode BatchNorm or Dropout.
+    out : ndarray (n, P), optional
+        Write the gradients into this array (dtype of the parameters; rows may be strided,
+        e.g. ``GradientWriter.alloc_rows``) and return it. In a loop this saves faulting in
+        ``n x P`` fresh pages per call, which costs as much as computing an MLP's gradients.
 
     Returns
     -------
@@ -496,17 +501,33 @@ def per_sample_gradients(
     kw = {"include_frozen": include_frozen, "param_filter": param_filter,
           "chunk_size": chunk_size, "train_batchnorm": train_batchnorm, "dropout": dropout}
     eng = _Engine(model, loss_fn, **kw)
+    n = _batch_len(inputs)
+    dest = None
+    if out is not None:
+        if (not isinstance(out, np.ndarray) or out.shape != (n, eng.P)
+                or out.dtype != _to_numpy(torch.empty(0, dtype=eng.dtype)).dtype):
+            raise AdapterError(
+                f"torch per_sample_gradients: out must be an ndarray of shape {(n, eng.P)} "
+                f"and the parameters' dtype {eng.dtype}, got "
+                f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}")
+        dest = torch.from_numpy(out)
+    on_host = dest is not None and eng.device.type == "cpu"
     if fast and eng.route == "vmap" and eng.randomness == "error":
         from ._torch_fast import FastPath
 
-        n = _batch_len(inputs)
-        flat = torch.empty((n, eng.P), dtype=eng.dtype, device=eng.device)
+        flat = dest if on_host else torch.empty((n, eng.P), dtype=eng.dtype, device=eng.device)
         losses = FastPath(eng, lambda names: _restricted(eng, kw, names)).grads_into(
             inputs, targets, n, flat)
     else:
         grads, losses = eng.compute(inputs, targets)
-        flat = eng.flatten(grads)
-    G = _to_numpy(flat)
+        flat = eng.flatten(grads, out=dest if on_host else None)
+        del grads
+    if dest is not None:
+        if not on_host:
+            dest.copy_(flat)
+        G = out
+    else:
+        G = _to_numpy(flat)
     if return_loss:
         return G, _to_numpy(losses).astype(np.float64)
     return G

@@ -10,14 +10,16 @@ Columns, in samples per second:
 
 * ``torch.func`` -- ``vmap(grad)`` of the per-sample loss with ``functional_call``, gradients
   computed and discarded (the reference the torch adapter is measured against);
-* ``gsnr per_sample_gradients(fast=True)`` -- the adapter's Linear/Conv route (one ordinary
-  backward, :math:`g_i = \\delta_i a_i^\\top`), computing only;
+* ``gsnr per_sample_gradients(fast=True, out=buf)`` -- the adapter's Linear/Conv route (one
+  ordinary backward, :math:`g_i = \\delta_i a_i^\\top`) into a reused buffer, computing only;
 * ``gsnr torch dump`` -- ``gsnr_stats.adapters.torch.Recorder`` writing every batch into an
   uncompressed float32 store (includes computing, host copies, HDF5 writes, final flush);
   by default through the Linear/Conv route straight into the writer's buffer, ``fast=False``
   through ``vmap`` + concatenation;
-  ``disk``: through the page cache; ``disk, direct_io``: ``GradientWriter(direct_io=True)``,
-  whole chunks written with ``O_DIRECT``; ``tmpfs``: into ``/dev/shm``;
+  ``disk``: the default writer (``direct_io="auto"``: page cache for the first GiB,
+  ``O_DIRECT`` after); ``direct_io=True``: whole chunks written with ``O_DIRECT``
+  throughout; ``direct_io=False``: through the page cache throughout; ``tmpfs``: into
+  ``/dev/shm``;
 * ``BackPACK BatchGrad`` / ``Opacus GradSampleModule`` -- the same per-sample gradients by
   those libraries (summed loss, so nothing is scaled by 1/B), when importable;
 * ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
@@ -160,7 +162,7 @@ def opacus_fn(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any
 
 
 def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: Path,
-               direct_io: bool = False, warmup: int = 1, fast: bool = True) -> float:
+               direct_io: bool | str = "auto", warmup: int = 1, fast: bool = True) -> float:
     from gsnr_stats.adapters import torch as gt
 
     path = where / "torch_dump.h5"
@@ -177,7 +179,7 @@ def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: 
 
 
 def write_only(layout: list[tuple[str, tuple[int, ...]]], G: np.ndarray, nb: int,
-               where: Path, direct_io: bool = False) -> float:
+               where: Path, direct_io: bool | str = "auto") -> float:
     """The I/O ceiling: ``GradientWriter.write`` of ready (n, P) float32 arrays, no compute.
 
     The rows sit in a buffer from ``GradientWriter.alloc_rows``, as in the torch recorder.
@@ -224,6 +226,9 @@ def best_of(cells: dict[str, Callable[[], float]], repeats: int,
     return best, {k: float(np.median(v)) for k, v in ratios.items()}
 
 
+FAST = "gsnr per_sample_gradients(fast=True, out=buf), compute only"
+
+
 def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
     import torch
     from gsnr_stats.adapters import torch as gt
@@ -232,6 +237,7 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: list[Row] = []
+    disk = next(iter(targets.values()))[0]
     lf = nn.CrossEntropyLoss(reduction="none")
     for mname, (model, shape) in torch_models().items():
         gen = torch.Generator().manual_seed(1)
@@ -241,27 +247,30 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
         names = [k for k, _ in model.named_parameters()]
         ref_fn = torch_func_grads(model, lf)
         ref = flat_torch(ref_fn(*batches[0]), names)
+        # the recorder's way: one reused buffer, no fresh pages per batch
+        out = np.empty_like(ref)
+        fast_fn = lambda x, y, m=model, o=out: gt.per_sample_gradients(  # noqa: E731
+            m, lf, x, y, fast=True, out=o)
         cells: dict[str, Callable[[], float]] = {
             "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b),
-            "gsnr per_sample_gradients(fast=True), compute only": (
-                lambda m=model, b=batches: time_batches(
-                    lambda x, y: gt.per_sample_gradients(m, lf, x, y, fast=True), b))}
-        fast_fn = lambda x, y, m=model: gt.per_sample_gradients(m, lf, x, y, fast=True)  # noqa: E731
+            FAST: lambda f=fast_fn, b=batches: time_batches(f, b)}
         errs_fast = float(np.abs(fast_fn(*batches[0]) - ref).max() / np.abs(ref).max())
         for tname, (where, dio) in targets.items():
             cells[f"gsnr torch dump -> store ({tname})"] = (
                 lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d))
         for tname, (where, dio) in targets.items():
-            if tname.startswith("disk"):  # the vmap route, for comparison
+            if dio == "auto":  # the vmap route, for comparison
                 cells[f"gsnr torch dump, fast=False ({tname})"] = (
                     lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d,
                                                                          fast=False))
         lay = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
         for tname, (where, dio) in targets.items():
+            if dio == "auto" or where != disk:
+                continue
             cells[f"(I/O ceiling: GradientWriter.write alone, {tname})"] = (
                 lambda lay=lay, G=ref, w=where, d=dio: write_only(lay, G, args.batches, w, d))
         errs: dict[str, Any] = {"torch.func vmap(grad)": 0.0,
-                                "gsnr per_sample_gradients(fast=True), compute only": errs_fast}
+                                FAST: errs_fast}
         for label, maker in (("BackPACK BatchGrad", backpack_fn),
                              ("Opacus GradSampleModule", opacus_fn)):
             try:
@@ -332,7 +341,7 @@ def jax_models() -> dict[str, tuple[Any, Callable[..., Any], tuple[int, ...]]]:
 
 
 def jax_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]], where: Path,
-             direct_io: bool = False) -> float:
+             direct_io: bool | str = "auto") -> float:
     from gsnr_stats.adapters import jax as gj
 
     path = where / "jax_dump.h5"
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats, best kept")
     p.add_argument("--no-tmpfs", action="store_true", help="do not also dump to /dev/shm")
     p.add_argument("--no-direct-io", action="store_true",
-                   help="do not also dump with GradientWriter(direct_io=True) (O_DIRECT)")
+                   help="only the default writer: no direct_io=True / False cells")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.batches, args.repeats = 32, 1, 1
@@ -411,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.append(args.extra_path)
     warnings.filterwarnings("ignore", category=UserWarning)  # backpack/opacus hook chatter
     disk = Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=args.dir))
-    targets = {"disk": (disk, False)}
+    targets = {"disk": (disk, "auto")}
     if not args.no_direct_io:
-        targets["disk, direct_io"] = (disk, True)
+        targets["disk, direct_io=True"] = (disk, True)
+        targets["disk, direct_io=False"] = (disk, False)
     shm = Path("/dev/shm")
     if not args.no_tmpfs and shm.is_dir() and os.access(shm, os.W_OK):
         targets["tmpfs"] = (Path(tempfile.mkdtemp(prefix="gsnr-bench-", dir=shm)), False)
@@ -430,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args))
     print(f"\n(total {time.perf_counter() - t0:.0f} s; {args.repeats} repeats; samples/s: best "
           "run; ratio: median over repeats of the cell's rate over its own vmap(grad) run just "
-          "before it; disk = a temp dir on the working filesystem, through the page "
-          "cache; direct_io = whole chunks written with O_DIRECT; tmpfs = /dev/shm)")
+          "before it; disk = a temp dir on the working filesystem, default writer "
+          "(direct_io='auto': page cache for the first GiB, O_DIRECT after); direct_io=True: "
+          "O_DIRECT throughout; direct_io=False: page cache throughout; tmpfs = /dev/shm)")
     return 0
 
 

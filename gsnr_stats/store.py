@@ -280,12 +280,16 @@ class GradientWriter:
         (:class:`_DirectChunks`), which releases the GIL so that a background writer thread
         overlaps a framework computing in Python; ``False`` writes through h5py only. Both
         produce the same bytes; compressed stores always use h5py.
-    direct_io : bool
+    direct_io : bool or "auto"
         With ``fast_write``: write whole chunks from 4096-byte aligned memory (rows of
         :meth:`alloc_rows`) with ``O_DIRECT``, bypassing the page cache, when the file
         system allows it. Saves the CPU time of copying into the page cache (which competes
-        with computing on few cores); the data is then read back from the device, not
-        from memory. Falls back to ordinary writes where ``O_DIRECT`` is refused.
+        with computing on few cores) and the kernel's dirty-page throttling, which slows a
+        long buffered dump to well below the disk's speed; the data is then read back from
+        the device, not from memory. Falls back to ordinary writes where ``O_DIRECT`` is
+        refused. ``"auto"`` (default): through the page cache for the first
+        ``GradientWriter.DIRECT_AFTER`` bytes (1 GiB; a reduce right after a small dump
+        reads from memory), ``O_DIRECT`` after that.
 
     Notes
     -----
@@ -294,6 +298,8 @@ class GradientWriter:
     completion marker. ``flush`` makes everything written so far durable: a writer killed
     afterwards keeps every completed record; readers skip unfinished ones with a warning.
     """
+
+    DIRECT_AFTER = 1 << 30  # bytes written through the page cache under direct_io="auto"
 
     def __init__(
         self,
@@ -308,7 +314,7 @@ class GradientWriter:
         run_id: str | None = None,
         overwrite: bool = False,
         fast_write: bool = True,
-        direct_io: bool = False,
+        direct_io: bool | str = "auto",
     ) -> None:
         self.path = Path(path)
         self.layout = Layout.from_params(params)
@@ -395,7 +401,9 @@ class GradientWriter:
                 os.unlink(tmp)
             raise
         self._f = f
-        self._direct = _DirectChunks.open(f, self.path, direct_io) if fast_write else None
+        self._direct = _DirectChunks.open(f, self.path, bool(direct_io)) if fast_write else None
+        if self._direct is not None and direct_io == "auto":
+            self._direct.direct_after = self.DIRECT_AFTER
         self._stage: np.ndarray | None = None  # aligned staging rows for O_DIRECT
         self._open: dict[tuple[int, str], dict[str, Any]] = {}
         self._done: set[tuple[int, str]] = set()
@@ -753,6 +761,7 @@ class _DirectChunks:
             self._iov_max = max(16, min(int(os.sysconf("SC_IOV_MAX")), 1 << 16))
         self._zeros: memoryview | None = None
         self.bytes_direct = 0  # written with O_DIRECT (for tests and benchmarks)
+        self.direct_after = 0  # bytes through the page cache before O_DIRECT is used
         self.direct_error = ""  # why O_DIRECT was given up, if it was
         self.bytes_buffered = 0
 
@@ -815,7 +824,7 @@ class _DirectChunks:
 
     def wants_staging(self, body: np.ndarray, chunks: tuple[int, int]) -> bool:
         """Whether ``O_DIRECT`` is on and only a copy of ``body`` could use it."""
-        if self._dfd is None:
+        if self._dfd is None or self.bytes_direct + self.bytes_buffered < self.direct_after:
             return False
         *_, alignable, aligned = self._layout(body, chunks)
         return alignable and not aligned
@@ -864,6 +873,8 @@ class _DirectChunks:
                         if pad is not None:
                             bufs.append(pad)
                 dfd = self._dfd  # None once O_DIRECT was refused
+                if self.bytes_direct + self.bytes_buffered < self.direct_after:
+                    dfd = None
                 if aligned and dfd is not None and off % A == 0 and self._pwritev_all(
                     dfd, bufs, off
                 ):

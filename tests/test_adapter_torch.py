@@ -213,6 +213,27 @@ def _two_batch_grad(model, u, v, y):
     return np.concatenate([p.grad.reshape(-1).numpy() for p in m.parameters()])
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_out_buffer_strided_and_checked(fast):
+    """``out=``: gradients land in a caller's (row-padded) array, equal to a fresh call;
+    nothing beyond the view is touched; a wrong shape or dtype is refused by name."""
+    model = cnn()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(9, 2, 6, 6, generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    ref, loss = gt.per_sample_gradients(model, CE, x, y, return_loss=True)
+    P = ref.shape[1]
+    big = np.full((9, P + 7), np.nan, dtype=np.float32)
+    got, got_loss = gt.per_sample_gradients(model, CE, x, y, fast=fast, out=big[:, :P],
+                                            return_loss=True)
+    assert np.shares_memory(got, big)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
+    assert np.isnan(big[:, P:]).all()
+    for bad in (np.zeros((9, P + 1), np.float32), np.zeros((9, P), np.float64), [[0.0]]):
+        with pytest.raises(AdapterError, match=r"out must be an ndarray of shape \(9, "):
+            gt.per_sample_gradients(model, CE, x, y, fast=fast, out=bad)
+
+
 def test_dict_inputs_as_keywords():
     class KW(nn.Module):
         def __init__(self):

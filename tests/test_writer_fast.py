@@ -288,3 +288,31 @@ def test_direct_io_refused_falls_back_to_page_cache(tmp_path, monkeypatch):
     assert len(refused) == 1 and "EINVAL" in w._direct.direct_error
     assert w._direct.bytes_direct == 0 and w._direct.bytes_buffered == 48 // 16 * 3 * 16 * 1024 * 4
     np.testing.assert_array_equal(_grads(p), g)
+
+
+@pytest.mark.parametrize("mode", ["auto", False, True])
+def test_direct_io_auto_switches_after_threshold(tmp_path, monkeypatch, mode):
+    """Default "auto": page cache for the first DIRECT_AFTER bytes, O_DIRECT after (where the
+    file system allows it); every mode stores the same bytes."""
+    monkeypatch.setattr(gs.GradientWriter, "DIRECT_AFTER", 3 * 16 * 1024 * 4 * 2)  # 2 chunk rows
+    rng = np.random.default_rng(9)
+    p = tmp_path / "a.h5"
+    kw = {} if mode == "auto" else {"direct_io": mode}
+    want = []
+    with gs.GradientWriter(p, [("w", (3000,))], chunks=(16, 1024), **kw) as w:
+        opened = w._direct._dfd is not None
+        buf = w.alloc_rows(32)
+        for _ in range(4):
+            buf[:] = rng.normal(size=(32, 3000))
+            want.append(buf.copy())
+            w.write(0, "train", buf)
+        direct, buffered = w._direct.bytes_direct, w._direct.bytes_buffered
+    np.testing.assert_array_equal(_grads(p), np.concatenate(want))
+    row = 3 * 16 * 1024 * 4  # one chunk row: 3 chunks
+    assert direct + buffered == 8 * row
+    if mode is False or not opened:
+        assert direct == 0
+    elif mode == "auto":
+        assert buffered == 2 * row and direct == 6 * row
+    else:
+        assert buffered == 0
