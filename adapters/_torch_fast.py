@@ -22,10 +22,11 @@ of the variance is about :math:`n u (1 + r_j)`, ``r_j`` the parameter's GSNR: â‰
 per-batch moments are affected; the merge across batches is exact (Chan).
 
 Where the square identity does not hold (the per-sample gradient is a sum over positions:
-``Linear`` on ``(B, T, in)``, ``Conv1d``/``Conv2d`` via ``unfold``, a layer called more than
-once per forward), the per-sample gradients *of that layer only* are materialised with one
-batched ``einsum`` in the layer's dtype (as ``vmap`` computes them; in sample chunks of
-bounded memory) and reduced in float64 with the exact two-pass formula. Every other
+``Linear`` on ``(B, T, in)``, ``Conv1d``/``Conv2d``, a layer called more than once per
+forward), the per-sample gradients *of that layer only* are materialised with one batched
+``einsum`` (one grouped convolution for ``Conv``) in the layer's dtype (as ``vmap``
+computes them; in sample chunks of bounded memory) and reduced in float64 with the exact
+two-pass formula. Every other
 selected parameter (LayerNorm, Embedding, BatchNorm in eval mode, tied weights, â€¦) falls
 back to ``torch.func.vmap`` for those parameters only. On the
 first batch the fast layers are checked against ``vmap`` on two samples; a layer that
@@ -119,6 +120,23 @@ def _chan(acc: list[Any] | None, n: float, mu: torch.Tensor, q: torch.Tensor) ->
     return [tot, ma + d * (n / tot), qa + q + d * d * (na * n / tot)]
 
 
+def _conv_weight_per_sample(a: torch.Tensor, d: torch.Tensor, ks: tuple[int, ...],
+                            dil: tuple[int, ...], pad: tuple[int, ...], st: tuple[int, ...],
+                            ) -> torch.Tensor:
+    """Per-sample weight gradients ``(b, Cout, Cin * kh * kw)`` of a 2-D convolution.
+
+    One grouped convolution (Rochette et al. 2019, as in Opacus): samples become the groups,
+    input channels the batch, and each sample's output gradient the kernel, with stride and
+    dilation swapped; ~1.4x faster on CPU than ``unfold`` + ``einsum`` for small kernels.
+    """
+    b, cin = a.shape[:2]
+    cout = d.shape[1]
+    kern = d.reshape(b * cout, 1, *d.shape[2:])
+    r = F.conv2d(a.transpose(0, 1), kern, None, stride=dil, padding=pad, dilation=st, groups=b)
+    r = r[:, :, : ks[0], : ks[1]]  # a stride that does not divide the input leaves extra rows
+    return r.reshape(cin, b, cout, ks[0] * ks[1]).permute(1, 2, 0, 3).reshape(b, cout, -1)
+
+
 def _per_sample(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], lo: int, hi: int,
                 ) -> list[torch.Tensor]:
     """Materialised per-sample gradients of samples ``lo:hi`` for each parameter of ``m``."""
@@ -141,10 +159,8 @@ def _per_sample(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], lo
             else:
                 a4, d4 = a, d
                 ks, dil, pad, st = m.kernel_size, m.dilation, _conv_padding(m), m.stride
-            U = F.unfold(a4, ks, dilation=dil, padding=pad, stride=st)  # (b, Cin*k, L)
-            D = d4.reshape(b, d4.shape[1], -1)  # (b, Cout, L)
-            w = torch.einsum("bol,bkl->bok", D, U)
-            bias = D.sum(2)
+            w = _conv_weight_per_sample(a4, d4, ks, dil, pad, st)
+            bias = d4.reshape(b, d4.shape[1], -1).sum(2)
         gw = w if gw is None else gw + w
         if m.bias is not None:
             gb = bias if gb is None else gb + bias
@@ -225,7 +241,7 @@ class FastPath:
         def make_hook(mname: str) -> Callable[..., Any]:
             def hook(mod: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
                 if not inp or not isinstance(out, torch.Tensor):
-                    raise AdapterError(f"torch moments fast path: layer {mname!r} was called "
+                    raise AdapterError(f"torch fast path: layer {mname!r} was called "
                                        "without a positional input; pass fast=False")
                 calls[mname].append([inp[0].detach(), out])
                 # a clone goes downstream, so in-place ops after the layer cannot rebase `out`
@@ -265,7 +281,8 @@ class FastPath:
         return out, losses
 
     def _check(self, x: Any, y: Any) -> None:
-        """Compare each fast layer with vmap on two samples; demote layers that disagree."""
+        """Compare each fast layer's per-sample gradients with vmap's on two samples; demote
+        layers that disagree."""
         from torch.utils._pytree import tree_map
 
         from .torch import _batch_len
@@ -275,24 +292,23 @@ class FastPath:
             return
         m = min(2, _batch_len(x))
         head = tree_map(lambda a: a[:m] if isinstance(a, torch.Tensor | np.ndarray) else a, (x, y))
-        got, _ = self._fast_part(head[0], head[1], m)
+        calls, _ = self._forward(head[0], head[1])
         ref = self.make_engine(set(self.fast_names))
         grads, _ = ref.compute(*head)
         bad = []
         for mname, mod in self.modules.items():
-            for name in _pnames(mname, mod):
-                g = grads[name].to(torch.float64).reshape(m, -1)
-                mu, q = _moments_rows(g)
-                gm, gq = got[name][0].reshape(-1), got[name][1].reshape(-1)
+            cs = calls[mname]
+            got = (_per_sample(mod, cs, 0, m) if cs else
+                   [torch.zeros((m, *q.shape)) for q in mod.parameters(recurse=False)])
+            for name, gf in zip(_pnames(mname, mod), got, strict=True):
+                g = grads[name].reshape(m, -1)
                 scale = float(g.abs().max()) or 1.0
-                tol = 1e-4 * scale
-                if (float((gm.cpu() - mu.cpu()).abs().max()) > tol
-                        or float((gq.cpu().sqrt() - q.cpu().sqrt()).abs().max()) > tol):
+                if float((gf.reshape(m, -1).to(g) - g).abs().max()) > 1e-4 * scale:
                     bad.append(mname)
                     break
         if bad:
             warnings.warn(
-                f"torch moments fast path: layers {bad} do not match torch.func on a check "
+                f"torch fast path: layers {bad} do not match torch.func on a check "
                 "(weight used outside the layer's forward, or the batch is not the first "
                 "dimension); they use vmap instead", stacklevel=4)
             for b in bad:

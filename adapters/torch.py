@@ -597,7 +597,7 @@ class Recorder:
         Default True. ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` gradients come from the
         layer inputs :math:`a` and output gradients :math:`\\delta` of one ordinary backward
         instead of ``vmap``: with ``keep="grads"`` the per-sample :math:`g_i = \\delta_i
-        a_i^\\top` is written straight into the writer's buffer (``unfold`` + ``einsum`` for
+        a_i^\\top` is written straight into the writer's buffer (a grouped convolution for
         ``Conv``); with ``keep="moments"``, :math:`\\sum_i g_i = \\delta^\\top a`,
         :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2` in float64 for ``Linear`` (see
         ``_torch_fast.py``). Other parameters use ``vmap``; each fast layer is checked
