@@ -6,7 +6,9 @@ batches in one run (interleaved repeats, best kept):
 
 * ``plain backward`` -- forward + ``loss.sum().backward()`` (the floor: no per-sample work);
 * ``full dump (keep="grads")`` -- ``gsnr_stats.adapters.torch.Recorder`` writing every
-  per-sample gradient into an uncompressed float32 store (the full per-sample path);
+  per-sample gradient into an uncompressed float32 store (the full per-sample path; Linear
+  and Conv gradients from one backward, written straight into the writer's buffer);
+  ``fast=False``: the same through ``vmap`` + concatenation;
 * ``moments, vmap path`` -- ``keep="moments", fast=False``: ``torch.func`` per-sample
   gradients reduced on the fly (two-pass kernel, float64) to one (count, mean, M2) block per
   batch;
@@ -133,6 +135,8 @@ def bench(args: argparse.Namespace, where: Path) -> list[Row]:
             "plain backward (floor)": lambda m=model, b=batches: (_backward(m, lf, b), 0, None),
             'full dump (keep="grads")': lambda m=model, b=batches: _recorded(m, lf, b, where,
                                                                              "grads"),
+            'full dump, vmap path (fast=False)': lambda m=model, b=batches: _recorded(
+                m, lf, b, where, "gvmap", fast=False),
             "moments, vmap path": lambda m=model, b=batches: _recorded(
                 m, lf, b, where, "mvmap", keep="moments", fast=False),
             "moments, fast path": lambda m=model, b=batches: _recorded(
