@@ -85,6 +85,19 @@ class OutsideUse(nn.Module):
         return self.fc(x) + 0.3 * torch.tanh(x @ self.fc.weight.T)
 
 
+class FlatBatch(nn.Module):
+    """A Linear applied to (B*T, d): its rows are not samples (the check demotes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 5, 5)
+
+    def forward(self, x):
+        b = x.shape[0]
+        return self.head(torch.tanh(self.fc(x.reshape(b * 5, 3))).reshape(b, 20))
+
+
 def models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(inplace=True),
@@ -104,10 +117,12 @@ def models():
         "tied": (Tied(), lambda n, s: _data(n, (5,), seed=s)),
         "outside": (OutsideUse(), lambda n, s: _data(n, (4,), seed=s)),
         "nofast": (nn.Sequential(nn.LayerNorm(5), nn.Tanh()), lambda n, s: _data(n, (5,), seed=s)),
+        "flatbatch": (FlatBatch(), lambda n, s: _data(n, (5, 3), seed=s)),
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast",
+                                  "flatbatch"])
 def test_fast_path_matches_float64_reference(name, tmp_path):
     model, make = models()[name]
     model = model.double().eval()
@@ -116,7 +131,8 @@ def test_fast_path_matches_float64_reference(name, tmp_path):
     ref_m, ref_v = two_pass(G)
     path = tmp_path / "m.h5"
     with gt.open_writer(path, model) as w:
-        with pytest.warns(UserWarning, match="do not match") if name == "outside" else _noop():
+        with (pytest.warns(UserWarning, match="do not match")
+              if name in ("outside", "flatbatch") else _noop()):
             s = gt.record(w, model, LF, (x, y), 0, "train", batch_size=32, keep="moments")
     st = gs.reduce(path)
     assert int(st["count"][0, 0]) == 96
@@ -134,7 +150,8 @@ class _noop:
         return False
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast",
+                                  "flatbatch"])
 def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
     """keep="grads" through the fast path (per-sample rows written straight into the chunk
     buffer) equals torch.func's float64 per-sample gradients row by row, with chunk widths
@@ -147,10 +164,11 @@ def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
     P = G.shape[1]
     with gt.open_writer(path, model, chunks=(16, max(1, P // 3 + 1))) as w:
         rec = gt.Recorder(w, model, LF)
-        with pytest.warns(UserWarning, match="do not match") if name == "outside" else _noop():
+        demoted = name in ("outside", "flatbatch")
+        with pytest.warns(UserWarning, match="do not match") if demoted else _noop():
             s = rec.record((x, y), 0, "train", batch_size=32, max_samples=67)
     fast_layers = {"mlp": 3, "cnn": 3, "conv1d": 2, "seq": 3, "tied": 1, "outside": 0,
-                   "nofast": 0}[name]
+                   "nofast": 0, "flatbatch": 1}[name]
     assert len(rec._fast.modules) == fast_layers  # the fast path did the work
     with gs.GradientStore(path) as st:
         got, loss = st.read_grads(0, "train"), st.read_loss(0, "train")
