@@ -203,6 +203,16 @@ def module_moments(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
     return [(acc[1], acc[2]) for acc in accs]
 
 
+def _check_rows(calls: dict[str, list[Any]], n: int) -> None:
+    """Refuse a layer whose input rows are not the batch's samples (``fast=False`` then)."""
+    for mname, cs in calls.items():
+        if any(a.shape[0] != n or d.shape[0] != n for a, d in cs):
+            raise AdapterError(
+                f"torch fast path: layer {mname!r} saw inputs of "
+                f"{[tuple(a.shape) for a, _ in cs]} for a batch of {n} samples (its rows "
+                "are not the batch's samples); pass fast=False")
+
+
 class FastPath:
     """Per-batch moments (:meth:`moments`) or per-sample gradients (:meth:`grads_into`) of the
     selected parameters: Linear/Conv from one backward, the rest from ``vmap`` over those
@@ -273,6 +283,7 @@ class FastPath:
     def _fast_part(self, x: Any, y: Any, n: int
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         calls, losses = self._forward(x, y)
+        _check_rows(calls, n)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for mname, m in self.modules.items():
             for name, mom in zip(_pnames(mname, m), module_moments(m, calls[mname], n),
@@ -336,6 +347,7 @@ class FastPath:
         losses = None
         if self.modules:
             calls, losses = self._forward(x, y)
+            _check_rows(calls, n)
             for mname, m in self.modules.items():
                 names = _pnames(mname, m)
                 cs = calls[mname]

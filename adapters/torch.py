@@ -6,6 +6,14 @@ the gradient of each sample's *own* loss (never scaled by ``1/batch``), computed
 ``vmap(grad(loss_i))`` over the batch with ``torch.func.functional_call``, flattened in the
 order of ``model.named_parameters()`` (frozen parameters excluded by default).
 
+The :class:`Recorder` (and ``per_sample_gradients(fast=True)``) computes the gradients of
+``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers instead from the layer inputs :math:`a_i`
+and output gradients :math:`\\delta_i` of one ordinary backward of :math:`\\sum_i \\ell_i`,
+:math:`g_i = \\delta_i a_i^\\top` (a grouped convolution for ``Conv``), written straight into
+the writer's chunk-aligned buffer; every other parameter still goes through ``vmap``. Each
+such layer is checked against ``vmap`` on the first batch and left to ``vmap`` if they
+disagree (``adapters/_torch_fast.py``). Both routes agree to float32 rounding.
+
 Entry points
 ------------
 :func:`layout`                ``[(name, shape), ...]`` for ``GradientWriter``

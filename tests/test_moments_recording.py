@@ -497,3 +497,29 @@ def test_errors(tmp_path):
         with pytest.warns(gs.IncompleteRecordWarning):  # batch 0 of "train" was written
             with gs.open_store(p) as s:
                 assert [(r.step, r.split) for r in s.records] == [(0, "test")]
+
+
+class FirstOnly(nn.Module):
+    """Linear on the first two samples only: passes the two-sample check, then sees fewer
+    rows than the batch has samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.fc(x[:2])
+        return torch.cat([h, h.new_zeros(max(x.shape[0] - 2, 0), 5)])
+
+
+def test_fast_path_refuses_rows_that_are_not_samples(tmp_path):
+    model = FirstOnly().eval()
+    x, y = _data(6, (4,), dtype=torch.float32)
+    with pytest.raises(AdapterError, match=r"layer 'fc' saw inputs of \[\(2, 4\)\] for a batch "
+                                           r"of 6 samples.*fast=False"):
+        gt.per_sample_gradients(model, LF, x, y, fast=True)
+    with gt.open_writer(tmp_path / "m.h5", model) as w, pytest.raises(AdapterError,
+                                                                     match="layer 'fc' saw"):
+        gt.record(w, model, LF, (x, y), 0, "train", batch_size=6, keep="moments")
+    G = gt.per_sample_gradients(model, LF, x, y, fast=False)  # the vmap route is defined
+    assert G.shape == (6, 25)
