@@ -22,7 +22,7 @@ of the variance is about :math:`n u (1 + r_j)`, ``r_j`` the parameter's GSNR: â‰
 per-batch moments are affected; the merge across batches is exact (Chan).
 
 Where the square identity does not hold (the per-sample gradient is a sum over positions:
-``Linear`` on ``(B, T, in)``, ``Conv1d``/``Conv2d``, a layer called more than once per
+``Linear`` on ``(B, T, in)``, ``Conv1d``/``2d``/``3d``, a layer called more than once per
 forward), the per-sample gradients *of that layer only* are materialised with one batched
 ``einsum`` (one grouped convolution for ``Conv``) in the layer's dtype (as ``vmap``
 computes them; in sample chunks of bounded memory) and reduced in float64 with the exact
@@ -51,12 +51,13 @@ from torch import nn
 
 from gsnr_stats.errors import AdapterError
 
-_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHUNK_BYTES = 64 << 20
 
 
 def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
-    """Symmetric integer padding of a conv module, or None if unfold cannot express it."""
+    """Symmetric integer padding of a conv module, or None if there is none (e.g. an odd
+    total of ``padding="same"``, or a non-zero padding mode)."""
     if m.padding_mode != "zeros":
         return None
     pad = m.padding
@@ -76,8 +77,8 @@ def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
 def fast_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """Modules whose selected parameters can take the fast path: ``{module name: module}``.
 
-    Exact types ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (``groups == 1``, zero padding
-    expressible by ``unfold``), whose parameters are not shared with another module.
+    Exact types ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d`` (``groups == 1``, symmetric zero
+    padding), whose parameters are not shared with another module.
     """
     sel = set(names)
     owners: dict[int, int] = {}
@@ -90,7 +91,7 @@ def fast_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
         if type(m) not in _FAST_TYPES or id(m) in seen:
             continue
         seen.add(id(m))
-        if isinstance(m, nn.Conv1d | nn.Conv2d) and (m.groups != 1 or _conv_padding(m) is None):
+        if not isinstance(m, nn.Linear) and (m.groups != 1 or _conv_padding(m) is None):
             continue
         pnames = [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
         if not pnames or not all(n in sel for n in pnames):
@@ -123,7 +124,7 @@ def _chan(acc: list[Any] | None, n: float, mu: torch.Tensor, q: torch.Tensor) ->
 def _conv_weight_per_sample(a: torch.Tensor, d: torch.Tensor, ks: tuple[int, ...],
                             dil: tuple[int, ...], pad: tuple[int, ...], st: tuple[int, ...],
                             ) -> torch.Tensor:
-    """Per-sample weight gradients ``(b, Cout, Cin * kh * kw)`` of a 2-D convolution.
+    """Per-sample weight gradients ``(b, Cout, Cin * prod(kernel))`` of a 1/2/3-D convolution.
 
     One grouped convolution (Rochette et al. 2019, as in Opacus): samples become the groups,
     input channels the batch, and each sample's output gradient the kernel, with stride and
@@ -131,10 +132,12 @@ def _conv_weight_per_sample(a: torch.Tensor, d: torch.Tensor, ks: tuple[int, ...
     """
     b, cin = a.shape[:2]
     cout = d.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(ks) - 1]
     kern = d.reshape(b * cout, 1, *d.shape[2:])
-    r = F.conv2d(a.transpose(0, 1), kern, None, stride=dil, padding=pad, dilation=st, groups=b)
-    r = r[:, :, : ks[0], : ks[1]]  # a stride that does not divide the input leaves extra rows
-    return r.reshape(cin, b, cout, ks[0] * ks[1]).permute(1, 2, 0, 3).reshape(b, cout, -1)
+    r = conv(a.transpose(0, 1), kern, None, stride=dil, padding=pad, dilation=st, groups=b)
+    # a stride that does not divide the input leaves extra positions beyond the kernel
+    r = r[(slice(None), slice(None), *(slice(0, k) for k in ks))]
+    return r.reshape(cin, b, cout, math.prod(ks)).permute(1, 2, 0, 3).reshape(b, cout, -1)
 
 
 def _per_sample(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], lo: int, hi: int,
@@ -152,15 +155,9 @@ def _per_sample(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], lo
             w = torch.einsum("bto,bti->boi", d2, a2)
             bias = d2.sum(1)
         else:
-            if isinstance(m, nn.Conv1d):
-                a4, d4 = a.unsqueeze(2), d.unsqueeze(2)
-                ks, dil, pad, st = ((1, m.kernel_size[0]), (1, m.dilation[0]),
-                                    (0, _conv_padding(m)[0]), (1, m.stride[0]))
-            else:
-                a4, d4 = a, d
-                ks, dil, pad, st = m.kernel_size, m.dilation, _conv_padding(m), m.stride
-            w = _conv_weight_per_sample(a4, d4, ks, dil, pad, st)
-            bias = d4.reshape(b, d4.shape[1], -1).sum(2)
+            w = _conv_weight_per_sample(a, d, m.kernel_size, m.dilation, _conv_padding(m),
+                                        m.stride)
+            bias = d.reshape(b, d.shape[1], -1).sum(2)
         gw = w if gw is None else gw + w
         if m.bias is not None:
             gb = bias if gb is None else gb + bias

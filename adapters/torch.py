@@ -7,7 +7,7 @@ the gradient of each sample's *own* loss (never scaled by ``1/batch``), computed
 order of ``model.named_parameters()`` (frozen parameters excluded by default).
 
 The :class:`Recorder` (and ``per_sample_gradients(fast=True)``) computes the gradients of
-``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers instead from the layer inputs :math:`a_i`
+``nn.Linear``/``nn.Conv1d``/``2d``/``3d`` layers instead from the layer inputs :math:`a_i`
 and output gradients :math:`\\delta_i` of one ordinary backward of :math:`\\sum_i \\ell_i`,
 :math:`g_i = \\delta_i a_i^\\top` (a grouped convolution for ``Conv``), written straight into
 the writer's chunk-aligned buffer; every other parameter still goes through ``vmap``. Each
@@ -484,7 +484,7 @@ def per_sample_gradients(
     return_loss : bool
         Also return the ``(n,)`` per-sample losses (float64).
     fast : bool
-        Compute ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` gradients from one ordinary
+        Compute ``nn.Linear``/``nn.Conv1d``/``2d``/``3d`` gradients from one ordinary
         backward, :math:`g_i = \\delta_i a_i^\\top` (as :class:`Recorder` does by default;
         several times faster than ``vmap`` for MLPs), the rest with ``vmap``. Default False:
         this function is the plain ``torch.func`` route, the reference the recorder is
@@ -602,7 +602,7 @@ class Recorder:
         jackknife block of ``reduce(..., blocks=K)``. Per-sample losses are not stored
         (``RecordSummary.mean_loss`` has their mean).
     fast : bool, optional
-        Default True. ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` gradients come from the
+        Default True. ``nn.Linear``/``nn.Conv1d``/``2d``/``3d`` gradients come from the
         layer inputs :math:`a` and output gradients :math:`\\delta` of one ordinary backward
         instead of ``vmap``: with ``keep="grads"`` the per-sample :math:`g_i = \\delta_i
         a_i^\\top` is written straight into the writer's buffer (a grouped convolution for

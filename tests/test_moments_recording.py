@@ -118,11 +118,15 @@ def models():
         "outside": (OutsideUse(), lambda n, s: _data(n, (4,), seed=s)),
         "nofast": (nn.Sequential(nn.LayerNorm(5), nn.Tanh()), lambda n, s: _data(n, (5,), seed=s)),
         "flatbatch": (FlatBatch(), lambda n, s: _data(n, (5, 3), seed=s)),
+        "conv3d": (nn.Sequential(nn.Conv3d(2, 3, (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 1),
+                                           dilation=(1, 2, 1)), nn.Tanh(), nn.Flatten(),
+                                 nn.Linear(108, 5)),
+                   lambda n, s: _data(n, (2, 5, 6, 5), seed=s)),
     }
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast",
-                                  "flatbatch"])
+                                  "flatbatch", "conv3d"])
 def test_fast_path_matches_float64_reference(name, tmp_path):
     model, make = models()[name]
     model = model.double().eval()
@@ -151,7 +155,7 @@ class _noop:
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "seq", "tied", "outside", "nofast",
-                                  "flatbatch"])
+                                  "flatbatch", "conv3d"])
 def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
     """keep="grads" through the fast path (per-sample rows written straight into the chunk
     buffer) equals torch.func's float64 per-sample gradients row by row, with chunk widths
@@ -168,7 +172,7 @@ def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
         with pytest.warns(UserWarning, match="do not match") if demoted else _noop():
             s = rec.record((x, y), 0, "train", batch_size=32, max_samples=67)
     fast_layers = {"mlp": 3, "cnn": 3, "conv1d": 2, "seq": 3, "tied": 1, "outside": 0,
-                   "nofast": 0, "flatbatch": 1}[name]
+                   "nofast": 0, "flatbatch": 1, "conv3d": 2}[name]
     assert len(rec._fast.modules) == fast_layers  # the fast path did the work
     with gs.GradientStore(path) as st:
         got, loss = st.read_grads(0, "train"), st.read_loss(0, "train")
