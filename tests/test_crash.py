@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ with GradientWriter(path, [("a", (40, 30)), ("b", (30,))], chunks=(16, 256)) as 
             w.write(step, "train", g[lo:lo + 5], loss=np.full(len(g[lo:lo + 5]), step))
             w.flush()
         w.end_record(step, "train")
-        print("done", step, flush=True)
+        print(f"done {step}", flush=True)  # one write: a kill cannot split it
         step += 1
 """
 
@@ -49,7 +50,8 @@ def test_sigkill_at_random_points(tmp_path, capsys):
         time.sleep(rnd.uniform(0.0, 0.4))
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
+        # only whole "done N" lines (with PYTHONUNBUFFERED each write is a syscall)
+        done = [int(m[1]) for m in re.finditer(r"^done (\d+)$", out, re.M)]
         if not path.exists():
             assert not done, "a record was reported complete but the file never appeared"
             continue

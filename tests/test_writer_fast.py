@@ -9,6 +9,7 @@ with numpy, the plain h5py write path, a float64 two-pass reference for ``reduce
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -165,7 +166,7 @@ with GradientWriter(path, [("a", (40, 30)), ("b", (30,))], chunks=(4, 256)) as w
         for lo in range(0, len(g), 8):  # whole chunk rows: the direct path
             w.write(step, "train", g[lo:lo + 8])
         w.end_record(step, "train")
-        print("done", step, flush=True)
+        print(f"done {step}", flush=True)  # one write: a kill cannot split it
         step += 1
 """
 
@@ -180,7 +181,8 @@ def test_sigkill_keeps_direct_written_records(tmp_path):
         time.sleep(float(rnd.uniform(0.2, 0.6)))
         proc.kill()
         out, _ = proc.communicate()
-        done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
+        # only whole "done N" lines (with PYTHONUNBUFFERED each write is a syscall)
+        done = [int(m[1]) for m in re.finditer(r"^done (\d+)$", out, re.M)]
         if not path.exists():
             assert not done
             continue
