@@ -26,9 +26,8 @@ Where the square identity does not hold (the per-sample gradient is a sum over p
 forward), the per-sample gradients *of that layer only* are materialised with one batched
 ``einsum`` (one grouped convolution for ``Conv``) in the layer's dtype (as ``vmap``
 computes them; in sample chunks of bounded memory) and reduced in float64 with the exact
-two-pass formula. Every other
-selected parameter (LayerNorm, Embedding, BatchNorm in eval mode, tied weights, …) falls
-back to ``torch.func.vmap`` for those parameters only. On the
+two-pass formula. Every other selected parameter (LayerNorm, Embedding, BatchNorm in eval
+mode, tied weights, …) falls back to ``torch.func.vmap`` for those parameters only. On the
 first batch the fast layers are checked against ``vmap`` on two samples; a layer that
 disagrees (e.g. its weight is also used outside its ``forward``) is moved to the fallback.
 
@@ -227,6 +226,9 @@ class FastPath:
         self.eng = eng
         self.make_engine = make_engine
         self.modules = fast_modules(eng.model, eng.names)
+        ends = np.cumsum([math.prod(s) for s in eng.shapes]).tolist()
+        self._offsets = {name: (e - math.prod(s), e)  # columns of each parameter
+                         for name, s, e in zip(eng.names, eng.shapes, ends, strict=True)}
         self._checked = False
         self._rebuild()
 
@@ -334,13 +336,7 @@ class FastPath:
         """
         if not self._checked:
             self._check(x, y)
-        eng = self.eng
-        offs: dict[str, tuple[int, int]] = {}
-        o = 0
-        for name, shape in zip(eng.names, eng.shapes, strict=True):
-            k = math.prod(shape)
-            offs[name] = (o, o + k)
-            o += k
+        offs = self._offsets
         losses = None
         if self.modules:
             calls, losses = self._forward(x, y)

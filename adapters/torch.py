@@ -513,7 +513,7 @@ def per_sample_gradients(
     dest = None
     if out is not None:
         if (not isinstance(out, np.ndarray) or out.shape != (n, eng.P)
-                or out.dtype != _to_numpy(torch.empty(0, dtype=eng.dtype)).dtype):
+                or out.dtype != torch.empty(0, dtype=eng.dtype).numpy().dtype):
             raise AdapterError(
                 f"torch per_sample_gradients: out must be an ndarray of shape {(n, eng.P)} "
                 f"and the parameters' dtype {eng.dtype}, got "
