@@ -370,13 +370,17 @@ def shallow_vs_dnn(
              for v in ("gsnr_mean", "gsnr_median", "osgr_ntrain", "osgr_theory",
                        "osgr_first_order", "osgr_first_order_se", "gap_measured")}}
             for m in summary["model"].values for e in summary["epoch"].values]
-    fig = _svd_figure(summary)
-    png = out / "shallow_vs_dnn.png"
+    return _finish("shallow_vs_dnn", summary, _svd_figure(summary), out, files, rows, dpi)
+
+
+def _finish(name: str, summary: xr.Dataset, fig: Any, out: Path, files: dict[str, Path],
+            rows: list[dict[str, Any]], dpi: int) -> StudyResult:
+    """Write a study's figure ``NAME.png`` and summary ``NAME.nc``; its result."""
+    png, nc = out / f"{name}.png", out / f"{name}.nc"
     fig.savefig(png, dpi=dpi)
-    nc = out / "shallow_vs_dnn.nc"
     summary.to_netcdf(nc)
     files.update(summary=nc, figure=png)
-    return StudyResult("shallow_vs_dnn", summary, png, files, format_table(rows))
+    return StudyResult(name, summary, png, files, format_table(rows))
 
 
 def _attrs(ds: xr.Dataset, names: dict[str, str]) -> None:
@@ -584,13 +588,8 @@ def osgr_validation(
     summary.attrs.update({"title": "OSGR validation: probe vs theory", "lr_probe": lr_probe,
                           "K": K, "n_pool": n_pool, "late_updates": late_updates,
                           "quick": int(quick)})
-    fig = _validation_figure(summary)
-    png = out / "osgr_validation.png"
-    fig.savefig(png, dpi=dpi)
-    nc = out / "osgr_validation.nc"
-    summary.to_netcdf(nc)
-    files.update(summary=nc, figure=png)
-    return StudyResult("osgr_validation", summary, png, files, format_table(rows))
+    return _finish("osgr_validation", summary, _validation_figure(summary), out, files, rows,
+                   dpi)
 
 
 def _theory_and_pools(stats: xr.Dataset, n: int) -> xr.Dataset:
@@ -725,9 +724,4 @@ def random_labels(
         a.set_xscale("log")
         a.set_xlabel("epoch + 1")
         a.legend(fontsize="x-small")
-    png = out / "random_labels.png"
-    fig.savefig(png, dpi=dpi)
-    ncs = out / "random_labels.nc"
-    summary.to_netcdf(ncs)
-    files.update(summary=ncs, figure=png)
-    return StudyResult("random_labels", summary, png, files, format_table(rows))
+    return _finish("random_labels", summary, fig, out, files, rows, dpi)
