@@ -227,7 +227,21 @@ def concat_columns(parts: Sequence[Partial]) -> Partial:
         np.concatenate([p.m2 for p in parts], axis=1),
         np.concatenate([p.n_omit for p in parts]),
         p0.n_samples, p0.loss, p0.lr, p0.epoch,
+        _sum_checks(parts),
     )
+
+
+def _sum_checks(parts: Sequence[Partial]) -> dict[str, tuple[Any, Any, int, Any]] | None:
+    """Checksum sums of one shard's column blocks add up (the sums are additive)."""
+    out: dict[str, tuple[Any, Any, int, Any]] = {}
+    for p in parts:
+        for where, (got, want, width, what) in (p.checks or {}).items():
+            if where in out:
+                g0, _, w0, _ = out[where]
+                out[where] = (g0 + got, want, w0 + width, what)
+            else:
+                out[where] = (got.copy(), want, width, what)
+    return out or None
 
 
 def column_blocks(n_params: int, chunk_widths: Sequence[int], columns: int | None) -> list[tuple[int, int]]:

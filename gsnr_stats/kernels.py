@@ -98,7 +98,8 @@ def _chunk_update(x, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad
 
 @njit(parallel=True, nogil=True, cache=True)
 def moments_chunks(
-    buf, offsets, rows_c, cols_c, n_params, r_lo, r_hi, count, mean, m2, omit, n_omit, bad
+    buf, offsets, rows_c, cols_c, n_params, r_lo, r_hi, count, mean, m2, omit, n_omit, bad,
+    ubuf, pos0, p_total, sums,
 ):
     """Update moments from one row of chunks mapped straight from the file.
 
@@ -119,6 +120,15 @@ def moments_chunks(
     omit : bool
         Drop non-finite values per parameter (counted in ``n_omit``) instead of flagging
         the column in ``bad``.
+    ubuf : 1-D uint32 array
+        ``buf`` viewed as raw bits, for the segment checksum (:func:`checksum_rows`).
+    pos0, p_total : int
+        Checksum position of element ``(r_lo, 0)`` of the first chunk, and the record's full
+        width P (a column block of a Dask task is narrower).
+    sums : (n_chunks, 2) uint64
+        Checksum sums of each chunk's rows ``r_lo..r_hi``, written (not accumulated) here.
+        Computed while the chunk is still in cache from the two passes, so verifying costs
+        no extra trip to memory.
     """
     for c in prange(offsets.shape[0]):
         col0 = c * cols_c
@@ -126,6 +136,62 @@ def moments_chunks(
         o = offsets[c]
         x = buf[o : o + rows_c * cols_c].reshape((rows_c, cols_c))
         _chunk_update(x, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad)
+        u = ubuf[o : o + rows_c * cols_c].reshape((rows_c, cols_c))
+        s1, s2 = _checksum_block(u, r_lo, r_hi, ncols, pos0 + col0, p_total)
+        sums[c, 0] = s1
+        sums[c, 1] = s2
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True)
+def _checksum_block(u, r_lo, r_hi, ncols, pos0, p_total):
+    """Checksum sums of ``u[r_lo:r_hi, :ncols]``; element ``(r, j)`` sits at position
+    ``pos0 + (r - r_lo) * p_total + j`` of its segment."""
+    s1 = np.uint64(0)
+    s2 = np.uint64(0)
+    one = np.uint64(1)
+    for r in range(r_lo, r_hi):
+        base = np.uint64(pos0 + (r - r_lo) * p_total)
+        for j in range(ncols):
+            v = np.uint64(u[r, j])
+            s1 += v
+            s2 += (((base + np.uint64(j)) & _MASK32) + one) * v
+    return s1, s2
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def checksum_rows(u, pos0, p_total):
+    """Segment checksum of the raw bits ``u`` ``(n, w)`` (uint32 for float32, uint16 for float16).
+
+    With ``p_k`` the position of value ``k`` in its segment (row-major over ``(n, P)``) and
+    ``u_k`` its bits,
+
+    .. math::
+
+        S_1 = \\sum_k u_k \\bmod 2^{64}, \\qquad
+        S_2 = \\sum_k \\big((p_k \\bmod 2^{32}) + 1\\big)\\, u_k \\bmod 2^{64}.
+
+    Why this sum and not a CRC: it is additive over any partition of the segment into rows,
+    chunks, column blocks and threads, so the reduce kernel computes it on the chunks it
+    maps, in any order, at memory speed; any change of one value changes ``S_1``, and moving
+    values changes ``S_2``. It detects damage, not tampering. ``pos0`` is the position of
+    ``u[0, 0]``, ``p_total`` the segment's row width P.
+
+    Returns
+    -------
+    (uint64, uint64)
+    """
+    n = u.shape[0]
+    w = u.shape[1]
+    s1 = np.uint64(0)
+    s2 = np.uint64(0)
+    for r in prange(n):
+        a, b = _checksum_block(u[r : r + 1], 0, 1, w, pos0 + r * p_total, p_total)
+        s1 += a
+        s2 += b
+    return s1, s2
 
 
 @njit(parallel=True, nogil=True, cache=True)

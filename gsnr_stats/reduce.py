@@ -26,6 +26,7 @@ import xarray as xr
 from . import kernels
 from .errors import LayoutMismatchError, NonFiniteError, SchemaError, StoreError
 from .store import GradientStore, Layout, check_same_layout, expand_paths, open_store
+from .store.schema import data_checksum
 
 _STRIPE_BYTES = 32 << 20
 
@@ -46,6 +47,19 @@ class Partial:
     loss: tuple[float, float, float]
     lr: float
     epoch: float
+    # Data checksums still to verify, per shard: (sums over the columns seen, expected sums,
+    # number of columns seen). Set when a task covered only a column block (Dask); verified
+    # once the blocks of a shard add up to all P columns (:meth:`verify`).
+    checks: dict[str, tuple[np.ndarray, np.ndarray, int, str]] | None = None
+
+    def verify(self, n_params: int) -> None:
+        """Raise :class:`StoreError` if a shard's data failed its checksums."""
+        for where, (got, want, width, what) in (self.checks or {}).items():
+            if width == n_params:
+                bad = np.flatnonzero((got != want).any(axis=1))
+                if bad.size:
+                    raise StoreError(f"{where}: gradients of {what[int(bad[0])]} fail their "
+                                     "checksum: the file is damaged")
 
     def merge(self, other: Partial) -> Partial:
         """Chan merge with the same record from another shard (blocks merged pairwise)."""
@@ -58,6 +72,7 @@ class Partial:
             (float(lc), float(lm), float(lq)),
             self.lr if not math.isnan(self.lr) else other.lr,
             self.epoch if not math.isnan(self.epoch) else other.epoch,
+            {**(self.checks or {}), **(other.checks or {})} or None,
         )
 
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,7 +168,9 @@ class _ChunkMap:
         ds = store.grads_dataset
         self.rows_c, self.cols_c = ds.chunks
         self.itemsize = ds.dtype.itemsize
-        rows, P = ds.shape
+        # only rows that completed records cover: chunks past them are a writer's debris
+        # (allocated, maybe never written), not a reason to refuse the file
+        rows, P = store.grads_rows, ds.shape[1]
         self.n_rows = -(-rows // self.rows_c)
         self.n_cols = -(-P // self.cols_c)
         self.buf: np.ndarray | None = None
@@ -164,10 +181,27 @@ class _ChunkMap:
         if not self.mappable or rows == 0:
             return
         path = store.path
-        with open(path, "rb") as fh:
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._fh = open(path, "rb")  # noqa: SIM115 - kept for the size checks of guard()
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(self._mm, dtype=np.uint8)
         self.buf = raw[: (raw.shape[0] // 4) * 4].view(np.float32)
+        self.ubuf = self.buf.view(np.uint32)
+        self.path = path
+
+    def guard(self, offsets: np.ndarray) -> None:
+        """Refuse to touch mapped chunks that the file no longer holds.
+
+        A file truncated after it was validated (re-copied while a reduce runs) would make
+        the kernel's next read of the mapping a SIGBUS that kills the interpreter; checking
+        the size before each chunk row leaves only a window of microseconds.
+        """
+        end = (int(offsets.max()) + self.rows_c * self.cols_c) * self.itemsize
+        size = os.fstat(self._fh.fileno()).st_size
+        if end > size:
+            raise StoreError(
+                f"{self.path}: the file shrank to {size} bytes while it was being read "
+                f"(gradient chunk ends at byte {end}): truncated or replaced during the reduce"
+            )
 
     def release(self, offsets: np.ndarray) -> None:
         """Drop the mapped pages of processed chunks from this process.
@@ -194,12 +228,12 @@ def _nonfinite_error(
     idx = np.unravel_index(local, shape) if shape else ()
     pname = f"{tensors[t]}[{', '.join(str(int(i)) for i in idx)}]"
     pos = 0
+    sids = store.read_sample_id(step, split)
     for a, b in ranges:
         v = ds[a:b, col]
         bad = np.flatnonzero(~np.isfinite(v))
         if bad.size:
-            row = a + int(bad[0])
-            sid = int(store._f["sample_id"][row])
+            sid = int(sids[pos + int(bad[0])])
             kind = "NaN" if np.isnan(v[bad[0]]) else "Inf"
             return NonFiniteError(
                 f"{store.path}: record (step={step}, split={split!r}): {kind} gradient for "
@@ -261,7 +295,7 @@ def record_partial(
     m2 = np.zeros((K, w))
     n_omit = np.zeros(w)
     ranges = store.row_ranges(step, split)
-    loss = _loss_moments(store, step, split, rec.kind, ranges)
+    loss = _loss_moments(store, step, split, rec.kind)
     if rec.kind == "moments":
         cnt, mu, q = store.read_moments(step, split)
         nb = cnt.shape[0]
@@ -302,10 +336,15 @@ def record_partial(
     bounds = _block_bounds(rec.n_samples, K)
     itemsize = ds.dtype.itemsize
 
+    segs = store.segments(step, split)
+    checked = segs[0].sum1 is not None if segs else False
+    sums = np.zeros((len(segs), 2), dtype=np.uint64)
+    csums = np.zeros((max(1, cc1 - cc0), 2), dtype=np.uint64)
+    seg_of: list[int] = []
     # Work list of (chunk row, row lo, row hi, block) in record order.
     work: list[tuple[int, int, int, int]] = []
     pos = 0
-    for a, b in ranges:
+    for si, (a, b) in enumerate(ranges):
         r = a
         while r < b:
             crow = r // rc
@@ -317,19 +356,20 @@ def record_partial(
             hi = min(hi, a + int(bounds[blk + 1]) - pos) if blk + 1 < len(bounds) else hi
             hi = max(hi, r + 1)
             work.append((crow, r - crow * rc, hi - crow * rc, blk))
+            seg_of.append(si)
             r = hi
         pos += b - a
 
     def read_stripe(item: tuple[int, int, int, int]) -> np.ndarray:
         crow, lo, hi, _ = item
         try:
-            x = ds[crow * rc + lo : crow * rc + hi, c0:c1]
-        except (OSError, ValueError) as e:
+            return ds[crow * rc + lo : crow * rc + hi, c0:c1]
+        except Exception as e:  # noqa: BLE001 - any h5py failure: damaged file
             raise StoreError(
                 f"{store.path}: record (step={step}, split={split!r}): cannot read gradient "
-                f"rows {crow * rc + lo}..{crow * rc + hi} ({e}); file damaged or truncated?"
+                f"rows {crow * rc + lo}..{crow * rc + hi} ({type(e).__name__}: {e}); file "
+                "damaged or truncated?"
             ) from e
-        return np.ascontiguousarray(x, dtype=np.float32)
 
     def mappable(item: tuple[int, int, int, int]) -> bool:
         if cmap.buf is None:
@@ -347,18 +387,27 @@ def record_partial(
         pending: concurrent.futures.Future[np.ndarray] | None = None
         for i, item in enumerate(work):
             crow, lo, hi, blk = item
+            si = seg_of[i]
+            pos0 = (crow * rc + lo - ranges[si][0]) * P + c0  # checksum position of (lo, c0)
             if mappable(item):
+                offs = cmap.offsets[crow, cc0:cc1]
+                cmap.guard(offs)
                 kernels.moments_chunks(
-                    cmap.buf, cmap.offsets[crow, cc0:cc1], rc, cc, w, lo, hi,
+                    cmap.buf, offs, rc, cc, w, lo, hi,
                     count[blk], mean[blk], m2[blk], omit, n_omit, bad,
+                    cmap.ubuf, pos0, P, csums,
                 )
-                cmap.release(cmap.offsets[crow, cc0:cc1])
+                sums[si] += csums[: offs.shape[0]].sum(axis=0, dtype=np.uint64)
+                cmap.release(offs)
             else:
-                x = pending.result() if pending is not None else read_stripe(item)
+                raw = pending.result() if pending is not None else read_stripe(item)
                 pending = None
                 # Prefetch the next unmappable stripe while the kernel runs on this one.
                 if i + 1 < len(work) and not mappable(work[i + 1]):
                     pending = pool.submit(read_stripe, work[i + 1])
+                if checked:
+                    sums[si] += np.array(data_checksum(raw, pos0, P), dtype=np.uint64)
+                x = np.ascontiguousarray(raw, dtype=np.float32)
                 kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit,
                                       bad)
             if bad.any():
@@ -370,16 +419,23 @@ def record_partial(
     with np.errstate(invalid="ignore"):
         mean = np.where(count > 0, mean, np.nan)
         m2 = np.where(count > 0, m2, np.nan)
-    return Partial(count, mean, m2, n_omit, rec.n_samples, loss, rec.lr, rec.epoch)
+    checks = None
+    if checked:
+        want = np.array([[sg.sum1, sg.sum2] for sg in segs], dtype=np.uint64)
+        what = [f"record (step={step}, split={split!r}) rows [{a}, {b})" for a, b in ranges]
+        checks = {str(store.path): (sums, want, w, what)}
+    part = Partial(count, mean, m2, n_omit, rec.n_samples, loss, rec.lr, rec.epoch, checks)
+    if w == P:
+        part.verify(P)  # the whole record was read: fail now, not after other records
+        part.checks = None
+    return part
 
 
-def _loss_moments(
-    store: GradientStore, step: int, split: str, kind: str, ranges: list[tuple[int, int]]
-) -> tuple[float, float, float]:
+def _loss_moments(store: GradientStore, step: int, split: str, kind: str
+                  ) -> tuple[float, float, float]:
     if kind != "gradients":
         return (0.0, math.nan, math.nan)
-    parts = [store._f["loss"][a:b] for a, b in ranges]
-    v = np.concatenate(parts) if parts else np.zeros(0)
+    v = store.read_loss(step, split)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return (0.0, math.nan, math.nan)
@@ -555,7 +611,7 @@ def open_shards(
 
 
 def _has(store: GradientStore, key: tuple[int, str]) -> bool:
-    return any(r.step == key[0] and r.split == key[1] for r in store.records)
+    return store.has(*key)
 
 
 def select_keys(
@@ -620,6 +676,8 @@ def build_dataset(
     b_count = np.zeros((S, T, K))
     b_mean = np.full((S, T, K, P), np.nan) if blocks else None
     b_m2 = np.full((S, T, K, P), np.nan) if blocks else None
+    for p in parts.values():
+        p.verify(P)  # column blocks of Dask tasks: every shard's checksums, now complete
     for (st, sp), p in parts.items():
         i, j = steps.index(st), split_names.index(sp)
         c, m, q = p.total()

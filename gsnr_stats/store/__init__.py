@@ -1,0 +1,50 @@
+"""The gradient store: a versioned, crash-safe HDF5 schema for per-sample gradients.
+
+The only package that knows HDF5. One file (a *shard*) per writer; ``docs/format.md`` is
+the schema and the crash model. Rooms:
+
+* :mod:`.layout` — the parameter layout (names, shapes, layers, flat offsets, hash);
+* :mod:`.schema` — format versions, table columns, row and data checksums;
+* :mod:`.writer` — :class:`GradientWriter` (append-only, SWMR, completion rows last);
+* :mod:`._chunkio` — whole-chunk ``pwritev`` / ``O_DIRECT`` writes of uncompressed gradients;
+* :mod:`.reader` — :class:`GradientStore`: open, validate, verify, read (v1 and v2);
+* :mod:`._faults` — the fault-injection hook of the crash tests.
+"""
+
+from __future__ import annotations
+
+import os  # noqa: F401 - tests patch os.pwritev through this module
+
+from ._chunkio import DirectChunks, row_bytes_view
+from .layout import Layout, auto_chunks, check_same_layout
+from .reader import (
+    GradientStore,
+    IncompleteRecordWarning,
+    RecordInfo,
+    Segment,
+    expand_paths,
+    open_store,
+)
+from .schema import FORMAT_NAME, FORMAT_VERSION, KIND_GRADIENTS, KIND_MOMENTS, KIND_NAMES
+from .writer import GradientWriter
+
+_DirectChunks = DirectChunks  # names of the single-module store (v1 code, tests)
+_row_bytes_view = row_bytes_view
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KIND_GRADIENTS",
+    "KIND_MOMENTS",
+    "KIND_NAMES",
+    "GradientStore",
+    "GradientWriter",
+    "IncompleteRecordWarning",
+    "Layout",
+    "RecordInfo",
+    "Segment",
+    "auto_chunks",
+    "check_same_layout",
+    "expand_paths",
+    "open_store",
+]

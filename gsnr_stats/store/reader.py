@@ -1,0 +1,830 @@
+"""GradientStore: open, validate and read one store file (a shard); v1 and v2 schemas.
+
+Readers trust nothing in a file: the superblock's end-of-file address is checked before
+HDF5 parses anything, metadata reads of a file left open by a writer are retried a bounded
+number of times (HDF5's default retry loop sleeps for minutes on one damaged checksum),
+every table row's checksum is verified, completed records name the extents they cover so
+that debris beyond them is ignored, data is verified against per-segment checksums when
+read, and no read allocates more than what the file's size can back. Every failure becomes
+:class:`StoreError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob as _glob
+import json
+import os
+import re
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import SchemaError, StoreError
+from .layout import Layout
+from .schema import (
+    CRC_COL,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KIND_GRADIENTS,
+    KIND_MOMENTS,
+    KIND_NAMES,
+    MAX_FILTER_RATIO,
+    READABLE_VERSIONS,
+    TABLES,
+    V1_TABLES,
+    bytes_crc,
+    data_checksum,
+)
+
+_MAX_LAYOUT_JSON = 64 << 20
+_NEWER_HINT = "upgrade gsnr-stats to read it"
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# HDF5 retries a metadata read whose checksum fails (a reader racing a SWMR writer) with
+# exponentially growing sleeps; its default for SWMR reads (100 tries) means minutes on a
+# damaged file. A dozen tries cover a torn read of a live writer within milliseconds.
+_SWMR_READ_ATTEMPTS = 12
+_OPEN_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """One record: a checkpoint ``step`` × a ``split`` of per-sample gradients or moments."""
+
+    step: int
+    split: str
+    kind: str
+    n_samples: int
+    lr: float = float("nan")
+    epoch: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, stop)`` of one write call, with its checksums (v2; ``None`` in v1)."""
+
+    start: int
+    stop: int
+    sum1: int | None = None
+    sum2: int | None = None
+    aux_crc: int | None = None
+
+
+class IncompleteRecordWarning(UserWarning):
+    """A store holds records whose writer never completed them; they are skipped."""
+
+
+# -- opening -------------------------------------------------------------------------------
+
+_libhdf5: Any = None
+
+
+def _hdf5_lib() -> Any:
+    """The HDF5 library h5py uses, for the one setting h5py does not expose."""
+    global _libhdf5
+    if _libhdf5 is None:
+        _libhdf5 = False
+        here = Path(h5py.__file__).parent
+        cands = sorted((here.parent / "h5py.libs").glob("libhdf5-*.so*")) + sorted(
+            here.glob("libhdf5*.so*"))
+        cands = [c for c in cands if "_hl" not in c.name]
+        for c in cands:
+            with contextlib.suppress(OSError):
+                lib = ctypes.CDLL(str(c))
+                lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+                _libhdf5 = lib
+                break
+        if _libhdf5 is False:
+            with contextlib.suppress(OSError, AttributeError):
+                lib = ctypes.CDLL(None)
+                lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+                _libhdf5 = lib
+    return _libhdf5 or None
+
+
+def _fapl(swmr: bool) -> h5py.h5p.PropFAID:
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    with contextlib.suppress(AttributeError):
+        fapl.set_file_locking(False, True)
+    if swmr:
+        lib = _hdf5_lib()
+        if lib is not None:
+            lib.H5Pset_metadata_read_attempts(fapl.id, _SWMR_READ_ATTEMPTS)
+    return fapl
+
+
+def _superblock(path: Path) -> tuple[int, int, int] | None:
+    """``(version, consistency flags, end-of-file address)`` of a v2/v3 superblock."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        base = 0
+        while base + 48 <= size:
+            fh.seek(base)
+            head = fh.read(48)
+            if head[:8] == _SIGNATURE:
+                break
+            base = 512 if base == 0 else base * 2
+        else:
+            return None
+    version, off_size = head[8], head[9]
+    if version not in (2, 3) or off_size not in (4, 8):
+        return None
+    pos = 12 + 2 * off_size
+    eof = int.from_bytes(head[pos : pos + off_size], "little")
+    return version, head[11], base + eof
+
+
+def _open_h5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise StoreError(f"{path}: no such file")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, not a store file")
+    try:
+        ok = h5py.is_hdf5(path)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read ({e})") from e
+    if not ok:
+        raise StoreError(f"{path}: not an HDF5 file (no HDF5 signature)")
+    sb = _superblock(path)
+    writing = sb is not None and sb[1] & 0x05 != 0  # open for (SWMR) write, or its writer died
+    if sb is not None and not writing and sb[2] > path.stat().st_size:
+        # HDF5 may loop for ever on structures pointing past the end of a truncated file.
+        # A file a writer has open (or died with) legitimately has space allocated beyond
+        # what it wrote, so there the bounded SWMR retries stand in for this check.
+        raise StoreError(
+            f"{path}: truncated file: {path.stat().st_size} bytes on disk, the HDF5 "
+            f"superblock records {sb[2]} bytes"
+        )
+    name = os.fsencode(path)
+    last: Exception | None = None
+    for attempt in range(_OPEN_RETRIES if writing else 1):
+        try:
+            if writing:
+                fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                                    fapl=_fapl(True))
+            else:
+                fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=_fapl(False))
+            return h5py.File(fid)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            last = e
+            if attempt + 1 < _OPEN_RETRIES and writing:
+                time.sleep(0.02)  # a torn read of a live writer: look again shortly
+    state = " (left open by its writer: still being written, or the writer died)" if writing else ""
+    raise StoreError(f"{path}: HDF5 file cannot be opened, corrupt or truncated{state}? ({last})")
+
+
+def _check_links(f: h5py.File, path: Path, groups: set[str]) -> None:
+    """Refuse external links, soft links, virtual datasets and external raw storage."""
+
+    def check_group(g: h5py.Group, prefix: str) -> None:
+        for name in g:
+            link = g.get(name, getlink=True)
+            full = f"{prefix}/{name}"
+            if isinstance(link, h5py.ExternalLink):
+                raise SchemaError(
+                    f"{path}: {full} is an external link to {link.filename}:{link.path}; "
+                    "refused (stores must be self-contained)"
+                )
+            if isinstance(link, h5py.SoftLink):
+                raise SchemaError(f"{path}: {full} is a soft link to {link.path}; refused")
+            if not isinstance(link, h5py.HardLink):
+                raise SchemaError(f"{path}: {full} is a user-defined link; refused")
+            obj = g[name]
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    raise SchemaError(f"{path}: {full} is a virtual dataset; refused")
+                if obj.external:
+                    raise SchemaError(f"{path}: {full} stores its data in external files; refused")
+            elif isinstance(obj, h5py.Group) and prefix == "" and name in groups:
+                check_group(obj, full)
+
+    check_group(f, "")
+
+
+def _attr_str(f: h5py.File, name: str, path: Path, required: bool = True) -> str:
+    if name not in f.attrs:
+        if required:
+            raise SchemaError(f"{path}: root attribute {name!r} is missing")
+        return ""
+    v = f.attrs[name]
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if not isinstance(v, str):
+        raise SchemaError(f"{path}: root attribute {name!r} is not a string")
+    return v
+
+
+_SPLIT_RE = re.compile(r"^[^\x00]+$")
+
+
+def _decode_split(raw: bytes, path: Path) -> str:
+    try:
+        s = bytes(raw).rstrip(b"\x00").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{path}: split name {raw!r} is not UTF-8") from e
+    if not _SPLIT_RE.match(s):
+        raise SchemaError(f"{path}: empty split name in the record index")
+    return s
+
+
+def _backed_rows(ds: h5py.Dataset, row_bytes: int) -> int:
+    """How many rows of ``ds`` its stored bytes can back (filters at their best ratio)."""
+    ratio = MAX_FILTER_RATIO if ds.id.get_create_plist().get_nfilters() else 1
+    chunk_rows = ds.chunks[0] if ds.chunks else 1
+    return int(ds.id.get_storage_size()) * ratio // max(1, row_bytes) + chunk_rows
+
+
+class GradientStore:
+    """Read-only view of one store file (a shard), validated on open.
+
+    Use :func:`open_store`. Completed records are listed in :attr:`records`; records whose
+    completion marker is missing (writer killed, or still writing) are in
+    :attr:`incomplete` and skipped by every reader with a warning. :attr:`debris` counts
+    rows past the last completed record (left by a killed or failed writer), which readers
+    ignore.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._f = _open_h5(self.path)
+        try:
+            self._validate()
+        except (SchemaError, StoreError):
+            self._f.close()
+            raise
+        except Exception as e:
+            self._f.close()
+            raise StoreError(f"{self.path}: unreadable store ({type(e).__name__}: {e})") from e
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        f, path = self._f, self.path
+        fmt = _attr_str(f, "format", path, required=False)
+        if fmt != FORMAT_NAME:
+            raise SchemaError(
+                f"{path}: not a gsnr-stats store (format attribute {fmt or 'missing'!r}); "
+                "a foreign HDF5 file?"
+            )
+        ver = f.attrs.get("format_version")
+        if not isinstance(ver, int | np.integer):
+            raise SchemaError(f"{path}: format_version {ver!r} is not an integer")
+        if int(ver) > FORMAT_VERSION:
+            raise SchemaError(
+                f"{path}: store format version {int(ver)} is newer than this gsnr-stats "
+                f"reads (version {FORMAT_VERSION}); {_NEWER_HINT}"
+            )
+        if int(ver) not in READABLE_VERSIONS:
+            raise SchemaError(f"{path}: invalid format version {int(ver)}")
+        self.version = int(ver)
+        groups = {"moments"} | (set(TABLES) if self.version >= 2 else set())
+        _check_links(f, path, groups)
+        text = _attr_str(f, "layout", path)
+        if len(text) > _MAX_LAYOUT_JSON:
+            raise SchemaError(f"{path}: layout attribute is implausibly large")
+        self.layout = Layout.from_json(text, str(path))
+        stored_hash = _attr_str(f, "layout_hash", path)
+        if stored_hash != self.layout.hash:
+            raise SchemaError(f"{path}: layout_hash does not match the stored layout")
+        P = self.layout.n_params
+        self._check_ds("grads", 2, (np.dtype("<f4"), np.dtype("<f2")))
+        if f["grads"].shape[1] != P:
+            raise SchemaError(
+                f"{path}: grads has {f['grads'].shape[1]} columns, layout has {P} parameters"
+            )
+        for name, dt in (("loss", "<f8"), ("sample_id", "<i8"), ("label", "<f8")):
+            self._check_ds(name, 1, (np.dtype(dt),))
+        for name in ("moments/count", "moments/mean", "moments/m2"):
+            self._check_ds(name, 1 if name.endswith("count") else 2, (np.dtype("<f8"),))
+        for name in ("moments/mean", "moments/m2"):
+            if f[name].shape[1] != P:
+                raise SchemaError(f"{path}: {name} has shape {f[name].shape}, inconsistent")
+        self.debris: dict[str, int] = {}
+        if self.version == 1:
+            self._load_index_v1()
+        else:
+            self._load_index_v2()
+        self._check_backing()
+        self.records.sort(key=lambda r: (r.step, r.split))
+        self._by_key = {(r.step, r.split): r for r in self.records}
+        if self.incomplete:
+            names = ", ".join(f"(step={r.step}, split={r.split!r})" for r in self.incomplete)
+            warnings.warn(
+                f"{path}: skipping {len(self.incomplete)} incomplete record(s) {names} "
+                "(writer killed, failed or still writing)",
+                IncompleteRecordWarning,
+                stacklevel=4,
+            )
+
+    def _check_ds(
+        self, name: str, ndim: int, dtypes: tuple[np.dtype, ...], compound: bool = False,
+        trailing: tuple[int, ...] | None = None,
+    ) -> h5py.Dataset:
+        f, path = self._f, self.path
+        if name not in f:
+            raise SchemaError(f"{path}: dataset {name!r} is missing")
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise SchemaError(f"{path}: {name!r} is not a dataset")
+        if ds.ndim != ndim:
+            raise SchemaError(f"{path}: dataset {name!r} has {ds.ndim} dims, expected {ndim}")
+        if compound:
+            want = dtypes[0]
+            got = ds.dtype
+            if got.names is None or any(
+                n not in got.names or got[n].kind != want[n].kind for n in want.names
+            ):
+                raise SchemaError(
+                    f"{path}: table {name!r} has fields {got.names}, expected {want.names}"
+                )
+        elif ds.dtype not in dtypes:
+            raise SchemaError(
+                f"{path}: dataset {name!r} has dtype {ds.dtype}, expected "
+                f"{' or '.join(str(d) for d in dtypes)}"
+            )
+        if trailing is not None and tuple(ds.shape[1:]) != trailing:
+            raise SchemaError(f"{path}: dataset {name!r} has shape {ds.shape}, expected (n, {trailing})")
+        return ds
+
+    def _read_table_v2(self, table: str) -> dict[str, np.ndarray]:
+        """Valid rows of a v2 table: the prefix whose checksums match; the rest is debris."""
+        path = self.path
+        if table not in self._f or not isinstance(self._f[table], h5py.Group):
+            raise SchemaError(f"{path}: dataset {table!r} is missing (a table group)")
+        cols = (*TABLES[table], (CRC_COL, np.dtype("<u8"), ()))
+        dss = []
+        for cname, dt, shape in cols:
+            ds = self._check_ds(f"{table}/{cname}", 1 + len(shape), (dt,), trailing=shape)
+            dss.append(ds)
+        total = max(ds.shape[0] for ds in dss)
+        n = min(ds.shape[0] for ds in dss)
+        for ds, (_, dt, shape) in zip(dss, cols, strict=True):
+            n = min(n, _backed_rows(ds, dt.itemsize * int(np.prod(shape, dtype=np.int64))))
+        data = {cname: ds[:n] for ds, (cname, _, _) in zip(dss, cols, strict=True)}
+        rows = np.concatenate(
+            [np.ascontiguousarray(data[c]).reshape(n, -1).view(np.uint8) for c, _, _ in cols[:-1]],
+            axis=1,
+        ) if n else np.zeros((0, 0), np.uint8)
+        seed = zlib.crc32(table.encode())
+        ok = np.array([(zlib.crc32(rows[i].tobytes(), seed) | (1 << 32)) == int(data[CRC_COL][i])
+                       for i in range(n)], dtype=bool)
+        good = int(np.argmin(ok)) if not ok.all() else n
+        if ok[good:].any():
+            bad = good
+            raise SchemaError(
+                f"{path}: table {table!r} row {bad} fails its checksum but later rows are "
+                "valid: the file is damaged"
+            )
+        if total > good:
+            self.debris[table] = total - good
+        return {c: v[:good] for c, v in data.items()}
+
+    def _load_index_v2(self) -> None:
+        f, path = self._f, self.path
+        # Records first: everything a record names was flushed before its row was written,
+        # so whatever is read after it (a live writer keeps appending) covers it.
+        recs = self._read_table_v2("records")
+        segs = self._read_table_v2("segments")
+        self.trajectory_rows = self._read_table_v2("trajectory")
+        self.probe_rows = self._read_table_v2("probes")
+        nseg = len(segs["step"])
+        seg_stop = int(recs["seg_stop"].max(initial=0))
+        g_stop = int(recs["grads_stop"].max(initial=0))
+        m_stop = int(recs["moments_stop"].max(initial=0))
+        if seg_stop > nseg:
+            raise SchemaError(
+                f"{path}: completed records cover {seg_stop} segment rows, only {nseg} are "
+                "valid: the file is damaged"
+            )
+        for name, stop in (("grads", g_stop), ("loss", g_stop), ("sample_id", g_stop),
+                           ("label", g_stop), ("moments/count", m_stop),
+                           ("moments/mean", m_stop), ("moments/m2", m_stop)):
+            if f[name].shape[0] < stop:
+                raise SchemaError(
+                    f"{path}: completed records cover {stop} rows of {name}, the file holds "
+                    f"{f[name].shape[0]} (truncated or damaged file)"
+                )
+        self._grads_stop, self._moments_stop = g_stop, m_stop
+        if f["grads"].shape[0] > g_stop:
+            self.debris["grads rows"] = f["grads"].shape[0] - g_stop
+        keys = [(int(s), _decode_split(sp, path)) for s, sp in zip(segs["step"], segs["split"],
+                                                                      strict=True)]
+        self._segments: dict[tuple[int, str], list[Segment]] = {}
+        self.records: list[RecordInfo] = []
+        done: dict[tuple[int, str], int] = {}
+        for i in range(len(recs["step"])):
+            split = _decode_split(recs["split"][i], path)
+            key = (int(recs["step"][i]), split)
+            where = f"{path}: record (step={key[0]}, split={split!r})"
+            if key in done:
+                raise SchemaError(f"{where} is completed twice")
+            kind = int(recs["kind"][i])
+            if kind not in KIND_NAMES:
+                raise SchemaError(f"{where}: bad kind {kind}")
+            stop_seg = int(recs["seg_stop"][i])
+            limit = int(recs["grads_stop"][i] if kind == KIND_GRADIENTS else recs["moments_stop"][i])
+            if stop_seg < 0 or limit < 0:
+                raise SchemaError(f"{where}: negative extents in the record row")
+            done[key] = stop_seg
+            segl: list[Segment] = []
+            total = 0
+            for j in range(stop_seg):
+                if keys[j] != key:
+                    continue
+                if int(segs["kind"][j]) != kind:
+                    raise SchemaError(f"{where}: mixes gradient and moments segments")
+                a, b = int(segs["start"][j]), int(segs["stop"][j])
+                if not (0 <= a <= b <= limit):
+                    raise SchemaError(
+                        f"{where}: segment rows [{a}, {b}) outside the {limit} rows the record "
+                        "covers (damaged file)"
+                    )
+                segl.append(Segment(a, b, int(segs["sum1"][j]), int(segs["sum2"][j]),
+                                    int(segs["aux_crc"][j])))
+                total += b - a
+            n = int(recs["n_samples"][i])
+            if kind == KIND_GRADIENTS and total != n:
+                raise SchemaError(f"{where}: segments hold {total} samples, record says {n}")
+            if not segl:
+                raise SchemaError(f"{where}: completed record has no segment")
+            self._segments[key] = segl
+            self.records.append(RecordInfo(key[0], split, KIND_NAMES[kind], n,
+                                           float(recs["lr"][i]), float(recs["epoch"][i])))
+        # no two segments of completed records may share rows of the same dataset
+        kind_of = {(r.step, r.split): (KIND_GRADIENTS if r.kind == "gradients" else KIND_MOMENTS)
+                   for r in self.records}
+        for kind in (KIND_GRADIENTS, KIND_MOMENTS):
+            spans = sorted((s.start, s.stop, k) for k, sl in self._segments.items()
+                           for s in sl if kind_of[k] == kind and s.stop > s.start)
+            for (_a0, b0, k0), (a1, _b1, k1) in zip(spans, spans[1:], strict=False):
+                if a1 < b0:
+                    raise SchemaError(
+                        f"{path}: records (step={k0[0]}, split={k0[1]!r}) and (step={k1[0]}, "
+                        f"split={k1[1]!r}) claim the same {KIND_NAMES[kind]} rows "
+                        f"[{a1}, {min(b0, _b1)}): damaged file"
+                    )
+        self.incomplete: list[RecordInfo] = []
+        seen: dict[tuple[int, str], list[int]] = {}
+        for j, key in enumerate(keys):
+            if key in done and j < done[key]:
+                continue
+            seen.setdefault(key, []).append(j)
+        for key, js in seen.items():
+            if key in done:
+                continue
+            kind = int(segs["kind"][js[0]])
+            n = sum(int(segs["stop"][j]) - int(segs["start"][j]) for j in js) \
+                if kind == KIND_GRADIENTS else 0
+            self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES.get(kind, "?"), n))
+
+    def _load_index_v1(self) -> None:
+        f, path = self._f, self.path
+        rows = f["grads"].shape[0]
+        for name in ("loss", "sample_id", "label"):
+            if f[name].shape[0] < rows:
+                raise SchemaError(
+                    f"{path}: {name} has {f[name].shape[0]} rows, fewer than grads ({rows})"
+                )
+        mrows = f["moments/count"].shape[0]
+        for name in ("moments/mean", "moments/m2"):
+            if f[name].shape[0] < mrows:
+                raise SchemaError(f"{path}: {name} has shape {f[name].shape}, inconsistent")
+        for name, dt in V1_TABLES.items():
+            ds = self._check_ds(name, 1, (dt,), compound=True)
+            if ds.shape[0] > _backed_rows(ds, dt.itemsize):
+                raise SchemaError(f"{path}: table {name!r} claims more rows than it stores")
+        self._grads_stop, self._moments_stop = rows, mrows
+        segs = f["segments"][()]
+        recs = f["records"][()]
+        by_key: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+        for s in segs:
+            split = _decode_split(s["split"], path)
+            key = (int(s["step"]), split)
+            start, stop, kind = int(s["start"]), int(s["stop"]), int(s["kind"])
+            if kind not in KIND_NAMES:
+                raise SchemaError(f"{path}: record (step={key[0]}, split={split!r}): bad kind {kind}")
+            by_key.setdefault(key, []).append((kind, start, stop))
+        self._segments = {}
+        self.records = []
+        done: set[tuple[int, str]] = set()
+        for r in recs:
+            split = _decode_split(r["split"], path)
+            key = (int(r["step"]), split)
+            where = f"{path}: record (step={key[0]}, split={split!r})"
+            if key in done:
+                raise SchemaError(f"{where} is completed twice")
+            done.add(key)
+            kind = int(r["kind"])
+            if kind not in KIND_NAMES:
+                raise SchemaError(f"{where}: bad kind {kind}")
+            limit = rows if kind == KIND_GRADIENTS else mrows
+            total = 0
+            ranges = []
+            for skind, start, stop in by_key.get(key, []):
+                if skind != kind:
+                    raise SchemaError(f"{where}: mixes gradient and moments segments")
+                if not (0 <= start <= stop <= limit):
+                    raise SchemaError(
+                        f"{where}: segment rows [{start}, {stop}) outside the stored "
+                        f"{limit} rows (truncated file?)"
+                    )
+                ranges.append(Segment(start, stop))
+                total += stop - start
+            n = int(r["n_samples"])
+            if kind == KIND_GRADIENTS and total != n:
+                raise SchemaError(f"{where}: segments hold {total} samples, record says {n}")
+            self._segments[key] = ranges
+            self.records.append(
+                RecordInfo(key[0], split, KIND_NAMES[kind], n, float(r["lr"]), float(r["epoch"]))
+            )
+        self.incomplete = []
+        for key, segl in by_key.items():
+            if key not in done:
+                kind = segl[0][0]
+                n = sum(b - a for _, a, b in segl) if kind == KIND_GRADIENTS else 0
+                self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES[kind], n))
+
+        def table(name: str) -> dict[str, np.ndarray]:
+            t = f[name][()]
+            return {k: np.asarray(t[k]) for k in t.dtype.names}
+
+        self.trajectory_rows = table("trajectory")
+        self.probe_rows = table("probes")
+
+    def _check_backing(self) -> None:
+        """Refuse a file that claims more data than its size can hold (a memory bomb)."""
+        f, path = self._f, self.path
+        P = self.layout.n_params
+        g = f["grads"]
+        if self._grads_stop and self._grads_stop > _backed_rows(g, P * g.dtype.itemsize):
+            raise SchemaError(
+                f"{path}: records claim {self._grads_stop} gradient rows of {P} parameters, "
+                f"more than the {g.id.get_storage_size()} stored bytes can hold"
+            )
+        if self._grads_stop and g.chunks:
+            n_chunks = -(-self._grads_stop // g.chunks[0]) * -(-P // g.chunks[1])
+            if n_chunks > max(1, path.stat().st_size):
+                raise SchemaError(f"{path}: grads chunk shape {g.chunks} implies more chunks "
+                                  "than the file has bytes")
+        for name in ("moments/mean", "moments/m2"):
+            ds = f[name]
+            if self._moments_stop and self._moments_stop > _backed_rows(ds, P * 8):
+                raise SchemaError(
+                    f"{path}: records claim {self._moments_stop} moment rows of {P} "
+                    f"parameters, more than {name}'s stored bytes can hold"
+                )
+
+    # -- reading helpers -------------------------------------------------------------------
+
+    def _read(self, name: str, sel: Any, where: str) -> np.ndarray:
+        try:
+            return self._f[name][sel]
+        except Exception as e:  # noqa: BLE001 - any h5py failure here is a damaged file
+            raise StoreError(f"{where}: cannot read {name} ({type(e).__name__}: {e}); file "
+                             "damaged or truncated?") from e
+
+    def _where(self, step: int, split: str) -> str:
+        return f"{self.path}: record (step={step}, split={split!r})"
+
+    def _damaged(self, where: str, what: str, seg: Segment) -> StoreError:
+        return StoreError(
+            f"{where}: {what} of rows [{seg.start}, {seg.stop}) fail their checksum: the file "
+            "is damaged (these bytes changed after they were written)"
+        )
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Provenance attributes; ``user_attrs`` parsed from JSON."""
+        out: dict[str, Any] = {}
+        for k in ("format", "library_version", "framework", "framework_version", "created_at",
+                  "run_id", "layout_hash"):
+            out[k] = _attr_str(self._f, k, self.path, required=False)
+        out["format_version"] = int(self._f.attrs["format_version"])
+        try:
+            out["user_attrs"] = json.loads(_attr_str(self._f, "user_attrs", self.path, False) or "{}")
+        except ValueError as e:
+            raise SchemaError(f"{self.path}: user_attrs is not valid JSON ({e})") from e
+        return out
+
+    @property
+    def steps(self) -> list[int]:
+        """Sorted steps with at least one completed record."""
+        return sorted({r.step for r in self.records})
+
+    @property
+    def splits(self) -> list[str]:
+        """Splits with at least one completed record, in order of first appearance."""
+        return list(dict.fromkeys(r.split for r in self.records))
+
+    @property
+    def grads_dataset(self) -> h5py.Dataset:
+        """The underlying ``grads`` dataset (for the reduce engine)."""
+        return self._f["grads"]
+
+    @property
+    def grads_rows(self) -> int:
+        """Rows of ``grads`` covered by completed records; rows past them are debris."""
+        return int(self._grads_stop)
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether data carries checksums (schema version 2)."""
+        return self.version >= 2
+
+    def has(self, step: int, split: str) -> bool:
+        """Whether the completed record ``(step, split)`` is in this shard."""
+        return (int(step), split) in self._by_key
+
+    def record(self, step: int, split: str) -> RecordInfo:
+        """The completed record ``(step, split)``; :class:`StoreError` if absent."""
+        r = self._by_key.get((int(step), split))
+        if r is not None:
+            return r
+        extra = ""
+        if any(r.step == int(step) and r.split == split for r in self.incomplete):
+            extra = " (it is incomplete: the writer never finished it)"
+        raise StoreError(f"{self.path}: no record (step={step}, split={split!r}){extra}")
+
+    def row_ranges(self, step: int, split: str) -> list[tuple[int, int]]:
+        """Row ranges of record ``(step, split)`` in ``grads`` (or in ``moments/*``)."""
+        self.record(step, split)
+        return [(s.start, s.stop) for s in self._segments[(int(step), split)]]
+
+    def segments(self, step: int, split: str) -> list[Segment]:
+        """Segments of record ``(step, split)`` with their checksums (``None`` in v1)."""
+        self.record(step, split)
+        return list(self._segments[(int(step), split)])
+
+    def _aux(self, step: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rec = self.record(step, split)
+        where = self._where(step, split)
+        if rec.kind != "gradients":
+            raise StoreError(f"{where} holds moments only; per-sample values were not stored")
+        out: list[list[np.ndarray]] = [[], [], []]
+        for seg in self._segments[(int(step), split)]:
+            vals = [self._read(n, slice(seg.start, seg.stop), where)
+                    for n in ("loss", "sample_id", "label")]
+            if seg.aux_crc is not None and bytes_crc(*vals) != seg.aux_crc:
+                raise self._damaged(where, "loss/sample_id/label", seg)
+            for o, v in zip(out, vals, strict=True):
+                o.append(v)
+        return tuple(np.concatenate(o) if o else np.zeros(0, d)  # type: ignore[return-value]
+                     for o, d in zip(out, ("<f8", "<i8", "<f8"), strict=True))
+
+    def iter_grads(self, step: int, split: str, rows: int = 4096) -> Iterator[np.ndarray]:
+        """Per-sample gradients of a record in blocks of at most ``rows`` rows (stored dtype).
+
+        Streams: memory is O(rows · P) whatever the record's size. Each segment's checksum is
+        verified before its last block is handed out, so a consumer never finishes on
+        damaged data.
+        """
+        rec = self.record(step, split)
+        where = self._where(step, split)
+        if rec.kind != "gradients":
+            raise StoreError(f"{where} holds moments only; per-sample grads were not stored")
+        rows = max(1, int(rows))
+        P = self.layout.n_params
+        for seg in self._segments[(int(step), split)]:
+            s1 = s2 = 0
+            for i in range(seg.start, seg.stop, rows):
+                j = min(i + rows, seg.stop)
+                block = self._read("grads", np.s_[i:j], where)
+                if seg.sum1 is not None:
+                    a, b = data_checksum(block, (i - seg.start) * P, P)
+                    s1, s2 = (s1 + a) & 0xFFFFFFFFFFFFFFFF, (s2 + b) & 0xFFFFFFFFFFFFFFFF
+                    if j == seg.stop and (s1, s2) != (seg.sum1, seg.sum2):
+                        raise self._damaged(where, "gradients", seg)
+                yield block
+
+    def read_grads(self, step: int, split: str) -> np.ndarray:
+        """Per-sample gradients of a record, ``(n, P)`` in the stored dtype (float32)."""
+        parts = list(self.iter_grads(step, split, rows=1 << 30))
+        if not parts:
+            return np.empty((0, self.layout.n_params), self._f["grads"].dtype)
+        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def read_loss(self, step: int, split: str) -> np.ndarray:
+        """Per-sample losses of a record, ``(n,)`` float64 (NaN where not written)."""
+        return self._aux(step, split)[0]
+
+    def read_sample_id(self, step: int, split: str) -> np.ndarray:
+        """Sample ids of a record, ``(n,)`` int64."""
+        return self._aux(step, split)[1]
+
+    def read_label(self, step: int, split: str) -> np.ndarray:
+        """Labels of a record, ``(n,)`` float64 (NaN where not written)."""
+        return self._aux(step, split)[2]
+
+    def read_moments(self, step: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Blocks ``(count (K,), mean (K, P), m2 (K, P))`` of a moments-only record.
+
+        Counts must be finite and non-negative and M2 non-negative, else :class:`SchemaError`.
+        """
+        rec = self.record(step, split)
+        where = self._where(step, split)
+        if rec.kind != "moments":
+            raise StoreError(f"{where} holds per-sample gradients")
+        cs, ms, m2s = [], [], []
+        for seg in self._segments[(int(step), split)]:
+            c = self._read("moments/count", slice(seg.start, seg.stop), where)
+            m = self._read("moments/mean", np.s_[seg.start:seg.stop], where)
+            q = self._read("moments/m2", np.s_[seg.start:seg.stop], where)
+            if seg.aux_crc is not None and bytes_crc(c, m, q) != seg.aux_crc:
+                raise self._damaged(where, "moments", seg)
+            cs.append(c)
+            ms.append(m)
+            m2s.append(q)
+        P = self.layout.n_params
+        if not cs:
+            return np.zeros(0), np.zeros((0, P)), np.zeros((0, P))
+        count, mean, m2 = np.concatenate(cs), np.concatenate(ms), np.concatenate(m2s)
+        if not np.all(np.isfinite(count) & (count >= 0)):
+            raise SchemaError(f"{where}: stored moment counts {count[~(count >= 0)][:3]} are "
+                              "not finite non-negative numbers")
+        with np.errstate(invalid="ignore"):
+            neg = m2 < 0
+        if neg.any():
+            col = int(np.flatnonzero(neg.any(axis=0))[0])
+            raise SchemaError(f"{where}: stored M2 < 0 (a negative variance) for parameter flat "
+                              f"index {col}")
+        return count, mean, m2
+
+    def _table(self, rows: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        order = np.argsort(rows["step"], kind="stable")
+        return {k: np.asarray(rows[k][order]) for k in names}
+
+    def trajectory(self) -> dict[str, np.ndarray]:
+        """Loss trajectory rows sorted by step: step, lr, epoch, train_loss, test_loss."""
+        return self._table(self.trajectory_rows, [c for c, _, _ in TABLES["trajectory"]])
+
+    def probes(self) -> dict[str, np.ndarray]:
+        """OSGR probe rows: step, n, lr, k, train_before, train_after, test_before, test_after."""
+        return self._table(self.probe_rows, [c for c, _, _ in TABLES["probes"]])
+
+    def file_size(self) -> int:
+        """Size of the file in bytes."""
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        """Close the HDF5 handle."""
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientStore({str(self.path)!r}, P={self.layout.n_params}, "
+            f"records={len(self.records)}, incomplete={len(self.incomplete)})"
+        )
+
+
+def open_store(path: str | os.PathLike[str]) -> GradientStore:
+    """Open and validate one store file.
+
+    Raises
+    ------
+    StoreError
+        Missing, unreadable, truncated or non-HDF5 file.
+    SchemaError
+        A foreign HDF5 file, a newer format version, missing or mistyped datasets, links
+        or virtual datasets outside the schema, inconsistent record index.
+    """
+    return GradientStore(path)
+
+
+def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand a path, a glob pattern or a list of them into a list of files.
+
+    A ``pathlib.Path`` and a string naming an existing file are taken literally, even when
+    they contain ``[``, ``*`` or ``?``; only other strings with those characters are globs
+    (sorted matches).
+    """
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    out: list[Path] = []
+    for it in items:
+        s = os.fspath(it)
+        if isinstance(it, str) and any(ch in s for ch in "*?[") and not os.path.lexists(s):
+            hits = sorted(_glob.glob(s))
+            if not hits:
+                raise StoreError(f"{s}: glob pattern matches no file")
+            out.extend(Path(h) for h in hits)
+        else:
+            out.append(Path(s))
+    if not out:
+        raise StoreError("no store file given")
+    return out
