@@ -91,14 +91,35 @@ def test_wrong_dtype_and_shape(good, tmp_path):
     expect(edit(good, tmp_path / "hash.h5", bad_hash), gs.SchemaError, "layout_hash")
 
 
-def test_record_index_out_of_range(good, tmp_path):
-    def corrupt(f):
-        seg = f["segments"][()]
-        seg["stop"][-1] = 10**9
-        f["segments"][:] = seg
+def set_row(f, table, i, **values):
+    """Rewrite row ``i`` of a v2 table with a valid checksum (a crafted, hostile file)."""
+    from gsnr_stats.store.schema import TABLES, row_crc
 
-    expect(edit(good, tmp_path / "seg.h5", corrupt), gs.SchemaError,
-           r"seg.h5: record \(step=1, split='train'\): segment rows")
+    g = f[table]
+    for k, v in values.items():
+        g[k][i] = v
+    row = [g[c][i] for c, _, _ in TABLES[table]]
+    g["crc"][i] = row_crc(table, row)
+
+
+def test_record_index_out_of_range(good, tmp_path):
+    # naive damage: the row checksum no longer matches
+    expect(edit(good, tmp_path / "seg0.h5", lambda f: f["segments/stop"].__setitem__(-1, 10**9)),
+           gs.SchemaError, r"seg0.h5: completed records cover 2 segment rows, only 1 are valid")
+    # crafted with a valid checksum: the extents the record covers refuse it
+    expect(edit(good, tmp_path / "seg.h5", lambda f: set_row(f, "segments", 1, stop=10**9)),
+           gs.SchemaError, r"seg.h5: record \(step=1, split='train'\): segment rows")
+
+
+def test_overlapping_segments_and_damaged_middle_row(good, tmp_path):
+    expect(edit(good, tmp_path / "ov.h5", lambda f: set_row(f, "segments", 1, start=150, stop=200)),
+           gs.SchemaError, "ov.h5: .*segment|ov.h5: records .* claim the same")
+
+    def middle(f):
+        f["records/lr"][0] = 0.5  # damages row 0 while row 1 stays valid
+
+    expect(edit(good, tmp_path / "mid.h5", middle), gs.SchemaError,
+           "mid.h5: table 'records' row 0 fails its checksum but later rows are valid")
 
 
 def test_external_link(good, tmp_path):
