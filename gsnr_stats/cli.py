@@ -28,8 +28,15 @@ def _human(nbytes: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import expand_paths, open_store
+    from .store.writer import temp_files
 
     paths = expand_paths(args.stores)
+    for path in paths:
+        for tmp, alive in temp_files(path):
+            state = {True: "its writer is still running", False: "its writer died before "
+                     "publishing the file; the next writer of this path removes it",
+                     None: "written on another host"}[alive]
+            print(f"{path}  temporary file {tmp.name}: {state}")
     bad: list[str] = []
     merged: dict[tuple[int, str], int] = {}
     hashes: dict[str, str] = {}
@@ -72,6 +79,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 for r in store.incomplete:
                     print(f"    step {r.step:>8}  {r.split:<12} {r.kind:<10} "
                           f"n={r.n_samples} written before the writer stopped")
+            debris = {k: v for k, v in store.debris.items() if v}
+            if debris:
+                print("  debris past the last completed record (ignored by readers): "
+                      + ", ".join(f"{k}: {v}" for k, v in debris.items()))
             traj, probes = store.trajectory(), store.probes()
             if len(traj["step"]) or len(probes["step"]):
                 print(f"  trajectory rows: {len(traj['step'])}, probe rows: {len(probes['step'])}")

@@ -161,6 +161,12 @@ def _checksum_block(u, r_lo, r_hi, ncols, pos0, p_total):
     return s1, s2
 
 
+@njit(nogil=True, cache=True)
+def checksum_rows_serial(u, pos0, p_total):
+    """:func:`checksum_rows` on the calling thread (no Numba thread pool)."""
+    return _checksum_block(u, 0, u.shape[0], u.shape[1], pos0, p_total)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def checksum_rows(u, pos0, p_total):
     """Segment checksum of the raw bits ``u`` ``(n, w)`` (uint32 for float32, uint16 for float16).

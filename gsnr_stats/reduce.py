@@ -203,6 +203,20 @@ class _ChunkMap:
                 f"(gradient chunk ends at byte {end}): truncated or replaced during the reduce"
             )
 
+    def close(self) -> None:
+        """Unmap the file and close its descriptor.
+
+        Without this every record reduced (and every ``check_shard``) left an open file and
+        a mapping of the whole file behind until garbage collection (``ResourceWarning:
+        unclosed file``); a shard replaced meanwhile stayed mapped.
+        """
+        self.buf = self.ubuf = None  # drop the exported views first, or mmap.close refuses
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # a view still alive elsewhere: GC closes it
+                self._mm.close()
+            self._mm = None
+            self._fh.close()
+
     def release(self, offsets: np.ndarray) -> None:
         """Drop the mapped pages of processed chunks from this process.
 
@@ -406,7 +420,7 @@ def record_partial(
                 if i + 1 < len(work) and not mappable(work[i + 1]):
                     pending = pool.submit(read_stripe, work[i + 1])
                 if checked:
-                    sums[si] += np.array(data_checksum(raw, pos0, P), dtype=np.uint64)
+                    sums[si] += np.array(data_checksum(raw, pos0, P, parallel=True), dtype=np.uint64)
                 x = np.ascontiguousarray(raw, dtype=np.float32)
                 kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit,
                                       bad)
@@ -416,6 +430,7 @@ def record_partial(
                 progress((hi - lo) * w * itemsize)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        cmap.close()
     with np.errstate(invalid="ignore"):
         mean = np.where(count > 0, mean, np.nan)
         m2 = np.where(count > 0, m2, np.nan)
@@ -568,7 +583,7 @@ def check_shard(store: GradientStore) -> None:
     StoreError
         The chunk index cannot be read.
     """
-    _ChunkMap(store)
+    _ChunkMap(store).close()
 
 
 def open_shards(

@@ -133,11 +133,16 @@ def bytes_crc(*arrays: np.ndarray) -> int:
     return h | (1 << 32)
 
 
-def data_checksum(x: np.ndarray, pos0: int = 0, p_total: int | None = None) -> tuple[int, int]:
+def data_checksum(x: np.ndarray, pos0: int = 0, p_total: int | None = None,
+                  parallel: bool = False) -> tuple[int, int]:
     """Position-weighted checksum of gradient rows ``x`` in their store dtype.
 
     See :func:`gsnr_stats.kernels.checksum_rows`; ``pos0`` is the position of ``x[0, 0]`` in
     its segment and ``p_total`` the segment's row width (default ``x.shape[1]``).
+    ``parallel=False`` (the writer's choice) runs on the calling thread only: starting
+    Numba's thread pool inside a user's training process would make a later ``fork`` (a
+    DataLoader worker, multiprocessing) unsafe, and one thread checksums faster than a
+    disk takes the rows.
     """
     bits = BITS_DTYPES[x.dtype]
     if x.ndim != 2:
@@ -146,6 +151,6 @@ def data_checksum(x: np.ndarray, pos0: int = 0, p_total: int | None = None) -> t
         return 0, 0
     if x.strides[1] != x.dtype.itemsize:
         x = np.ascontiguousarray(x)
-    s1, s2 = kernels.checksum_rows(x.view(bits), int(pos0),
-                                   int(x.shape[1] if p_total is None else p_total))
+    fn = kernels.checksum_rows if parallel else kernels.checksum_rows_serial
+    s1, s2 = fn(x.view(bits), int(pos0), int(x.shape[1] if p_total is None else p_total))
     return int(s1), int(s2)

@@ -14,6 +14,7 @@ fails in the middle (disk full, I/O error) stops the writer, which then closes c
 from __future__ import annotations
 
 import contextlib
+import glob as _glob
 import json
 import math
 import mmap
@@ -103,18 +104,20 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def cleanup_stale_tmp(path: Path) -> list[Path]:
-    """Remove hidden temporary files of ``path`` left by writers of this host that died.
+def temp_files(path: str | os.PathLike[str]) -> list[tuple[Path, bool | None]]:
+    """Hidden temporary files of writers of ``path``: ``(file, writer alive?)``.
 
-    A writer killed before its file is published leaves ``.NAME.HOST.PID.RAND.tmp``; a temp
-    file of another host, or of a process still alive, is left alone.
+    A writer works under ``.NAME.HOST.PID.RAND.tmp`` until its schema is complete; one
+    killed before that leaves the file behind. Liveness is known for this host's writers
+    only (``None`` for another host's).
     """
-    removed: list[Path] = []
+    path = Path(path)
+    found: list[tuple[Path, bool | None]] = []
     host = socket.gethostname().replace(".", "_") or "host"
     try:
-        entries = list(path.parent.glob(f".{path.name}.*.tmp"))
+        entries = sorted(path.parent.glob(_glob.escape(f".{path.name}.") + "*.tmp"))
     except OSError:
-        return removed
+        return found
     for p in entries:
         parts = p.name[len(path.name) + 2 : -len(".tmp")].split(".")
         if len(parts) == 3:
@@ -123,17 +126,30 @@ def cleanup_stale_tmp(path: Path) -> list[Path]:
             h, pid_s = host, parts[0]
         else:
             continue
-        if h != host or not pid_s.isdigit():
+        if not pid_s.isdigit():
             continue
-        pid = int(pid_s)
+        if h != host:
+            found.append((p, None))
+            continue
         alive = True
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid_s), 0)
         except ProcessLookupError:
             alive = False
-        except (PermissionError, OSError):
+        except OSError:
             alive = True
-        if not alive:
+        found.append((p, alive))
+    return found
+
+
+def cleanup_stale_tmp(path: Path) -> list[Path]:
+    """Remove hidden temporary files of ``path`` left by writers of this host that died.
+
+    A temp file of another host, or of a process still alive, is left alone.
+    """
+    removed: list[Path] = []
+    for p, alive in temp_files(path):
+        if alive is False:
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)
@@ -303,6 +319,7 @@ class GradientWriter:
                     raise StoreError(f"{self.path}: cannot create store ({e})") from e
                 raise
         self._f = f
+        self._dsets: dict[str, h5py.Dataset] = {}
         self._closed = False
         self._direct = DirectChunks.open(f, self.path, bool(direct_io)) if fast_write else None
         if self._direct is not None and direct_io == "auto":
@@ -401,6 +418,7 @@ class GradientWriter:
                 yield
             except BaseException as e:
                 self._failed = f"{type(e).__name__}: {e}"
+                self._quarantine()
                 if isinstance(e, GSNRError | MemoryError) or not isinstance(e, Exception):
                     raise
                 raise StoreError(
@@ -408,8 +426,41 @@ class GradientWriter:
                     "records completed before are intact"
                 ) from e
 
+    def _ds(self, name: str) -> h5py.Dataset:
+        """The open handle of dataset ``name``, kept for the writer's life.
+
+        Why: closing a dataset handle flushes its chunk cache; a handle dropped by the
+        garbage collector would flush outside any write step, where a failure (disk full)
+        is only printed as "Exception ignored" and leaves HDF5 in a state that can crash it.
+        """
+        ds = self._dsets.get(name)
+        if ds is None:
+            ds = self._dsets[name] = self._f[name]
+        return ds
+
+    def _quarantine(self) -> None:
+        """After a failed write, let no further byte reach the file.
+
+        Why: HDF5 retries its dirty cache on close; after a failed write (disk full, EFBIG)
+        that retry can overwrite good metadata with half-updated state, and HDF5 1.14 may
+        crash the interpreter (SIGSEGV seen with a full tmpfs). Pointing the file's
+        descriptor at /dev/null keeps the file exactly as it was when the write failed
+        (every completed record was flushed before) and lets close() finish quietly.
+        """
+        with contextlib.suppress(Exception):
+            fd = self._f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        if self._direct is not None:
+            with contextlib.suppress(OSError):
+                self._direct.close()
+            self._direct = None
+
     def _append(self, name: str, values: np.ndarray) -> tuple[int, int]:
-        ds = self._f[name]
+        ds = self._ds(name)
         n0 = ds.shape[0]
         n1 = n0 + values.shape[0]
         _faults.point(f"{name}.resize")
@@ -423,7 +474,7 @@ class GradientWriter:
         """Append one table row, column by column, its checksum column last."""
         cols = TABLES[table]
         crc = row_crc(table, values)
-        n0 = self._f[f"{table}/{CRC_COL}"].shape[0]
+        n0 = self._ds(f"{table}/{CRC_COL}").shape[0]
         for (cname, dt, shape), v in zip(cols, values, strict=True):
             self._append(f"{table}/{cname}", np.asarray(v, dtype=dt).reshape((1, *shape)))
         self._append(f"{table}/{CRC_COL}", np.array([crc], dtype="<u8"))
@@ -444,7 +495,7 @@ class GradientWriter:
         tail ``[b, n1)``. Head and tail go through h5py (its chunk cache owns those chunks);
         the whole chunk rows are written by :class:`DirectChunks` without holding the GIL.
         """
-        ds = self._f["grads"]
+        ds = self._ds("grads")
         n0 = ds.shape[0]
         n1 = n0 + g.shape[0]
         _faults.point("grads.resize")
@@ -506,7 +557,10 @@ class GradientWriter:
         return full[: int(rows), :P]
 
     def _check_key(self, step: Any, split: str) -> tuple[int, str]:
-        check_split(split)
+        try:
+            check_split(split)
+        except ValueError as e:
+            raise SchemaError(f"{self.path}: {e}") from e
         key = (_as_int64(step, "step", f"{self.path}: record (split={split!r})"), split)
         if key in self._done:
             raise StoreError(f"{self._where(*key)} was already completed in this shard")
@@ -721,10 +775,10 @@ class GradientWriter:
         with self._step(self._where(*key)):
             # Data first, marker last: a kill between the two leaves an incomplete record.
             self._flush()
-            f = self._f
             self._append_row("records", (
                 key[0], encode_split(split), st["kind"], st["n"], st["lr"], st["epoch"],
-                f["segments/crc"].shape[0], f["grads"].shape[0], f["moments/count"].shape[0],
+                self._ds("segments/crc").shape[0], self._ds("grads").shape[0],
+                self._ds("moments/count").shape[0],
             ))
             self._flush()
         self._open.pop(key, None)
