@@ -117,8 +117,226 @@ def local_client(n_workers: int, *, memory_limit: str | int = "auto", **cluster_
         raise
 
 
+#: Environment variable: seconds a scheduler address gets to answer as a Dask scheduler.
+SCHEDULER_TIMEOUT_ENV = "GSNR_SCHEDULER_TIMEOUT"
+
+#: Schemes whose addresses are ``host:port``.
+_HOST_PORT_SCHEMES = ("tcp", "tls", "ws", "wss")
+
+#: What an address that connects but is not a scheduler is told to check.
+_NOT_A_SCHEDULER_HINT = (
+    "give the scheduler's own address (default port 8786), not its dashboard (8787), a "
+    "worker or another service"
+)
+
+
+def scheduler_timeout(timeout: float | str | None = None) -> float:
+    """Seconds a scheduler address gets to accept the connection and answer as a scheduler.
+
+    Parameters
+    ----------
+    timeout : float or str, optional
+        Used if given; else the environment variable ``GSNR_SCHEDULER_TIMEOUT``; else Dask's
+        ``distributed.comm.timeouts.connect`` (30 s unless configured). Numbers are seconds;
+        strings such as ``"10s"`` or ``"2 minutes"`` are parsed by Dask.
+
+    Returns
+    -------
+    float
+        Seconds, > 0.
+
+    Raises
+    ------
+    GSNRError
+        The value is not a positive duration.
+    """
+    import dask
+    from dask.utils import parse_timedelta
+
+    if timeout is not None:
+        value: object = timeout
+        where = "connect_timeout"
+    elif os.environ.get(SCHEDULER_TIMEOUT_ENV, "").strip():
+        value = os.environ[SCHEDULER_TIMEOUT_ENV].strip()
+        where = SCHEDULER_TIMEOUT_ENV
+    else:
+        value = dask.config.get("distributed.comm.timeouts.connect")
+        where = "dask config distributed.comm.timeouts.connect"
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise GSNRError(f"{where} must be a positive number of seconds, got {value!r}")
+    return float(seconds)
+
+
+def _scheduler_address(address: str) -> str:
+    """``address`` with its scheme (``tcp://`` by default), checked before any connection."""
+    from distributed.comm import get_address_host_port, normalize_address
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import get_backend
+
+    expected = "expected a Dask scheduler address such as 'tcp://host:8786'"
+    try:
+        addr = normalize_address(address.strip())
+        scheme, _ = parse_address(addr)
+        get_backend(scheme)
+        if scheme in _HOST_PORT_SCHEMES:
+            port = get_address_host_port(addr, strict=True)[1]
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range 1-65535")
+    except (ValueError, TypeError) as e:
+        raise GSNRError(f"bad scheduler address {address!r}: {e}; {expected}") from e
+    return addr
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) or "no message"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+async def _identify(address: str, timeout: float, connection_args: dict[str, Any]) -> dict:
+    """Connect to ``address``, do the Dask handshake and ask ``identity``, within ``timeout``.
+
+    :func:`distributed.comm.connect` bounds only the TCP connect (its ``timeout`` and
+    ``distributed.comm.timeouts.connect``); ``distributed.comm.timeouts.tcp`` only sets TCP
+    keep-alive, which a live peer satisfies. So a peer that accepts the connection and then
+    stays silent leaves the handshake read, and ``distributed.Client(address, timeout=...)``
+    with it, waiting forever (dask/distributed#8071). Here the TCP connect is retried until
+    the deadline (a scheduler that is still starting is waited for), then the handshake and
+    one ``identity`` request run under ``asyncio.wait_for`` with the time left.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.core import FatalCommClosedError
+    from distributed.comm.registry import get_backend
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    scheme, loc = parse_address(address)
+    connector = get_backend(scheme).get_connector()
+    delay = 0.01
+    last: BaseException | None = None
+    while True:
+        try:
+            raw = await asyncio.wait_for(
+                connector.connect(loc, deserialize=False, **connection_args),
+                max(0.0, deadline - loop.time()),
+            )
+            break
+        except FatalCommClosedError as e:  # TLS misconfiguration: retrying cannot help
+            raise GSNRError(
+                f"cannot connect to the Dask scheduler at {address} ({_describe(e)})"
+            ) from e
+        except OSError as e:  # refused, unreachable, DNS (TimeoutError included): retried
+            if last is None or not isinstance(e, TimeoutError):
+                last = e  # report why the last real attempt failed, not the final timeout
+            left = deadline - loop.time()
+            if left <= 0:
+                raise GSNRError(
+                    f"cannot connect to the Dask scheduler at {address} within {timeout:g} s "
+                    f"({_describe(last)})"
+                ) from last
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
+        except Exception as e:  # e.g. a port out of range: not worth retrying
+            raise GSNRError(
+                f"cannot connect to the Dask scheduler at {address} ({_describe(e)})"
+            ) from e
+    raw.abort()  # the port is open; now does a scheduler answer on it?
+
+    async def ask() -> dict:
+        comm = await connect(address, timeout=timeout, **connection_args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            reply = await comm.read()
+        except BaseException:
+            comm.abort()
+            raise
+        await comm.close()
+        return reply
+
+    try:
+        reply = await asyncio.wait_for(ask(), max(0.5, deadline - loop.time()))
+    except TimeoutError as e:
+        raise GSNRError(
+            f"{address} accepts connections but is not answering as a Dask scheduler: no "
+            f"reply to the Dask handshake within {timeout:g} s; {_NOT_A_SCHEDULER_HINT}"
+        ) from e
+    except Exception as e:  # garbage bytes, closed connection, foreign protocol
+        raise GSNRError(
+            f"{address} accepts connections but is not answering as a Dask scheduler: the Dask "
+            f"handshake failed ({_describe(e)}); {_NOT_A_SCHEDULER_HINT}"
+        ) from e
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind in ("Worker", "Nanny") or not isinstance(kind, str):
+        what = f"a Dask {kind}" if isinstance(kind, str) else "not a Dask scheduler"
+        raise GSNRError(
+            f"{address} answers the Dask protocol but is {what}: its identity reply is "
+            f"{str(reply)[:200]}; {_NOT_A_SCHEDULER_HINT}"
+        )
+    return reply
+
+
+def check_scheduler(address: str, timeout: float | str | None = None) -> str:
+    """Check, within a bounded time, that ``address`` is a running Dask scheduler.
+
+    Parameters
+    ----------
+    address : str
+        Scheduler address, ``"tcp://host:8786"`` (``tcp://`` is assumed when no scheme).
+    timeout : float or str, optional
+        Seconds (see :func:`scheduler_timeout`) for the connection, the Dask handshake and
+        the scheduler's ``identity`` reply together.
+
+    Returns
+    -------
+    str
+        The address with its scheme.
+
+    Raises
+    ------
+    GSNRError
+        The address does not parse, nothing accepts connections there within ``timeout``,
+        or what does is not a Dask scheduler (silent, sends foreign bytes, closes the
+        connection, or is a Dask worker).
+    """
+    import asyncio
+
+    from distributed.security import Security
+
+    t = scheduler_timeout(timeout)
+    addr = _scheduler_address(address)
+    if addr.startswith("inproc://"):
+        return addr  # a scheduler in this process: Client(addr) needs no network check
+    connection_args = Security().get_connection_args("client")  # as Client(address) uses
+    box: dict[str, Any] = {}
+
+    def probe() -> None:
+        # its own thread and event loop: the caller may be inside one (Jupyter)
+        try:
+            box["reply"] = asyncio.run(_identify(addr, t, connection_args))
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=probe, name="gsnr-scheduler-check", daemon=True)
+    thread.start()
+    thread.join(2 * t + 5)  # _identify bounds itself; this is the guard
+    if "error" in box:
+        raise box["error"]
+    if "reply" not in box:
+        raise GSNRError(
+            f"{addr} is not answering as a Dask scheduler within {t:g} s; "
+            f"{_NOT_A_SCHEDULER_HINT}"
+        )
+    return addr
+
+
 @contextlib.contextmanager
-def _client_for(scheduler: object) -> Iterator[Any]:
+def _client_for(scheduler: object, connect_timeout: float | str | None = None) -> Iterator[Any]:
     """Resolve ``scheduler`` to a Client; close what this function created."""
     from distributed import Client
 
@@ -135,8 +353,10 @@ def _client_for(scheduler: object) -> Iterator[Any]:
             cluster.close()
         return
     if isinstance(scheduler, str) or hasattr(scheduler, "scheduler_address"):
+        t = scheduler_timeout(connect_timeout)
+        target: Any = check_scheduler(scheduler, t) if isinstance(scheduler, str) else scheduler
         try:
-            client = Client(scheduler)  # timeout: dask config distributed.comm.timeouts.connect
+            client = Client(target, timeout=t)
         except (OSError, TimeoutError) as e:
             raise GSNRError(f"cannot connect to the Dask scheduler at {scheduler!r} ({e})") from e
         try:
@@ -331,6 +551,7 @@ def reduce_distributed(
     progress: bool = False,
     skip_bad: bool = False,
     columns: int | None = None,
+    connect_timeout: float | str | None = None,
     _task_delay: float = 0.0,
 ) -> xr.Dataset:
     """:func:`gsnr_stats.reduce` on a Dask cluster; same arguments, same Dataset.
@@ -349,7 +570,12 @@ def reduce_distributed(
         ``"processes"``: a temporary ``LocalCluster`` of ``os.cpu_count()`` single-threaded
         worker processes, closed afterwards. A ``Client`` is used as is (left open). A
         cluster object (``LocalCluster``, ``dask_jobqueue.SLURMCluster``) or an address
-        (``"tcp://host:8786"``) gets a ``Client`` that is closed afterwards.
+        (``"tcp://host:8786"``; ``tcp://`` is assumed without a scheme) gets a ``Client``
+        that is closed afterwards. An address must accept the connection and answer the
+        Dask handshake as a scheduler within ``connect_timeout``, else :class:`GSNRError`
+        names it (a port that accepts TCP but speaks another protocol or nothing at all,
+        such as the dashboard, fails instead of hanging); an address that does not parse
+        raises :class:`GSNRError` at once.
     progress : bool
         Progress bar (tqdm) over bytes of finished tasks.
     skip_bad : bool
@@ -358,6 +584,11 @@ def reduce_distributed(
     columns : int, optional
         Target width of a column block (rounded up to a multiple of every shard's chunk
         width); default :data:`DEFAULT_COLUMNS`.
+    connect_timeout : float or str, optional
+        Seconds an address or cluster gets to connect and answer as a scheduler. Default:
+        the environment variable ``GSNR_SCHEDULER_TIMEOUT`` (how the CLI and
+        :func:`gsnr_stats.reduce` set it), else Dask's ``distributed.comm.timeouts.connect``
+        (30 s unless configured). See :func:`scheduler_timeout`.
     _task_delay : float
         Testing only: seconds each reduce task sleeps first.
 
@@ -365,13 +596,19 @@ def reduce_distributed(
     -------
     xarray.Dataset
         As :func:`gsnr_stats.reduce`.
+
+    Raises
+    ------
+    GSNRError
+        The scheduler address does not parse, cannot be connected to, or is not answering as
+        a Dask scheduler within ``connect_timeout``; and the errors of :func:`gsnr_stats.reduce`.
     """
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
     if nonfinite not in ("raise", "omit"):
         raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
     K = int(blocks) if blocks else 1
-    with _client_for(scheduler) as client:
+    with _client_for(scheduler, connect_timeout) as client:
         shards, layout = _plan(client, [Path(f) for f in files], skip_bad)
         keys = _select(shards, steps, splits)
         cols = column_blocks(layout.n_params, [s.chunk_cols for s in shards], columns)

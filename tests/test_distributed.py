@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +32,14 @@ from gsnr_stats.cli import main as cli_main
 
 distributed = pytest.importorskip("distributed")
 
-from gsnr_stats.distributed import column_blocks, local_client, reduce_distributed  # noqa: E402
+from gsnr_stats.distributed import (  # noqa: E402
+    SCHEDULER_TIMEOUT_ENV,
+    check_scheduler,
+    column_blocks,
+    local_client,
+    reduce_distributed,
+    scheduler_timeout,
+)
 from gsnr_stats.reduce import SkippedShardWarning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +349,150 @@ def test_slurm_recipe_locally(tmp_path, monkeypatch):
         np.testing.assert_allclose(got[v].values, whole[v].values, rtol=1e-9, equal_nan=True,
                                    err_msg=v)
     assert_same(got, gs.reduce(shards))
+
+
+# --- scheduler addresses that are not (or not yet) Dask schedulers --------------------------
+
+HANG_GUARD = 120.0  # s: only so that a regression fails instead of hanging the suite
+
+
+def bounded(fn):
+    """``fn()`` in a thread; fail (instead of hanging the suite) if it never returns."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised below
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(HANG_GUARD)
+    assert not th.is_alive(), f"no answer after {HANG_GUARD} s: connecting is not bounded"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+@pytest.fixture
+def not_dask():
+    """``start(mode)`` -> address of a local TCP server that accepts connections and then
+    stays silent (``"silent"``, like an HTTP dashboard waiting for a request), answers with
+    foreign bytes (``"garbage"``) or hangs up (``"close"``)."""
+    stop = threading.Event()
+    servers, held, threads = [], [], []
+
+    def start(mode):
+        srv = socket.create_server(("127.0.0.1", 0))
+        srv.settimeout(0.1)
+        servers.append(srv)
+
+        def serve():
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except (TimeoutError, OSError):
+                    continue
+                if mode == "close":
+                    conn.close()
+                    continue
+                held.append(conn)
+                if mode == "garbage":
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+                                 b"\x00\x01\x02\xff" * 8)
+
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+        threads.append(th)
+        return f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for th in threads:
+        th.join(5)
+    for sock in servers + held:
+        sock.close()
+
+
+@pytest.fixture
+def one_shard(tmp_path):
+    files, _ = write_shards(tmp_path, np.random.default_rng(0), 1, 4, [8], [(0, "train", 6)])
+    return files[0]
+
+
+@pytest.mark.parametrize("mode", ["silent", "garbage", "close"])
+def test_port_that_is_not_a_scheduler_fails_not_hangs(one_shard, not_dask, monkeypatch, mode):
+    """A port that accepts TCP but does not speak Dask as a scheduler: GSNRError naming the
+    address, after at most the timeout (GSNR_SCHEDULER_TIMEOUT for gs.reduce, the keyword for
+    reduce_distributed), never a hang (dask/distributed#8071)."""
+    addr = not_dask(mode)
+    monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV, "2")
+    with pytest.raises(gs.GSNRError) as info:
+        bounded(lambda: gs.reduce(one_shard, scheduler=addr))
+    msg = str(info.value)
+    assert addr in msg and "not answering as a Dask scheduler" in msg, msg
+    if mode == "silent":
+        assert "within 2 s" in msg, msg
+        monkeypatch.delenv(SCHEDULER_TIMEOUT_ENV)
+        with pytest.raises(gs.GSNRError, match="not answering as a Dask scheduler"):
+            bounded(lambda: reduce_distributed([one_shard], scheduler=addr, connect_timeout=1))
+        # without a scheme, tcp:// is assumed (as dask does)
+        with pytest.raises(gs.GSNRError, match="not answering as a Dask scheduler"):
+            bounded(lambda: check_scheduler(addr.removeprefix("tcp://"), timeout="1s"))
+
+
+def test_cli_scheduler_that_is_not_dask_is_a_one_line_error(one_shard, not_dask, tmp_path,
+                                                              capsys, monkeypatch):
+    monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV, "2")
+    out = tmp_path / "out.nc"
+    for sched, want in ((not_dask("silent"), "not answering as a Dask scheduler"),
+                        (not_dask("garbage"), "not answering as a Dask scheduler"),
+                        ("nonsense", "bad scheduler address 'nonsense'")):
+        capsys.readouterr()
+        rc = bounded(lambda s=sched: cli_main(["reduce", str(one_shard), "--scheduler", s,
+                                               "-q", "-o", str(out)]))
+        assert rc == 1
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("gsnr-stats reduce: error: ") and want in lines[0], err
+        assert sched in lines[0], err
+        assert not out.exists()
+
+
+def test_scheduler_address_and_timeout_checks(client, one_shard, monkeypatch):
+    # unparseable addresses fail at once, naming the address
+    for bad, why in (("nonsense", "missing port"), ("tcp://127.0.0.1", "missing port"),
+                     ("tcp://127.0.0.1:notaport", "invalid literal"),
+                     ("tcp://127.0.0.1:99999", "port 99999 is out of range"),
+                     ("foo://x:1", "unknown address")):
+        with pytest.raises(gs.GSNRError, match=f"bad scheduler address '{bad}': {why}"):
+            bounded(lambda b=bad: gs.reduce(one_shard, scheduler=b))
+    # a Dask worker answers the protocol but is not the scheduler
+    worker = next(iter(client.scheduler_info()["workers"]))
+    with pytest.raises(gs.GSNRError, match=f"{worker} answers the Dask protocol but is a Dask "
+                                           "Worker"):
+        bounded(lambda: check_scheduler(worker, timeout=10))
+    # the real scheduler passes, with or without its scheme, and reduces
+    addr = client.scheduler.address
+    assert bounded(lambda: check_scheduler(addr, timeout=10)) == addr
+    assert bounded(lambda: check_scheduler(addr.removeprefix("tcp://"), timeout=10)) == addr
+    got = bounded(lambda: reduce_distributed([one_shard], scheduler=addr, connect_timeout=10))
+    assert_same(got, gs.reduce(one_shard))
+    # timeout: keyword, then GSNR_SCHEDULER_TIMEOUT, then dask's comm.timeouts.connect
+    import dask
+
+    monkeypatch.delenv(SCHEDULER_TIMEOUT_ENV, raising=False)
+    with dask.config.set({"distributed.comm.timeouts.connect": "7s"}):
+        assert scheduler_timeout() == 7.0
+        monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV, "2.5")
+        assert scheduler_timeout() == 2.5
+        assert scheduler_timeout(4) == 4.0 and scheduler_timeout("1 minute") == 60.0
+    for env in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV, env)
+        with pytest.raises(gs.GSNRError, match=f"{SCHEDULER_TIMEOUT_ENV} must be a positive"):
+            scheduler_timeout()
 
 
 if __name__ == "__main__":  # pragma: no cover
