@@ -37,6 +37,7 @@ bench: venv-test
 	$(PY) bench/adapters.py
 	$(PY) bench/scale.py
 	$(PY) bench/records.py
+	$(PY) bench/checksum.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
