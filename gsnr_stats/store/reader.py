@@ -142,7 +142,8 @@ def _superblock(path: Path) -> tuple[int, int, int] | None:
     return version, head[11], base + eof
 
 
-def _open_h5(path: Path) -> h5py.File:
+def _open_h5(path: Path) -> tuple[h5py.File, bool]:
+    """The open file, and whether its superblock says a writer has it open (or died)."""
     if not path.exists():
         raise StoreError(f"{path}: no such file")
     if path.is_dir():
@@ -172,7 +173,7 @@ def _open_h5(path: Path) -> h5py.File:
                                     fapl=_fapl(True))
             else:
                 fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=_fapl(False))
-            return h5py.File(fid)
+            return h5py.File(fid), writing
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             last = e
             if attempt + 1 < _OPEN_RETRIES and writing:
@@ -231,14 +232,19 @@ def _decode_split(raw: bytes, path: Path) -> str:
     except UnicodeDecodeError as e:
         raise SchemaError(f"{path}: split name {raw!r} is not UTF-8") from e
     if not _SPLIT_RE.match(s):
-        raise SchemaError(f"{path}: empty split name in the record index")
+        # (rstrip took the padding: a NUL left is inside the name, never written by us)
+        raise SchemaError(f"{path}: split name {s!r} in the record index is empty or has NUL")
     return s
 
 
-def _backed_rows(ds: h5py.Dataset, row_bytes: int) -> int:
-    """How many rows of ``ds`` its stored bytes can back (filters at their best ratio)."""
+def _backed_rows(ds: h5py.Dataset, row_bytes: int, slack: bool = True) -> int:
+    """How many rows of ``ds`` its stored bytes can back (filters at their best ratio).
+
+    ``slack`` adds one chunk row: rows a live (or killed) writer has resized the dataset by
+    but not yet stored. Without it the bound is exact: chunks are stored whole.
+    """
     ratio = MAX_FILTER_RATIO if ds.id.get_create_plist().get_nfilters() else 1
-    chunk_rows = ds.chunks[0] if ds.chunks else 1
+    chunk_rows = (ds.chunks[0] if ds.chunks else 1) if slack else 0
     return int(ds.id.get_storage_size()) * ratio // max(1, row_bytes) + chunk_rows
 
 
@@ -254,7 +260,7 @@ class GradientStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._f = _open_h5(self.path)
+        self._f, self._left_open = _open_h5(self.path)
         try:
             self._validate()
         except (SchemaError, StoreError):
@@ -368,6 +374,8 @@ class GradientStore:
         n = min(ds.shape[0] for ds in dss)
         for ds, (_, dt, shape) in zip(dss, cols, strict=True):
             n = min(n, _backed_rows(ds, dt.itemsize * int(np.prod(shape, dtype=np.int64))))
+        if self._left_open:
+            self._check_table_chunks(table, dss, cols, n)
         data = {cname: ds[:n] for ds, (cname, _, _) in zip(dss, cols, strict=True)}
         rows = np.concatenate(
             [np.ascontiguousarray(data[c]).reshape(n, -1).view(np.uint8) for c, _, _ in cols[:-1]],
@@ -383,9 +391,50 @@ class GradientStore:
                 f"{path}: table {table!r} row {bad} fails its checksum but later rows are "
                 "valid: the file is damaged"
             )
+        if (not self._left_open and table != "segments" and good < n
+                and int(data[CRC_COL][good]) != 0):
+            # A cleanly closed file has no torn row: a writer that failed mid-row never wrote
+            # its checksum (the column stays 0, HDF5's fill value), and only a killed writer
+            # leaves rows whose columns reached the file in any order. So a written checksum
+            # that fails here is damage; skipping the row as debris would silently drop a
+            # completed record (reported as merely "incomplete") or a trajectory/probe row.
+            # (segments: the extents of the completed records decide, see _load_index_v2;
+            # a segment of an incomplete record is debris either way.)
+            raise SchemaError(
+                f"{path}: table {table!r} row {good} fails its checksum in a cleanly closed "
+                "file: the file is damaged"
+            )
         if total > good:
             self.debris[table] = total - good
         return {c: v[:good] for c, v in data.items()}
+
+    def _check_table_chunks(self, table: str, dss: list[h5py.Dataset], cols: Any, n: int) -> None:
+        """Refuse table chunks lying past the end of a file left open by its writer.
+
+        The superblock's end-of-file check cannot be made there (space is legitimately
+        allocated ahead of the data), and HDF5 reads bytes past the end of a file as zeros:
+        a truncated copy's table rows would read as never-written rows (checksum 0), i.e.
+        as debris, and trajectory/probe rows would vanish silently. A table chunk is only
+        put in the chunk index after its bytes were written (tables are allocated on
+        write), so one ending past the file's size means the file was truncated.
+        """
+        size = self.path.stat().st_size
+        for ds, (cname, _, shape) in zip(dss, cols, strict=True):
+            if not ds.chunks:  # contiguous (not ours, but valid HDF5): one extent
+                off = ds.id.get_offset()
+                ends = [(0, off + ds.id.get_storage_size())] if off is not None and n else []
+            else:
+                ends = []
+                for r in range(0, n, ds.chunks[0]):
+                    info = ds.id.get_chunk_info_by_coord((r, *(0 for _ in shape)))
+                    if info.byte_offset is not None:
+                        ends.append((r, info.byte_offset + info.size))
+            for r, end in ends:
+                if end > size:
+                    raise StoreError(
+                        f"{self.path}: table {table!r} column {cname!r} rows {r}.. lie "
+                        f"beyond the end of the file ({size} bytes): truncated file"
+                    )
 
     def _load_index_v2(self) -> None:
         f, path = self._f, self.path
@@ -563,20 +612,34 @@ class GradientStore:
         """Refuse a file that claims more data than its size can hold (a memory bomb)."""
         f, path = self._f, self.path
         P = self.layout.n_params
+        # Every completed record was flushed before its completion row, so in v2 its data is
+        # stored, whole chunks: no slack. A slack of a chunk row is a memory bomb when rows
+        # are huge (a crafted layout of 2**33 parameters claiming one unstored row had
+        # reduce allocate 64 GiB). v1 bounds the whole dataset, a writer's unstored rows too.
+        slack = self.version == 1
+        size = path.stat().st_size
+        if self.records and P * 2 > size * MAX_FILTER_RATIO:
+            # Any record holding data stores at least P float16 values at the best filter
+            # ratio; a smaller file can only hold empty records, and their O(P) reduce
+            # output (gigabytes for a crafted layout) would be all NaN.
+            raise SchemaError(
+                f"{path}: layout claims {P} parameters, more than the file's {size} bytes "
+                "could hold one gradient row of (a crafted file?)"
+            )
         g = f["grads"]
-        if self._grads_stop and self._grads_stop > _backed_rows(g, P * g.dtype.itemsize):
+        if self._grads_stop and self._grads_stop > _backed_rows(g, P * g.dtype.itemsize, slack):
             raise SchemaError(
                 f"{path}: records claim {self._grads_stop} gradient rows of {P} parameters, "
                 f"more than the {g.id.get_storage_size()} stored bytes can hold"
             )
         if self._grads_stop and g.chunks:
             n_chunks = -(-self._grads_stop // g.chunks[0]) * -(-P // g.chunks[1])
-            if n_chunks > max(1, path.stat().st_size):
+            if n_chunks > max(1, size):
                 raise SchemaError(f"{path}: grads chunk shape {g.chunks} implies more chunks "
                                   "than the file has bytes")
         for name in ("moments/mean", "moments/m2"):
             ds = f[name]
-            if self._moments_stop and self._moments_stop > _backed_rows(ds, P * 8):
+            if self._moments_stop and self._moments_stop > _backed_rows(ds, P * 8, slack):
                 raise SchemaError(
                     f"{path}: records claim {self._moments_stop} moment rows of {P} "
                     f"parameters, more than {name}'s stored bytes can hold"
