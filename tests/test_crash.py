@@ -19,9 +19,11 @@ from gsnr_stats.cli import main as cli_main
 CHILD = r"""
 import sys, numpy as np
 from gsnr_stats.store import GradientWriter
+from gsnr_stats.store.schema import data_checksum
 path = sys.argv[1]
-print("ready", flush=True)
+data_checksum(np.zeros((1, 1), np.float32))  # load the checksum kernel (~0.5 s, once)
 with GradientWriter(path, [("a", (40, 30)), ("b", (30,))], chunks=(16, 256)) as w:
+    print("ready", flush=True)  # after start-up: the kills land while records are written
     step = 0
     while True:
         g = np.random.default_rng(step).normal(size=(7 * (step % 5 + 1), 1230))

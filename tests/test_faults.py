@@ -372,6 +372,16 @@ def _host() -> str:
 
 def test_ctrl_c_at_every_step_of_close(tmp_path):
     """A Ctrl-C while ``close`` completes the open records never leaves a half marker."""
+    # Python's own Ctrl-C handler (a library imported earlier, e.g. dask_jobqueue, may have
+    # installed one that exits)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_at_every_step_of_close(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _ctrl_c_at_every_step_of_close(tmp_path: Path) -> None:
     n_points = 0
     for k in range(1, 200):
         path = tmp_path / f"c{k}.h5"

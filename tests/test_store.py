@@ -86,7 +86,7 @@ def test_writer_refuses_existing_and_bad_shapes(tmp_path):
             w.write(0, "train", np.zeros((3, 5)))
         with pytest.raises(gs.SchemaError, match="loss has 2 values"):
             w.write(0, "train", np.zeros((3, 4)), loss=np.zeros(2))
-        with pytest.raises(ValueError, match="split"):
+        with pytest.raises(gs.SchemaError, match="split"):
             w.write(0, "", np.zeros((3, 4)))
     with pytest.raises(gs.StoreError, match="exists"):
         gs.GradientWriter(path, [("a", (2,))])
