@@ -415,3 +415,43 @@ def _ctrl_c_at_every_step_of_close(tmp_path: Path) -> None:
             n_points = k - 1
             break
     assert n_points >= 5
+
+
+def test_segment_over_never_written_rows_is_refused_not_read_as_zeros(tmp_path):
+    """Rows a record claims but whose bytes never reached the file (zeros, HDF5's fill) are
+    caught by the segment checksum instead of reducing to mean 0, var 0 (issue 10)."""
+    path = tmp_path / "z.h5"
+    g = fh.grads(1)
+    with GradientWriter(path, fh.LAYOUT, chunks=fh.CHUNKS) as w:
+        w.write(0, "train", g)
+        w.write(1, "train", g[:4])
+    import h5py
+
+    with h5py.File(path, "r+") as f:  # the chunks of record 0 as if never written
+        f["grads"][: len(g)] = 0
+    with pytest.raises(StoreError, match=r"z\.h5.*(checksum|damaged)"):
+        gs.reduce(path)
+    with gs.open_store(path) as s, pytest.raises(StoreError, match="z.h5"):
+        s.read_grads(0, "train")
+    with gs.open_store(path) as s:  # the other record is untouched
+        np.testing.assert_array_equal(s.read_grads(1, "train"), g[:4].astype(np.float32))
+
+
+def test_fsync_writer_syncs_each_completed_record(tmp_path, monkeypatch):
+    """``fsync=True`` syncs the file at every completed record and on flush (power loss)."""
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    with GradientWriter(tmp_path / "s.h5", fh.LAYOUT, fsync=True) as w:
+        w.write(0, "train", fh.grads(0))
+        w.end_record(0, "train")
+        n_record = len(calls)
+        w.flush()
+        n_flush = len(calls)
+        w.write(1, "train", fh.grads(1))
+    assert n_record >= 1 and n_flush > n_record and len(calls) > n_flush
+    calls.clear()
+    with GradientWriter(tmp_path / "n.h5", fh.LAYOUT) as w:  # default: no fsync
+        w.write(0, "train", fh.grads(0))
+        w.end_record(0, "train")
+    assert calls == []
