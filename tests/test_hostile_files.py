@@ -289,13 +289,19 @@ def test_killed_writer_file_state(killed_file):
                                           grads_of(st).astype(np.float32))
 
 
+def judge_halves(src: Path, files: list[Path], tmp_path: Path, tag: str):
+    """:func:`judge` the damaged copies in two subprocess batches; (ref keys, results)."""
+    ref_keys, results = [], []
+    for b, batch in enumerate((files[::2], files[1::2])):
+        ref_keys, res = judge(src, batch, tmp_path, f"{tag}{b}")
+        results += res
+    return ref_keys, results
+
+
 def test_killed_writer_damaged_copies(killed_file, tmp_path):
     rng = np.random.default_rng(20261203)
     files = damaged_copies(killed_file, tmp_path / "k", rng, n_flip=140, n_trunc=24)
-    ref_keys, results = [], []
-    for b, batch in enumerate((files[::2], files[1::2])):
-        ref_keys, res = judge(killed_file, batch, tmp_path, f"k{b}")
-        results += res
+    ref_keys, results = judge_halves(killed_file, files, tmp_path, "k")
     assert ref_keys == ["0|train", "1|train", "2|train", "3|test"]
     assert len(results) >= 160
     tally = check_outcomes(ref_keys, results, killed=True)
@@ -321,10 +327,7 @@ def clean_file(tmp_path_factory) -> Path:
 def test_byte_flips_of_closed_store(clean_file, tmp_path):
     rng = np.random.default_rng(7)
     files = damaged_copies(clean_file, tmp_path / "c", rng, n_flip=240)
-    ref_keys, results = [], []
-    for b, batch in enumerate((files[::2], files[1::2])):
-        ref_keys, res = judge(clean_file, batch, tmp_path, f"c{b}")
-        results += res
+    ref_keys, results = judge_halves(clean_file, files, tmp_path, "c")
     assert ref_keys == ["0|train", "1|train", "2|train", "3|test"]
     assert len(results) >= 200
     tally = check_outcomes(ref_keys, results, killed=False)

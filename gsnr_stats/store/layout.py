@@ -140,18 +140,6 @@ class Layout:
         return lay
 
 
-@dataclass(frozen=True)
-class RecordInfo:
-    """One record: a checkpoint ``step`` × a ``split`` of per-sample gradients or moments."""
-
-    step: int
-    split: str
-    kind: str
-    n_samples: int
-    lr: float = math.nan
-    epoch: float = math.nan
-
-
 
 def auto_chunks(n_params: int, itemsize: int) -> tuple[int, int]:
     """Chunk shape ``(rows, cols)`` of about 2 MiB for a ``(N, P)`` gradient dataset.
