@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import (
     AdapterError,
@@ -17,6 +17,8 @@ from .errors import (
     SchemaError,
     StoreError,
 )
+from .estimators import osgr_first_order, osgr_pools, osgr_probe, osgr_trajectory
+from .groups import aggregate
 from .reduce import SkippedShardWarning, reduce
 from .store import (
     GradientStore,
@@ -28,20 +30,13 @@ from .store import (
 )
 from .theory import (
     accumulated_gap,
-    aggregate,
-    aggregate_ci,
-    jackknife,
     measured_gap,
     noise_scale,
     one_step_gap,
     osgr,
-    osgr_ci,
-    osgr_first_order,
     osgr_param,
-    osgr_pools,
-    osgr_probe,
-    osgr_trajectory,
 )
+from .uncertainty import aggregate_ci, jackknife, osgr_ci
 
 __all__ = [
     "AdapterError",

@@ -158,14 +158,14 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def cmd_osgr(args: argparse.Namespace) -> int:
     import xarray as xr
 
-    from . import theory
+    from . import estimators, theory
 
     stats = xr.load_dataset(args.stats)
     res = theory.osgr(stats, n=args.n, split=args.split, debias=not args.no_debias, by=args.by)
     print(res["osgr"].to_dataframe().to_string())
     if args.first_order:
         # the measurement beside the theory: one streaming pass over the stored gradients
-        fo = theory.osgr_first_order(
+        fo = estimators.osgr_first_order(
             args.first_order, n=args.n, splits=tuple(args.pools), n_subsets=args.subsets,
             seed=args.seed, stats=stats, theory_split=args.split or args.pools[0],
             debias=not args.no_debias,
@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(
         prog="gsnr-stats",

@@ -17,7 +17,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from . import theory
+from . import groups, theory
 
 __all__ = [
     "gap_plot",
@@ -79,7 +79,7 @@ def gsnr_trajectories(
         One axes per split, one line (and band) per group.
     """
     names = _splits(stats, split)
-    ag = theory.aggregate(stats, by=by, quantiles=band, split=names, debias=debias)
+    ag = groups.aggregate(stats, by=by, quantiles=band, split=names, debias=debias)
     fig, axes = _figure(len(names))
     steps = ag["step"].values
     for ax, sp in zip(axes, names, strict=True):
@@ -312,7 +312,7 @@ def train_vs_test_gsnr(
     matplotlib.figure.Figure
         Two axes.
     """
-    ag = theory.aggregate(stats, by=by, quantiles=(), split=[train, test])
+    ag = groups.aggregate(stats, by=by, quantiles=(), split=[train, test])
     fig, (ax, ax2) = _figure(2)
     steps = ag["step"].values
     for g in ag["group"].values:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import plot, theory
+from . import estimators, groups, plot, theory, uncertainty
 from .errors import GSNRError, StoreError
 
 __all__ = ["fmt", "report_numbers", "write_report"]
@@ -105,11 +105,11 @@ def report_numbers(
     splits = [str(s) for s in stats["split"].values]
     split = split or _held_out(splits)
     out: dict[str, xr.Dataset] = {
-        "aggregate": theory.aggregate(stats, by=by, quantiles=(0.5,)),
+        "aggregate": groups.aggregate(stats, by=by, quantiles=(0.5,)),
         "noise_scale": theory.noise_scale(stats),
     }
     if "block_mean" in stats:
-        out["osgr"] = theory.osgr_ci(stats, list(n), split=split)
+        out["osgr"] = uncertainty.osgr_ci(stats, list(n), split=split)
     else:
         out["osgr"] = theory.osgr(stats, list(n), split=split)
     if {"train", "test"} <= set(splits) and "loss_mean" in stats \
@@ -192,7 +192,7 @@ def write_report(
             with open_store(paths[0]) as s:
                 pr = s.probes()
         if len(pr["step"]):
-            probe_ds = theory.osgr_probe(pr, stats, split=split)
+            probe_ds = estimators.osgr_probe(pr, stats, split=split)
             measured.append(probe_ds)
     figs = plot.save_all(stats, out, n=ns, by=by, gap=nums.get("gap"),
                          measured=measured or None, dpi=dpi)

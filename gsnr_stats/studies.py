@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from . import theory
+from . import estimators, groups, theory, uncertainty
 from .reduce import reduce
 
 __all__ = [
@@ -332,9 +332,9 @@ def shallow_vs_dnn(
     for tr in trainers:
         store, stats, steps = _train_reduce(tr, (Xtr, ytr, Xte, yte), out, tr.name, tr.name,
                                             epochs, files)
-        ag = theory.aggregate(stats, by="model", quantiles=(), split="train")
+        ag = groups.aggregate(stats, by="model", quantiles=(), split="train")
         R = theory.osgr(stats, [n_train, n_probe], split="test")["osgr"].sel(split="test")
-        fo = theory.osgr_first_order(store, n=n_probe, n_subsets=64, seed=seed)
+        fo = estimators.osgr_first_order(store, n=n_probe, n_subsets=64, seed=seed)
         gap = theory.measured_gap(stats)
         ds = xr.Dataset(
             {
@@ -539,13 +539,13 @@ def osgr_validation(
             stats = reduce(store, blocks=8)
             if keep_stores:
                 files[f"noise{frac:g}_n{n}_store"] = store
-            ci = theory.jackknife(stats, lambda s, n=n: _theory_and_pools(s, n))
+            ci = uncertainty.jackknife(stats, lambda s, n=n: _theory_and_pools(s, n))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from .store import open_store
 
                 with open_store(store) as s:
-                    pr = theory.osgr_probe(s.probes(), stats, split="test")
+                    pr = estimators.osgr_probe(s.probes(), stats, split="test")
             for c, ep in enumerate((0, 1, late_epoch)):
                 st, p = probes[ep]
                 sel = pr.where(pr["step"] == st, drop=True)
@@ -595,7 +595,7 @@ def osgr_validation(
 def _theory_and_pools(stats: xr.Dataset, n: int) -> xr.Dataset:
     """Theory R(n) from held-out moments, and the probe's expectation given its pools."""
     t = theory.osgr(stats, n, split="test")["osgr"].sel(split="test", drop=True)
-    p = theory.osgr_pools(stats, n, splits=("train", "test"))["osgr_pools"]
+    p = estimators.osgr_pools(stats, n, splits=("train", "test"))["osgr_pools"]
     return xr.Dataset({"osgr_theory": t, "osgr_pools": p, "pools_minus_theory": p - t})
 
 
@@ -678,7 +678,7 @@ def random_labels(
         tr = [t for t in sklearn_trainers(classes, seed) if t.name == "mlp"][0]
         store, stats, steps = _train_reduce(tr, (Xtr, yt, Xte, ye), out, f"rl_{lab}", lab,
                                             epochs, files)
-        ag = theory.aggregate(stats, by="model", quantiles=(), split="train")
+        ag = groups.aggregate(stats, by="model", quantiles=(), split="train")
         gap = theory.accumulated_gap(stats, n, split="test")
         R = theory.osgr(stats, n, split="test")["osgr"].sel(split="test", n=n)
         parts.append(xr.Dataset(

@@ -1,0 +1,519 @@
+"""Measured OSGR, next to the theory: trajectory, virtual-step probes, first order, pools.
+
+:func:`osgr_trajectory` (loss decreases along recorded optimizer steps), :func:`osgr_probe`
+(virtual-step probes), :func:`osgr_first_order` (``Σ g_{D'}·g_D / Σ |g_D|²`` from stored
+per-sample gradients, one streaming pass per record through :func:`.kernels.subset_sums`)
+and :func:`osgr_pools` (their expectation given the two finite pools); each attaches the
+theoretical :func:`~.theory.osgr` and a jackknife SE over draws (``docs/theory.md``). The
+only analytics module that reads stores, through the public :class:`~.store.GradientStore`
+API (``open_store``, ``records``, ``record``, ``iter_grads``), never h5py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ._dsutil import _ONE, _n_coord, _n_grid, _select_splits
+from .kernels import subset_sums
+from .store import check_same_layout, expand_paths, open_store
+from .theory import osgr
+from .uncertainty import _ratio_jackknife
+
+__all__ = ["osgr_first_order", "osgr_pools", "osgr_probe", "osgr_trajectory"]
+
+
+def _theory_at(
+    stats: xr.Dataset | None, steps: np.ndarray, ns: np.ndarray, split: str, debias: bool,
+    method: str | None,
+) -> xr.DataArray | None:
+    """Theoretical R at ``steps`` × ``ns``: exact step match or latest checkpoint (ffill)."""
+    if stats is None:
+        return None
+    R = osgr(stats, np.unique(ns), split=split, debias=debias)["osgr"].sel(split=split)
+    R = R.sortby("step")
+    us = np.unique(steps)
+    R = R.reindex(step=us, method=method)
+    return R
+
+
+def osgr_trajectory(
+    traj: Mapping[str, np.ndarray],
+    stats: xr.Dataset | None = None,
+    *,
+    n: int | Sequence[int] | None = None,
+    split: str = "test",
+    debias: bool = True,
+    window: int = 1,
+) -> xr.Dataset:
+    """Measured OSGR along recorded optimizer steps, next to the theory.
+
+    .. math::
+
+        R_t = \\frac{L_{\\mathrm{test}}(\\theta_t) - L_{\\mathrm{test}}(\\theta_{t+w})}
+                    {L_{\\mathrm{train}}(\\theta_t) - L_{\\mathrm{train}}(\\theta_{t+w})}
+
+    over consecutive trajectory rows (``w = window`` rows; a row gap of several optimizer
+    steps makes it a multi-step ratio, see ``n_steps``). Noisy where the training loss
+    barely moves.
+
+    Parameters
+    ----------
+    traj : mapping
+        ``store.trajectory()``: 1-D arrays ``step``, ``lr``, ``train_loss``, ``test_loss``.
+    stats : xarray.Dataset, optional
+        Moments: adds ``osgr_theory`` (step, n) from the latest checkpoint at or before
+        each step (NaN before the first).
+    n : int or sequence of int
+        Training-set (batch) size for the theory; required with ``stats``.
+    split : str
+        Split whose moments feed the theory.
+    debias : bool
+        As in :func:`osgr`.
+    window : int
+        Rows per ratio.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``osgr_measured``, ``delta_train``, ``delta_test``, ``n_steps``, ``lr`` (step)
+        [, ``osgr_theory`` (step, n)].
+    """
+    w = int(window)
+    if w < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
+    order = np.argsort(np.asarray(traj["step"]), kind="stable")
+    step = np.asarray(traj["step"], dtype=np.int64)[order]
+    tr = np.asarray(traj["train_loss"], dtype=np.float64)[order]
+    te = np.asarray(traj["test_loss"], dtype=np.float64)[order]
+    lr = np.asarray(traj.get("lr", np.full(step.size, np.nan)), dtype=np.float64)[order]
+    m = max(step.size - w, 0)
+    dtr = tr[:m] - tr[w:w + m]
+    dte = te[:m] - te[w:w + m]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        R = np.where(dtr != 0, dte / np.where(dtr != 0, dtr, 1.0), np.nan)
+    data: dict[str, Any] = {
+        "osgr_measured": ("step", R, {"long_name": "measured OSGR dL_test / dL_train over the "
+                                                   "step", **_ONE}),
+        "delta_train": ("step", dtr, {"long_name": "train loss decrease", **_ONE}),
+        "delta_test": ("step", dte, {"long_name": "test loss decrease", **_ONE}),
+        "n_steps": ("step", step[w:w + m] - step[:m],
+                    {"long_name": "optimizer steps per ratio", **_ONE}),
+        "lr": ("step", lr[:m], {"long_name": "learning rate", **_ONE}),
+    }
+    coords: dict[str, Any] = {"step": ("step", step[:m], {"long_name": "optimizer step"})}
+    if stats is not None:
+        if n is None:
+            raise ValueError("osgr_trajectory: pass n (training-set size) with stats")
+        ns = _n_grid(n)
+        th = _theory_at(stats, step[:m], ns, split, debias, "ffill")
+        data["osgr_theory"] = (("step", "n"), th.sel(step=step[:m]).values,
+                               {"long_name": f"theoretical OSGR R(n) on {split!r} at the "
+                                             "latest checkpoint", **_ONE})
+        coords["n"] = _n_coord(ns)
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update({"title": "measured OSGR along the training trajectory", "window": w,
+                     "theory_split": split, "debias": int(debias)})
+    return ds
+
+
+def osgr_probe(
+    probes: Mapping[str, np.ndarray],
+    stats: xr.Dataset | None = None,
+    *,
+    split: str = "test",
+    debias: bool = True,
+) -> xr.Dataset:
+    """OSGR by its definition, from virtual-step probe rows, next to the theory.
+
+    .. math::
+
+        \\hat R = \\frac{\\sum_k \\Delta L[D'_k]}{\\sum_k \\Delta L[D_k]},\\qquad
+        \\Delta L[D] = L[D](\\theta) - L[D](\\theta - \\lambda \\nabla L[D_k]),
+
+    per ``(step, n, lr)``, with a delete-one-probe jackknife SE over ``k``. As λ → 0 it
+    should approach :func:`osgr` at that ``n`` (moments of a held-out split).
+
+    Parameters
+    ----------
+    probes : mapping
+        ``store.probes()``: ``step, n, lr, k, train_before, train_after, test_before,
+        test_after``.
+    stats : xarray.Dataset, optional
+        Adds ``osgr_theory`` at the exact probe step (NaN if no checkpoint there).
+    split, debias
+        For the theory.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dim ``probe`` (one per ``(step, n, lr)``, coords ``step``, ``n``, ``lr``):
+        ``osgr_measured``, ``osgr_se``, ``n_probes``, ``delta_train``, ``delta_test`` (means
+        over k) [, ``osgr_theory``]. ``ds.set_index(probe=["step", "n", "lr"]).unstack()``
+        gives a grid.
+    """
+    step = np.asarray(probes["step"], dtype=np.int64)
+    nn = np.asarray(probes["n"], dtype=np.int64)
+    lr = np.asarray(probes["lr"], dtype=np.float64)
+    dtr = np.asarray(probes["train_before"], float) - np.asarray(probes["train_after"], float)
+    dte = np.asarray(probes["test_before"], float) - np.asarray(probes["test_after"], float)
+    keys = np.stack([step.astype(np.float64), nn.astype(np.float64), lr], axis=1)
+    uk, inv = (np.unique(keys, axis=0, return_inverse=True) if step.size
+               else (np.zeros((0, 3)), np.zeros(0, dtype=np.int64)))
+    inv = inv.reshape(-1)
+    G = uk.shape[0]
+    R, se, cnt = np.full(G, np.nan), np.full(G, np.nan), np.zeros(G, dtype=np.int64)
+    mtr, mte = np.full(G, np.nan), np.full(G, np.nan)
+    for g in range(G):
+        sel = inv == g
+        R[g], se[g] = _ratio_jackknife(dte[sel], dtr[sel])
+        cnt[g] = int(sel.sum())
+        mtr[g], mte[g] = dtr[sel].mean(), dte[sel].mean()
+    ps = uk[:, 0].astype(np.int64)
+    pn = uk[:, 1].astype(np.int64)
+    data: dict[str, Any] = {
+        "osgr_measured": ("probe", R, {"long_name": "measured OSGR sum dL[D'] / sum dL[D] "
+                                                    "(probe)", **_ONE}),
+        "osgr_se": ("probe", se, {"long_name": "jackknife standard error over probes k",
+                                  **_ONE}),
+        "n_probes": ("probe", cnt, {"long_name": "probes K", **_ONE}),
+        "delta_train": ("probe", mtr, {"long_name": "mean loss decrease on D_k", **_ONE}),
+        "delta_test": ("probe", mte, {"long_name": "mean loss decrease on D'_k", **_ONE}),
+    }
+    if stats is not None and G:
+        th = _theory_at(stats, ps, pn, split, debias, None)
+        data["osgr_theory"] = ("probe", th.sel(step=xr.DataArray(ps, dims="probe"),
+                                               n=xr.DataArray(pn, dims="probe")).values,
+                               {"long_name": f"theoretical OSGR R(n) on {split!r}", **_ONE})
+    coords = {
+        "step": ("probe", ps, {"long_name": "optimizer step"}),
+        "n": ("probe", pn, {"long_name": "probe subset size n", **_ONE}),
+        "lr": ("probe", uk[:, 2], {"long_name": "virtual-step learning rate", **_ONE}),
+    }
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update({"title": "measured OSGR from virtual-step probes", "theory_split": split,
+                     "debias": int(debias)})
+    return ds
+
+
+# -- first-order OSGR from stored gradients ------------------------------------------------
+
+def _membership(rows: Sequence[np.ndarray], ids: Sequence[int], N: int) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+    """CSR row -> subset ids for subsets ``ids[i]`` holding record rows ``rows[i]``."""
+    if rows:
+        r = np.concatenate([np.asarray(x, dtype=np.int64) for x in rows])
+        k = np.concatenate([np.full(len(x), i, dtype=np.int64) for x, i in zip(rows, ids,
+                                                                               strict=True)])
+    else:
+        r = np.zeros(0, dtype=np.int64)
+        k = np.zeros(0, dtype=np.int64)
+    order = np.argsort(r, kind="stable")
+    members = k[order]
+    row_ptr = np.zeros(N + 1, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=N), out=row_ptr[1:])
+    return row_ptr, members
+
+
+def _draw_subsets(
+    rng: np.random.Generator, n_a: int, n_b: int | None, n: int, K: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """K pairs (D_k, D'_k) of size n; ``n_b=None``: both from one pool of ``n_a`` rows, disjoint."""
+    A, B = [], []
+    for _ in range(K):
+        if n_b is None:
+            perm = rng.choice(n_a, 2 * n, replace=False)
+            A.append(np.sort(perm[:n]))
+            B.append(np.sort(perm[n:]))
+        else:
+            A.append(np.sort(rng.choice(n_a, n, replace=False)))
+            B.append(np.sort(rng.choice(n_b, n, replace=False)))
+    return A, B
+
+
+def _first_order_core(
+    chunks_a: Callable[[], Iterator[np.ndarray]],
+    chunks_b: Callable[[], Iterator[np.ndarray]] | None,
+    n_rows: tuple[int, int | None],
+    P: int,
+    subsets_a: Sequence[np.ndarray],
+    subsets_b: Sequence[np.ndarray],
+    col_block: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-subset ``g_{D'_k}·g_{D_k}`` and ``|g_{D_k}|²`` of subset *sums*, in one pass each.
+
+    ``chunks_b=None``: both subset families index the same record (read once).
+    """
+    M = len(subsets_a)
+    acc = np.zeros((2 * M, P))
+    ids_a, ids_b = list(range(M)), list(range(M, 2 * M))
+    if chunks_b is None:
+        passes = [(chunks_a, n_rows[0], list(subsets_a) + list(subsets_b), ids_a + ids_b)]
+    else:
+        passes = [(chunks_a, n_rows[0], list(subsets_a), ids_a),
+                  (chunks_b, n_rows[1], list(subsets_b), ids_b)]
+    for chunks, N, rows, ids in passes:
+        row_ptr, members = _membership(rows, ids, int(N))
+        row0 = 0
+        for x in chunks():
+            x = np.ascontiguousarray(x)
+            if x.ndim != 2 or x.shape[1] != P:
+                raise ValueError(f"gradient chunk of shape {x.shape}, expected (rows, {P})")
+            subset_sums(x, row0, row_ptr, members, acc, col_block)
+            row0 += x.shape[0]
+        if row0 != N:
+            raise ValueError(f"read {row0} gradient rows, expected {N}")
+    a, b = acc[:M], acc[M:]
+    return np.einsum("kp,kp->k", b, a), np.einsum("kp,kp->k", a, a)
+
+
+def _record_reader(
+    source: Any, step: int, split: str, chunk_rows: int
+) -> tuple[Callable[[], Iterator[np.ndarray]], int, int]:
+    """``(chunk iterator factory, N, P)`` for one record of a store or a mapping."""
+    if isinstance(source, Mapping):
+        arr = np.asarray(source[(step, split)])
+
+        def it_arr() -> Iterator[np.ndarray]:
+            for i in range(0, arr.shape[0], chunk_rows):
+                yield arr[i:i + chunk_rows]
+
+        return it_arr, int(arr.shape[0]), int(arr.shape[1])
+    # shards of one run: the record's rows are those of every shard holding it, in order
+    parts = [st for st in source if any(r.step == step and r.split == split
+                                        and r.kind == "gradients" for r in st.records)]
+    N = sum(st.record(step, split).n_samples for st in parts)
+    P = source[0].layout.n_params
+
+    def it_store() -> Iterator[np.ndarray]:
+        for st in parts:
+            yield from st.iter_grads(step, split, chunk_rows)
+
+    return it_store, int(N), int(P)
+
+
+def osgr_first_order(
+    source: Any,
+    steps: int | Sequence[int] | None = None,
+    *,
+    n: int | Sequence[int],
+    splits: tuple[str, str] = ("train", "test"),
+    n_subsets: int = 64,
+    seed: int | np.random.Generator | None = 0,
+    stats: xr.Dataset | None = None,
+    theory_split: str | None = None,
+    debias: bool = True,
+    chunk_rows: int = 4096,
+    max_bytes: int = 1 << 30,
+) -> xr.Dataset:
+    """First-order OSGR from stored per-sample gradients: one streaming pass per record.
+
+    .. math::
+
+        \\hat R_1 = \\frac{\\sum_k g_{D'_k} \\cdot g_{D_k}}{\\sum_k \\lVert g_{D_k}\\rVert^2},
+
+    ``D_k`` (size n) drawn from split ``splits[0]``, ``D'_k`` (size n) from ``splits[1]``
+    (disjoint halves of one draw when both name the same split). Its expectation is
+    :math:`\\sum_j \\tilde g_j^2 / \\sum_j (\\tilde g_j^2 + \\rho_j^2/n)`, the theory of
+    :func:`osgr` with the moments of ``splits[0]``, to first order in λ: the ratio of
+    :math:`\\Delta L[D'] \\approx \\lambda g_{D'}\\cdot g_D` to
+    :math:`\\Delta L[D] \\approx \\lambda \\lVert g_D\\rVert^2`. Standard error: delete-one
+    jackknife over k.
+
+    Subset sums are accumulated in float64, ``2 · K · P`` numbers per ``n`` value (``n``
+    values are split into passes so that this stays under ``max_bytes``).
+
+    Parameters
+    ----------
+    source : path, glob, list of paths, GradientStore or mapping
+        A store (path or open), the shards of one run (their rows of a record are pooled;
+        layouts must match), or a mapping ``{(step, split): (N, P) array}``. Gradients are
+        streamed ``chunk_rows`` rows at a time.
+    steps : int or sequence, optional
+        Checkpoints; default every step holding both splits.
+    n : int or sequence of int
+        Subset size(s).
+    splits : (str, str)
+        Pools of ``D_k`` and ``D'_k``.
+    n_subsets : int
+        K pairs per (step, n).
+    seed : int or Generator
+        Subset draws are reproducible.
+    stats : xarray.Dataset, optional
+        Adds ``osgr_theory`` (step, n) from ``theory_split`` (default ``splits[0]``).
+    debias : bool
+        For the theory.
+    chunk_rows : int
+        Rows per chunk handed to the kernel.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``osgr_first_order``, ``osgr_se``, ``dot_mean`` (mean ``g_{D'}·g_D``), ``sqnorm_mean``
+        (mean ``|g_D|²``) (step, n) [, ``osgr_theory``].
+    """
+    ns = _n_grid(n)
+    K = int(n_subsets)
+    if K < 1:
+        raise ValueError(f"n_subsets must be >= 1, got {n_subsets!r}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    sa, sb = splits
+    opened: list[Any] = []
+    try:
+        if isinstance(source, Mapping):
+            have = {(int(k[0]), str(k[1])) for k in source}
+        else:
+            if hasattr(source, "read_grads"):
+                source = [source]
+            else:
+                for path in expand_paths(source):
+                    opened.append(open_store(path))
+                check_same_layout(opened)
+                source = opened
+            have = {(int(r.step), str(r.split)) for st in source for r in st.records
+                    if r.kind == "gradients"}
+        if steps is None:
+            st_list = sorted({s for s, _ in have if (s, sa) in have and (s, sb) in have})
+        else:
+            st_list = [int(s) for s in np.atleast_1d(steps)]
+        for s in st_list:
+            for sp in (sa, sb):
+                if (s, sp) not in have:
+                    raise KeyError(f"no per-sample gradient record (step={s}, split={sp!r})")
+        S = len(st_list)
+        R = np.full((S, ns.size), np.nan)
+        se = np.full((S, ns.size), np.nan)
+        dot = np.full((S, ns.size), np.nan)
+        sq = np.full((S, ns.size), np.nan)
+        for i, s in enumerate(st_list):
+            it_a, Na, P = _record_reader(source, s, sa, chunk_rows)
+            it_b, Nb, Pb = _record_reader(source, s, sb, chunk_rows)
+            if P != Pb:
+                raise ValueError(f"step {s}: splits have {P} and {Pb} parameters")
+            same = sa == sb
+            per_pass = max(1, int(max_bytes // max(1, 2 * K * P * 8)))
+            for c0 in range(0, ns.size, per_pass):
+                sub_a: list[np.ndarray] = []
+                sub_b: list[np.ndarray] = []
+                for nv in ns[c0:c0 + per_pass]:
+                    need = 2 * nv if same else nv
+                    if need > Na or (not same and nv > Nb):
+                        raise ValueError(
+                            f"step {s}: subsets of size n={nv} need {need} rows of {sa!r} "
+                            f"({Na} stored)" + ("" if same else f" and {nv} of {sb!r} ({Nb})"))
+                    A, B = _draw_subsets(rng, Na, None if same else Nb, int(nv), K)
+                    sub_a += A
+                    sub_b += B
+                num, den = _first_order_core(it_a, None if same else it_b, (Na, Nb), P,
+                                             sub_a, sub_b)
+                for jj, nv in enumerate(ns[c0:c0 + per_pass]):
+                    sl = slice(jj * K, (jj + 1) * K)
+                    R[i, c0 + jj], se[i, c0 + jj] = _ratio_jackknife(num[sl], den[sl])
+                    dot[i, c0 + jj] = num[sl].mean() / float(nv) ** 2
+                    sq[i, c0 + jj] = den[sl].mean() / float(nv) ** 2
+    finally:
+        for st in opened:
+            st.close()
+    data: dict[str, Any] = {
+        "osgr_first_order": (("step", "n"), R, {"long_name": "first-order OSGR sum g_D'.g_D / "
+                                                             "sum |g_D|^2", **_ONE}),
+        "osgr_se": (("step", "n"), se, {"long_name": "jackknife standard error over subsets",
+                                        **_ONE}),
+        "dot_mean": (("step", "n"), dot, {"long_name": "mean g_D'.g_D over subsets"}),
+        "sqnorm_mean": (("step", "n"), sq, {"long_name": "mean |g_D|^2 over subsets"}),
+    }
+    coords = {"step": ("step", np.asarray(st_list, dtype=np.int64), {"long_name":
+                                                                     "optimizer step"}),
+              "n": _n_coord(ns)}
+    tsplit = theory_split or sa
+    if stats is not None and S:
+        th = _theory_at(stats, np.asarray(st_list), ns, tsplit, debias, None)
+        data["osgr_theory"] = (("step", "n"), th.sel(n=ns).values,
+                               {"long_name": f"theoretical OSGR R(n) on {tsplit!r}", **_ONE})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update({"title": "first-order OSGR from stored per-sample gradients",
+                     "splits": f"{sa},{sb}", "n_subsets": K, "theory_split": tsplit,
+                     "debias": int(debias)})
+    return ds
+
+
+# -- expectation of the measured estimators, given the two finite pools ---------------------
+
+
+def osgr_pools(
+    stats: xr.Dataset,
+    n: int | Sequence[int],
+    *,
+    splits: tuple[str, str] = ("train", "test"),
+) -> xr.Dataset:
+    """First-order expectation of the probe and first-order OSGR, given their two pools.
+
+    The probe (:func:`osgr_probe`) and :func:`osgr_first_order` draw ``D_k`` (``n`` rows,
+    without replacement) from a *finite* pool A of ``N_A`` samples and ``D'_k`` from a
+    disjoint finite pool B. With pool means ``m_A``, ``m_B`` and pool-A variance
+    ``s_A²`` (ddof 1), ``E[g_{D'}·g_D] = m_B·m_A`` and
+    ``E|g_D|² = |m_A|² + (1/n − 1/N_A) Σ_j s_Aj²``, so, to first order in λ and up to the
+    O(1/K) bias of a ratio of sums,
+
+    .. math::
+
+        \\mathbb E[\\hat R \\mid A, B] = \\frac{\\sum_j m_{Aj} m_{Bj}}
+        {\\sum_j \\left(m_{Aj}^2 + (1/n - 1/N_A)\\, s_{Aj}^2\\right)} .
+
+    The theory :func:`osgr` on pool A has the same denominator (debiased ``G``) but the
+    numerator ``Σ_j (m_Aj² − s_Aj²/N_A)``: both estimate ``Σ_j g̃_j²``, but they differ by
+    the sampling noise of the *pools*, ``m_A·(m_B − m_A) + Σ s_A²/N_A``, which neither the
+    probes' jackknife over k nor :func:`osgr_ci` (pool A only, and nearly cancelling
+    between numerator and denominator when R → 1) contains. Compare a measured OSGR with
+    the theory using ``SE² = SE_measured² + SE_pools²``, where ``SE_pools`` is the
+    jackknife SE of ``osgr_pools − osgr`` (variable ``pool_minus_theory``):
+    ``jackknife(stats, lambda s: osgr_pools(s, n, splits=(a, b)))``.
+
+    Parameters
+    ----------
+    stats : xarray.Dataset
+        Moments with both ``splits`` (``mean``, ``var``, ``count``).
+    n : int or sequence of int
+        Draw size(s).
+    splits : (str, str)
+        Pools A (``D_k``) and B (``D'_k``).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``osgr_pools`` (step, n): the expectation above; ``osgr_theory`` (step, n): :func:`osgr`
+        on pool A (debiased); ``pool_minus_theory`` their difference.
+    """
+    a, b = splits
+    st = _select_splits(stats, [a, b])
+    ns = _n_grid(n)
+    ma = st["mean"].sel(split=a).transpose("step", "param").values
+    mb = st["mean"].sel(split=b).transpose("step", "param").values
+    va = st["var"].sel(split=a).transpose("step", "param").values
+    Na = st["count"].sel(split=a).values.astype(np.float64)
+    ok = np.isfinite(ma) & np.isfinite(mb) & np.isfinite(va)
+    num = np.where(ok, ma * mb, 0.0).sum(-1)
+    m2 = np.where(ok, ma * ma, 0.0).sum(-1)
+    sv = np.where(ok, va, 0.0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = m2[:, None] + (1.0 / ns[None, :] - 1.0 / Na[:, None]) * sv[:, None]
+        E = np.where((den > 0) & ok.any(-1)[:, None], num[:, None] / den, np.nan)
+    T = osgr(stats, ns, split=a)["osgr"].sel(split=a).transpose("step", "n").values
+    coords = {"step": st["step"], "n": _n_coord(ns)}
+    ds = xr.Dataset(
+        {
+            "osgr_pools": (("step", "n"), E, {"long_name": "first-order expectation of the "
+                                                          "measured OSGR given pools A, B",
+                                              **_ONE}),
+            "osgr_theory": (("step", "n"), T, {"long_name": f"theoretical OSGR R(n) on {a!r}",
+                                               **_ONE}),
+            "pool_minus_theory": (("step", "n"), E - T,
+                                  {"long_name": "osgr_pools - osgr_theory", **_ONE}),
+        },
+        coords=coords,
+    )
+    ds.attrs.update({"title": "expected measured OSGR given finite pools", "splits": f"{a},{b}"})
+    return ds
