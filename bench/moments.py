@@ -56,7 +56,7 @@ def _record_bytes(path: Path, step: int, split: str) -> int:
         P = s.layout.n_params
         if rec.kind == "moments":
             return len(s.read_moments(step, split)[0]) * (16 * P + 8)
-        return rec.n_samples * (P * s.grads_dataset.dtype.itemsize + 24)
+        return rec.n_samples * (P * s.grads_dtype.itemsize + 24)
 
 
 def _recorded(model: Any, lf: Any, batches: list[Any], where: Path, tag: str,

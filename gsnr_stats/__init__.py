@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 from ._version import __version__
-
 from .errors import (
     AdapterError,
     GSNRError,

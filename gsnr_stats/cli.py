@@ -63,10 +63,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  created {a['created_at']}, run {a['run_id']}")
             if a["user_attrs"]:
                 print(f"  attrs {a['user_attrs']}")
-            ds = store.grads_dataset
-            comp = ds.compression or "none"
+            comp = store.grads_compression or "none"
             print(f"  layout: {len(lay.names)} tensors, P={lay.n_params}, hash {lay.hash[:12]}, "
-                  f"dtype {ds.dtype}, chunks {ds.chunks}, compression {comp}")
+                  f"dtype {store.grads_dtype}, chunks {store.grads_chunks}, compression {comp}")
             for n, s, layer, o in zip(lay.names, lay.shapes, lay.layers, lay.offsets, strict=True):
                 print(f"    {n:<32} {str(tuple(s)):<20} layer {layer:<20} offset {o}")
             print(f"  records: {len(store.records)} complete")

@@ -45,8 +45,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import GSNRError, LayoutMismatchError, StoreError
-from .reduce import (
+from .engine import (
     Partial,
     SkippedShardWarning,
     build_dataset,
@@ -55,6 +54,7 @@ from .reduce import (
     numba_threads,
     record_partial,
 )
+from .errors import GSNRError, LayoutMismatchError, StoreError
 from .store import Layout, open_store
 
 #: Default target width (parameters) of a column block, rounded up to the chunk widths.
@@ -389,13 +389,12 @@ def inspect_shard(path: str) -> ShardInfo:
             return ShardInfo(path, error=str(e), error_type=type(e))
     try:
         check_shard(store)
-        ds = store.grads_dataset
         return ShardInfo(
             path,
             layout_json=store.layout.to_json(),
             layout_hash=store.layout.hash,
-            chunk_cols=int(ds.chunks[1]) if ds.chunks else 1,
-            itemsize=int(ds.dtype.itemsize),
+            chunk_cols=store.grads_chunks[1],
+            itemsize=int(store.grads_dtype.itemsize),
             records=tuple((r.step, r.split, r.n_samples) for r in store.records),
             run_id=str(store.attrs["run_id"]),
             framework=str(store.attrs["framework"]),

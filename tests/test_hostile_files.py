@@ -591,7 +591,7 @@ TRUNCATE_DURING = r"""
 import json, os, sys, warnings
 import gsnr_stats as gs
 from gsnr_stats import kernels
-R = sys.modules["gsnr_stats.reduce"]  # the package's `reduce` is the function
+from gsnr_stats.store import views as V
 path, mode = sys.argv[1], sys.argv[2]
 size = os.path.getsize(path)
 calls = {"n": 0}
@@ -602,11 +602,11 @@ def after(k):
         os.truncate(path, size // 3)
 
 if mode == "before_guard":  # truncated between chunk rows, just before the size check
-    guard = R._ChunkMap.guard
+    guard = V.RecordView._guard
     def hooked(self, offs):
         after(4)
         return guard(self, offs)
-    R._ChunkMap.guard = hooked
+    V.RecordView._guard = hooked
 else:  # truncated right after the kernel finished a chunk row (mapped or h5py stripes)
     name = "moments_chunks" if mode == "after_kernel" else "moments_block"
     kern = getattr(kernels, name)

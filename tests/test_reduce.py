@@ -200,7 +200,7 @@ def test_property_independent_of_chunks_and_write_split(tmp_path_factory, n, p, 
 def test_column_block_looks_up_only_its_chunks_and_agrees_with_the_index_scan(tmp_path):
     """A Dask task (record_partial with cols) locates its chunks one by one; the offsets and
     the result equal those of the full chunk-index scan the in-process path caches."""
-    from gsnr_stats.reduce import _ChunkMap, record_partial
+    from gsnr_stats.reduce import record_partial
 
     rng = np.random.default_rng(4)
     P = 1000
@@ -212,14 +212,15 @@ def test_column_block_looks_up_only_its_chunks_and_agrees_with_the_index_scan(tm
             data[step] = g
             w.write(step, "train", g[:13])
             w.write(step, "train", g[13:])
-    with gs.open_store(p) as s:
-        full = _ChunkMap(s).offsets.copy()
+    with gs.open_store(p) as s, s.view(0, "train") as v:
+        full = v.offsets.copy()
     for step in range(3):
         for c0, c1 in ((0, 256), (384, 1000)):
             with gs.open_store(p) as s:  # fresh handle, like a task: nothing cached
                 ranges = s.row_ranges(step, "train")
                 crows = sorted({r for a, b in ranges for r in range(a // 8, -(-b // 8))})
-                part = _ChunkMap(s, (crows, (c0 // 128, -(-c1 // 128)))).offsets
+                with s.view(step, "train", cols=(c0, c1)) as v:
+                    part = v.offsets
                 got = record_partial(s, step, "train", cols=(c0, c1))
             sel = np.zeros_like(full, dtype=bool)
             sel[np.ix_(crows, range(c0 // 128, -(-c1 // 128)))] = True

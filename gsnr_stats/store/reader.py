@@ -44,6 +44,7 @@ from .schema import (
     bytes_crc,
     data_checksum,
 )
+from .views import RecordView, check_chunk_index
 
 _MAX_LAYOUT_JSON = 64 << 20
 _NEWER_HINT = "upgrade gsnr-stats to read it"
@@ -260,6 +261,7 @@ class GradientStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._chunk_index: tuple[object, np.ndarray] | None = None  # cache of views.chunk_index
         self._f, self._left_open = _open_h5(self.path)
         try:
             self._validate()
@@ -691,8 +693,45 @@ class GradientStore:
 
     @property
     def grads_dataset(self) -> h5py.Dataset:
-        """The underlying ``grads`` dataset (for the reduce engine)."""
+        """The underlying ``grads`` dataset (kept for old callers; use :meth:`view`)."""
         return self._f["grads"]
+
+    @property
+    def grads_dtype(self) -> np.dtype:
+        """Stored dtype of the per-sample gradients (float32 or float16)."""
+        return self._f["grads"].dtype
+
+    @property
+    def grads_chunks(self) -> tuple[int, int]:
+        """Chunk shape ``(rows, columns)`` of the per-sample gradients."""
+        c = self._f["grads"].chunks
+        return (int(c[0]), int(c[1])) if c else (1, max(1, self.layout.n_params))
+
+    @property
+    def grads_compression(self) -> str | None:
+        """Compression filter of the per-sample gradients (``None``: uncompressed)."""
+        return self._f["grads"].compression
+
+    def view(self, step: int, split: str, *, cols: tuple[int, int] | None = None) -> RecordView:
+        """Read-only chunk-row views of record ``(step, split)`` over columns ``cols``.
+
+        The one door through which the reduce engine reads a record: see
+        :class:`gsnr_stats.store.views.RecordView` (chunk rows mapped where uncompressed,
+        copied where compressed; loss, sample ids, moments). Use it as a context manager.
+        """
+        return RecordView(self, step, split, cols)
+
+    def check_chunks(self) -> None:
+        """Validate the chunk index of the gradients against the file size.
+
+        Raises
+        ------
+        SchemaError
+            A gradient chunk points beyond the end of the file (truncated copy).
+        StoreError
+            The chunk index cannot be read.
+        """
+        check_chunk_index(self)
 
     @property
     def grads_rows(self) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._version import __version__
 from ..errors import GSNRError, SchemaError, StoreError
 from . import _faults
 from ._chunkio import DirectChunks
@@ -55,8 +56,6 @@ from .schema import (
 
 
 def _library_version() -> str:
-    from .. import __version__
-
     return __version__
 
 

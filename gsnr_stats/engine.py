@@ -1,0 +1,455 @@
+"""The reduce engine: partial moments of one record from the store's views, merged by Chan.
+
+:func:`record_partial` asks the store for a record's view (:meth:`GradientStore.view`) and
+streams its chunk rows through the kernels: mapped rows straight from the page cache
+(:func:`gsnr_stats.kernels.moments_chunks`, checksums fused into its first pass), copied
+rows from h5py (:func:`gsnr_stats.kernels.moments_block`). It never sees an HDF5 byte
+offset. :class:`Partial` merges across shards, blocks and Dask tasks;
+:func:`build_dataset` assembles the labelled Dataset. Used in-process by
+:func:`gsnr_stats.reduce.reduce` and on workers by :mod:`gsnr_stats.distributed`.
+Memory is O(P) plus a few chunk rows, whatever N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import xarray as xr
+
+from . import kernels
+from ._version import __version__
+from .errors import LayoutMismatchError, NonFiniteError, StoreError
+from .store import GradientStore, Layout, open_store
+from .store.schema import data_checksum
+from .store.views import RecordView
+
+
+@dataclass
+class Partial:
+    """Partial moments of one record over a column range, per jackknife block.
+
+    ``count``, ``mean``, ``m2`` have shape ``(K, w)``; ``n_omit`` ``(w,)`` counts values
+    dropped by ``nonfinite="omit"``; ``loss`` is ``(count, mean, m2)`` of the per-sample loss.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    n_omit: np.ndarray
+    n_samples: int
+    loss: tuple[float, float, float]
+    lr: float
+    epoch: float
+    # Data checksums still to verify, per shard: (sums over the columns seen, expected sums,
+    # number of columns seen). Set when a task covered only a column block (Dask); verified
+    # once the blocks of a shard add up to all P columns (:meth:`verify`).
+    checks: dict[str, tuple[np.ndarray, np.ndarray, int, str]] | None = None
+
+    def verify(self, n_params: int) -> None:
+        """Raise :class:`StoreError` if a shard's data failed its checksums."""
+        for where, (got, want, width, what) in (self.checks or {}).items():
+            if width == n_params:
+                bad = np.flatnonzero((got != want).any(axis=1))
+                if bad.size:
+                    raise StoreError(f"{where}: gradients of {what[int(bad[0])]} fail their "
+                                     "checksum: the file is damaged")
+
+    def merge(self, other: Partial) -> Partial:
+        """Chan merge with the same record from another shard (blocks merged pairwise)."""
+        c, m, q = kernels.merge_moments(
+            (self.count, self.mean, self.m2), (other.count, other.mean, other.m2)
+        )
+        lc, lm, lq = kernels.merge_moments(self.loss, other.loss)
+        return Partial(
+            c, m, q, self.n_omit + other.n_omit, self.n_samples + other.n_samples,
+            (float(lc), float(lm), float(lq)),
+            self.lr if not math.isnan(self.lr) else other.lr,
+            self.epoch if not math.isnan(self.epoch) else other.epoch,
+            {**(self.checks or {}), **(other.checks or {})} or None,
+        )
+
+    def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Moments over all blocks."""
+        acc = (self.count[0], self.mean[0], self.m2[0])
+        for b in range(1, self.count.shape[0]):
+            acc = kernels.merge_moments(acc, (self.count[b], self.mean[b], self.m2[b]))
+        return acc
+
+
+@contextlib.contextmanager
+def numba_threads(n: int | None) -> Iterator[None]:
+    """Run the kernels with ``n`` threads (``None``: Numba's default)."""
+    if n is None:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+
+def _nonfinite_error(view: RecordView, col: int) -> NonFiniteError:
+    layout = view.layout
+    t = int(np.searchsorted(np.array(layout.offsets), col, side="right") - 1)
+    local = col - layout.offsets[t]
+    shape = layout.shapes[t]
+    idx = np.unravel_index(local, shape) if shape else ()
+    pname = f"{layout.names[t]}[{', '.join(str(int(i)) for i in idx)}]"
+    where = f"{view.path}: record (step={view.step}, split={view.split!r})"
+    v = view.column(col)
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        sid = int(view.sample_id()[int(bad[0])])
+        kind = "NaN" if np.isnan(v[bad[0]]) else "Inf"
+        return NonFiniteError(
+            f"{where}: {kind} gradient for parameter {pname} (flat index {col}) at sample "
+            f"{int(bad[0])} (sample_id {sid}); {bad.size} non-finite value(s) in this record. "
+            "Pass nonfinite='omit' to drop such samples per parameter."
+        )
+    return NonFiniteError(f"{where}: non-finite gradient for parameter {pname} (flat index {col})")
+
+
+def _block_bounds(n: int, k: int) -> np.ndarray:
+    return np.array([(b * n) // k for b in range(k + 1)], dtype=np.int64)
+
+
+def record_partial(
+    store: GradientStore,
+    step: int,
+    split: str,
+    *,
+    cols: tuple[int, int] | None = None,
+    blocks: int = 1,
+    nonfinite: str = "raise",
+    progress: Callable[[int], None] | None = None,
+) -> Partial:
+    """Moments of record ``(step, split)`` of one shard over columns ``cols``.
+
+    Parameters
+    ----------
+    store : GradientStore
+        An open shard.
+    step, split : int, str
+        The record.
+    cols : (int, int), optional
+        Column range ``[c0, c1)``; ``c0`` must be a multiple of the chunk width. Default: all.
+    blocks : int
+        Number K of contiguous sample blocks whose moments are kept apart (jackknife).
+    nonfinite : {"raise", "omit"}
+        NaN/Inf policy.
+    progress : callable, optional
+        Called with the number of bytes processed.
+
+    Returns
+    -------
+    Partial
+    """
+    if nonfinite not in ("raise", "omit"):
+        raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
+    K = max(1, int(blocks))
+    # the store's one door for this record: metadata, per-sample values, chunk-row views
+    with store.view(step, split, cols=cols) as view:
+        if view.info.kind == "moments":
+            return _moments_partial(view, K, nonfinite)
+        return _gradients_partial(view, K, nonfinite, progress)
+
+
+def _moments_partial(view: RecordView, K: int, nonfinite: str) -> Partial:
+    """Partial of a moments-only record: its stored blocks grouped into K jackknife blocks."""
+    rec, c0, c1 = view.info, view.c0, view.c1
+    w = c1 - c0
+    count, mean, m2 = np.zeros((K, w)), np.zeros((K, w)), np.zeros((K, w))
+    cnt, mu, q = view.moments()
+    nb = cnt.shape[0]
+    # fewer jackknife blocks if fewer were stored
+    groups = _block_bounds(nb, K) if nb >= K else np.arange(nb + 1)
+    for b in range(len(groups) - 1):
+        acc = (np.zeros(w), np.zeros(w), np.zeros(w))
+        for i in range(groups[b], groups[b + 1]):
+            acc = kernels.merge_moments(acc, (np.full(w, cnt[i]), mu[i, c0:c1], q[i, c0:c1]))
+        count[b], mean[b], m2[b] = acc
+    if nonfinite == "raise":
+        bad = ~np.isfinite(mean) | ~np.isfinite(m2)
+        bad &= count > 0
+        if bad.any():
+            col = c0 + int(np.flatnonzero(bad.any(axis=0))[0])
+            raise NonFiniteError(
+                f"{view.path}: record (step={view.step}, split={view.split!r}): non-finite "
+                f"stored moments for parameter flat index {col}"
+            )
+    return Partial(count, np.where(count > 0, mean, np.nan), np.where(count > 0, m2, np.nan),
+                   np.zeros(w), rec.n_samples, (0.0, math.nan, math.nan), rec.lr, rec.epoch)
+
+
+def _gradients_partial(view: RecordView, K: int, nonfinite: str,
+                       progress: Callable[[int], None] | None) -> Partial:
+    """Partial of a per-sample-gradient record: stream its chunk rows through the kernels."""
+    rec, c0, c1 = view.info, view.c0, view.c1
+    P = view.layout.n_params
+    w = c1 - c0
+    count, mean, m2 = np.zeros((K, w)), np.zeros((K, w)), np.zeros((K, w))
+    n_omit = np.zeros(w)
+    loss = _loss_moments(view)
+    omit = nonfinite == "omit"
+    bad = np.zeros(w, dtype=np.int64)
+    bounds = _block_bounds(rec.n_samples, K)
+    rc, cc = view.chunk_shape
+    itemsize = view.dtype.itemsize
+    segs = view.segments
+    checked = view.checksummed
+    sums = np.zeros((len(segs), 2), dtype=np.uint64)
+    csums = np.zeros((max(1, -(-c1 // cc) - c0 // cc), 2), dtype=np.uint64)
+    # cut at the jackknife block bounds, so each piece belongs to one block
+    for rows in view.iter_rows(cuts=bounds[1:-1]):
+        blk = min(int(np.searchsorted(bounds, rows.record_pos, side="right") - 1), K - 1)
+        if rows.mapped:
+            offs = rows.offsets
+            kernels.moments_chunks(
+                view.buf, offs, rc, cc, w, rows.lo, rows.hi,
+                count[blk], mean[blk], m2[blk], omit, n_omit, bad,
+                view.ubuf, rows.check_pos, P, csums,
+            )
+            sums[rows.segment] += csums[: offs.shape[0]].sum(axis=0, dtype=np.uint64)
+        else:
+            raw = rows.array
+            if checked:
+                sums[rows.segment] += np.array(data_checksum(raw, rows.check_pos, P,
+                                                             parallel=True), dtype=np.uint64)
+            x = np.ascontiguousarray(raw, dtype=np.float32)
+            kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit, bad)
+        if bad.any():
+            raise _nonfinite_error(view, c0 + int(np.flatnonzero(bad)[0]))
+        if progress is not None:
+            progress((rows.hi - rows.lo) * w * itemsize)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, mean, np.nan)
+        m2 = np.where(count > 0, m2, np.nan)
+    checks = None
+    if checked:
+        want = np.array([[sg.sum1, sg.sum2] for sg in segs], dtype=np.uint64)
+        what = [f"record (step={view.step}, split={view.split!r}) rows [{sg.start}, {sg.stop})"
+                for sg in segs]
+        checks = {str(view.path): (sums, want, w, what)}
+    part = Partial(count, mean, m2, n_omit, rec.n_samples, loss, rec.lr, rec.epoch, checks)
+    if w == P:
+        part.verify(P)  # the whole record was read: fail now, not after other records
+        part.checks = None
+    return part
+
+
+def _loss_moments(view: RecordView) -> tuple[float, float, float]:
+    v = view.loss()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, math.nan, math.nan)
+    mu = float(v.mean())
+    return (float(v.size), mu, float(((v - mu) ** 2).sum()))
+
+
+class SkippedShardWarning(UserWarning):
+    """A shard failed validation and was skipped (``skip_bad=True``)."""
+
+
+def check_shard(store: GradientStore) -> None:
+    """Validation beyond :func:`open_store`: the chunk index of ``grads`` lies within the file.
+
+    Raises
+    ------
+    SchemaError
+        A gradient chunk points beyond the end of the file (truncated copy).
+    StoreError
+        The chunk index cannot be read.
+    """
+    store.check_chunks()
+
+
+def open_shards(
+    files: Sequence[str | os.PathLike[str]], *, skip_bad: bool = False
+) -> list[GradientStore]:
+    """Open and validate shards (:func:`open_store` + :func:`check_shard`).
+
+    A shard raising :class:`StoreError` fails the call, or with ``skip_bad`` is skipped with a
+    :class:`SkippedShardWarning` naming it; :class:`StoreError` if no shard is left.
+    """
+    stores: list[GradientStore] = []
+    bad: list[str] = []
+    try:
+        for p in files:
+            try:
+                s = open_store(p)
+            except StoreError as e:
+                if not skip_bad or isinstance(e, LayoutMismatchError):
+                    raise
+                warnings.warn(f"{p}: skipping bad shard: {e}", SkippedShardWarning, stacklevel=3)
+                bad.append(f"{p}: {e}")
+                continue
+            try:
+                check_shard(s)
+            except StoreError as e:
+                s.close()
+                if not skip_bad:
+                    raise
+                warnings.warn(f"{p}: skipping bad shard: {e}", SkippedShardWarning, stacklevel=3)
+                bad.append(f"{p}: {e}")
+                continue
+            stores.append(s)
+    except BaseException:
+        for s in stores:
+            s.close()
+        raise
+    if not stores:
+        raise StoreError(f"no valid shard among {len(files)} file(s): " + "; ".join(bad))
+    return stores
+
+
+def _has(store: GradientStore, key: tuple[int, str]) -> bool:
+    return store.has(*key)
+
+
+def select_keys(
+    stores: Sequence[GradientStore],
+    steps: Sequence[int] | None,
+    splits: Sequence[str] | None,
+) -> list[tuple[int, str]]:
+    """Sorted ``(step, split)`` keys present in any shard, filtered by ``steps``/``splits``."""
+    keys = {(r.step, r.split) for s in stores for r in s.records}
+    return filter_keys(keys, [str(s.path) for s in stores], steps, splits)
+
+
+def filter_keys(
+    keys: set[tuple[int, str]],
+    names: Sequence[str],
+    steps: Sequence[int] | None,
+    splits: Sequence[str] | None,
+) -> list[tuple[int, str]]:
+    """Sorted record keys filtered by ``steps``/``splits``; a missing one names the shards."""
+    if steps is not None:
+        want = {int(x) for x in steps}
+        missing = want - {k[0] for k in keys}
+        if missing:
+            raise StoreError(f"steps {sorted(missing)} are in none of {list(names)}")
+        keys = {k for k in keys if k[0] in want}
+    if splits is not None:
+        want_s = set(splits)
+        missing_s = want_s - {k[1] for k in keys}
+        if missing_s:
+            raise StoreError(f"splits {sorted(missing_s)} are in none of the selected records")
+        keys = {k for k in keys if k[1] in want_s}
+    if not keys:
+        raise StoreError(f"no completed record to reduce in {list(names)}")
+    return sorted(keys)
+
+
+def build_dataset(
+    parts: dict[tuple[int, str], Partial],
+    layout: Layout,
+    *,
+    ddof: int,
+    blocks: int | None,
+    nonfinite: str,
+    attrs: dict[str, str] | None = None,
+) -> xr.Dataset:
+    """Assemble merged partial moments into the output Dataset (``docs/format.md``)."""
+    steps = sorted({k[0] for k in parts})
+    split_names = list(dict.fromkeys(k[1] for k in sorted(parts, key=lambda k: k[1] != "train")))
+    S, T, P = len(steps), len(split_names), layout.n_params
+    K = int(blocks) if blocks else 1
+    count = np.zeros((S, T), dtype=np.int64)
+    mean = np.full((S, T, P), np.nan)
+    m2 = np.full((S, T, P), np.nan)
+    cnt_p = np.zeros((S, T, P))
+    n_omit = np.zeros((S, T, P), dtype=np.int64)
+    lr = np.full((S, T), np.nan)
+    epoch = np.full((S, T), np.nan)
+    loss_mean = np.full((S, T), np.nan)
+    loss_var = np.full((S, T), np.nan)
+    b_count = np.zeros((S, T, K))
+    b_mean = np.full((S, T, K, P), np.nan) if blocks else None
+    b_m2 = np.full((S, T, K, P), np.nan) if blocks else None
+    for p in parts.values():
+        p.verify(P)  # column blocks of Dask tasks: every shard's checksums, now complete
+    for (st, sp), p in parts.items():
+        i, j = steps.index(st), split_names.index(sp)
+        c, m, q = p.total()
+        count[i, j] = p.n_samples
+        cnt_p[i, j] = c
+        mean[i, j] = m
+        m2[i, j] = q
+        n_omit[i, j] = p.n_omit.astype(np.int64)
+        lr[i, j], epoch[i, j] = p.lr, p.epoch
+        lc, lm, lq = p.loss
+        if lc > 0:
+            loss_mean[i, j] = lm
+            loss_var[i, j] = lq / (lc - ddof) if lc > ddof else np.nan
+        if blocks:
+            b_count[i, j] = p.count[:, 0] if P else 0
+            b_mean[i, j] = p.mean
+            b_m2[i, j] = p.m2
+    fin = kernels.finalize_moments(cnt_p, mean, m2, ddof)
+    one = {"units": "1"}
+    coords = {
+        "step": ("step", np.array(steps, dtype=np.int64), {"long_name": "optimizer step"}),
+        "split": ("split", np.array(split_names, dtype=str), {"long_name": "data split"}),
+        "param": ("param", np.arange(P, dtype=np.int64),
+                  {"long_name": "flat parameter index"}),
+        "tensor": ("param", layout.tensor_of_param().astype(str),
+                   {"long_name": "parameter tensor"}),
+        "layer": ("param", layout.layer_of_param().astype(str), {"long_name": "layer"}),
+    }
+    sp3 = ("step", "split", "param")
+    with np.errstate(invalid="ignore"):
+        dead = (fin["var"] == 0) & (mean == 0)
+        inf = (fin["var"] == 0) & (mean != 0)
+    data = {
+        "count": (("step", "split"), count, {"long_name": "number of samples N", **one}),
+        "mean": (sp3, mean, {"long_name": "mean per-sample gradient m_j"}),
+        "m2": (sp3, m2, {"long_name": "sum of squared deviations M2_j"}),
+        "var": (sp3, fin["var"], {"long_name": f"per-sample gradient variance s_j^2 (ddof={ddof})"}),
+        "gsnr": (sp3, fin["gsnr"], {"long_name": "gradient signal-to-noise ratio m^2/s^2", **one}),
+        "gsnr_debiased": (sp3, fin["gsnr_debiased"],
+                          {"long_name": "debiased GSNR m^2/s^2 - 1/N", **one}),
+        "n_dead": (("step", "split"), dead.sum(axis=-1).astype(np.int64),
+                   {"long_name": "parameters with s^2=0 and m=0 (GSNR NaN)", **one}),
+        "n_inf": (("step", "split"), inf.sum(axis=-1).astype(np.int64),
+                  {"long_name": "parameters with s^2=0 and m!=0 (GSNR +inf)", **one}),
+        "lr": (("step", "split"), lr, {"long_name": "learning rate recorded with the record"}),
+        "epoch": (("step", "split"), epoch, {"long_name": "epoch"}),
+        "loss_mean": (("step", "split"), loss_mean, {"long_name": "mean per-sample loss"}),
+        "loss_var": (("step", "split"), loss_var, {"long_name": "variance of per-sample loss"}),
+    }
+    if nonfinite == "omit":
+        data["n_omitted"] = (sp3, n_omit,
+                             {"long_name": "non-finite samples dropped per parameter", **one})
+    if blocks:
+        data["block_count"] = (("step", "split", "block"), b_count,
+                               {"long_name": "samples per jackknife block", **one})
+        data["block_mean"] = (("step", "split", "block", "param"), b_mean,
+                              {"long_name": "block mean gradient"})
+        data["block_m2"] = (("step", "split", "block", "param"), b_m2,
+                            {"long_name": "block sum of squared deviations"})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        {
+            "title": "per-parameter gradient moments and GSNR",
+            "ddof": int(ddof),
+            "n_params": int(P),
+            "layout_hash": layout.hash,
+            "layout": layout.to_json(),
+            "nonfinite": nonfinite,
+            "library": "gsnr-stats",
+            "library_version": __version__,
+            "Conventions": "CF-1.8",
+            **(attrs or {}),
+        }
+    )
+    return ds
