@@ -50,6 +50,8 @@ from torch import nn
 
 from gsnr_stats.errors import AdapterError
 
+from ._torch_engine import _batch_len, _call, _to
+
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHUNK_BYTES = 64 << 20
 
@@ -216,7 +218,7 @@ class FastPath:
 
     Parameters
     ----------
-    eng : adapters.torch._Engine
+    eng : adapters._torch_engine._Engine
         The recorder's engine (model, loss, selected names, state).
     make_engine : callable (set of names) -> _Engine
         Builds the vmap engine restricted to the given parameter names.
@@ -238,8 +240,6 @@ class FastPath:
         self.fallback = self.make_engine(rest) if rest else None
 
     def _forward(self, x: Any, y: Any) -> tuple[dict[str, list[Any]], torch.Tensor]:
-        from .torch import _call, _to
-
         eng = self.eng
         x, y = _to(x, eng.device), _to(y, eng.device)
         params, frozen = eng.state()
@@ -294,8 +294,6 @@ class FastPath:
         """Compare each fast layer's per-sample gradients with vmap's on two samples; demote
         layers that disagree."""
         from torch.utils._pytree import tree_map
-
-        from .torch import _batch_len
 
         self._checked = True
         if not self.modules:

@@ -1,0 +1,406 @@
+"""The torch :class:`Recorder`: per-sample gradient records written batch by batch.
+
+Owns the training-loop side of the torch adapter: iterating a ``DataLoader`` (or sliced
+arrays), computing each batch through the engine (``_torch_engine.py``) or the Linear/Conv
+fast path (``_torch_fast.py``), and overlapping host copies and HDF5 writes with the next
+batch; ``keep="moments"``, parameter subsets and JL projections go through
+``_moments.py``. Re-exported by ``adapters/torch.py``, which it never imports.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from gsnr_stats.errors import AdapterError
+
+from . import _moments
+from ._common import (
+    AsyncWriter,
+    BufferPool,
+    RecordSummary,
+    abort_record,
+    as_float,
+    check_layout_matches,
+    iter_data,
+    limited_batches,
+    progress_bar,
+)
+from ._torch_engine import ParamFilter, _batch_len, _Engine, _restricted, _to_numpy
+from ._torch_fast import FastPath
+
+
+def _labels(y: Any, n: int) -> np.ndarray | None:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if isinstance(y, torch.Tensor) and y.ndim == 1 and y.shape[0] == n and not y.is_complex():
+        return y.detach().reshape(n).to("cpu", torch.float64).numpy()
+    return None
+
+
+def _current_lr(optimizer: Any) -> float:
+    if optimizer is None:
+        return math.nan
+    lrs = {float(g["lr"]) for g in optimizer.param_groups}
+    return float(optimizer.param_groups[0]["lr"]) if len(lrs) >= 1 else math.nan
+
+
+def _limited(batches: Iterable[Any], max_samples: int | None,
+             where: str) -> Iterator[tuple[Any, Any, Any, int]]:
+    """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
+
+    def cut(x: Any, y: Any, sid: Any, n: int) -> tuple[Any, Any, Any]:
+        return tree_map(lambda a: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
+                        (x, y, sid))
+
+    return limited_batches(batches, max_samples, where, _batch_len, cut)
+
+
+class Recorder:
+    """Write per-sample gradient records of a model, batch by batch, into a ``GradientWriter``.
+
+    Writing overlaps computing: each batch's gradients are flattened into one of a few
+    reusable host buffers (pinned memory for CUDA, copied on a side stream), and a
+    background thread writes them while the next batch is computed.
+
+    Parameters
+    ----------
+    writer : GradientWriter
+        Open writer whose layout is :func:`layout` of the model (same filter).
+    model, loss_fn :
+        As in :func:`per_sample_gradients`.
+    optimizer : torch.optim.Optimizer, optional
+        When given, the learning rate of its first parameter group is stored with each
+        record (unless ``lr`` is passed to :meth:`record`).
+    chunk_size, include_frozen, param_filter, train_batchnorm, dropout :
+        As in :func:`per_sample_gradients`.
+    progress : bool or dict
+        Show a tqdm progress bar (a dict is passed to tqdm as keyword arguments).
+    max_pending : int
+        Batches queued for the writer thread; 0 writes synchronously.
+    store_labels : bool
+        Store 1-D targets (class labels, scalar regression targets) as labels.
+    keep : {"grads", "moments"}
+        ``"moments"``: store per-parameter ``(count, mean, M2)`` blocks (float64) instead of
+        per-sample gradients -- O(P) per block, for models too big to dump. Each block is a
+        jackknife block of ``reduce(..., blocks=K)``. Per-sample losses are not stored
+        (``RecordSummary.mean_loss`` has their mean).
+    fast : bool, optional
+        Default True. ``nn.Linear``/``nn.Conv1d``/``2d``/``3d`` gradients come from the
+        layer inputs :math:`a` and output gradients :math:`\\delta` of one ordinary backward
+        instead of ``vmap``: with ``keep="grads"`` the per-sample :math:`g_i = \\delta_i
+        a_i^\\top` is written straight into the writer's buffer (a grouped convolution for
+        ``Conv``); with ``keep="moments"``, :math:`\\sum_i g_i = \\delta^\\top a`,
+        :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2` in float64 for ``Linear`` (see
+        ``_torch_fast.py``). Other parameters use ``vmap``; each fast layer is checked
+        against ``vmap`` on the first batch. Not used with ``params_subset``/``project`` on
+        full dumps, ``project`` on moments, train-mode BatchNorm or Dropout (everything goes
+        through ``vmap`` then). ``fast=False`` is the plain ``vmap`` route.
+    params_subset : int, float in (0, 1) or ParamSubset, optional
+        Record a seeded subset of ``k`` flat parameters (stratified over tensors); the
+        writer must have the subset layout (``open_writer(..., params_subset=k, seed=s)``).
+    project : int or JLProjection, optional
+        Store Johnson-Lindenstrauss projections :math:`R^\\top g_i/\\sqrt{k}` (``k``
+        values per sample, layout ``[("jl", (k,))]``) instead of gradients; inner products
+        (and ``gsnr_stats.osgr_first_order``) are preserved within JL error.
+    seed : int
+        Seed of the subset and of the projection (must match ``open_writer``'s).
+    block_size : int, optional
+        With ``keep="moments"``: samples per stored block (batches are merged until at
+        least this many; default one block per batch).
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        optimizer: Any = None,
+        chunk_size: int | None = None,
+        include_frozen: bool = False,
+        param_filter: ParamFilter | None = None,
+        train_batchnorm: str = "error",
+        dropout: str = "error",
+        progress: bool | dict[str, Any] = False,
+        max_pending: int = 2,
+        store_labels: bool = True,
+        keep: str = "grads",
+        fast: bool | None = None,
+        params_subset: Any = None,
+        project: Any = None,
+        seed: int = 0,
+        block_size: int | None = None,
+    ) -> None:
+        self.writer = writer
+        self.optimizer = optimizer
+        self.progress = progress
+        self.max_pending = int(max_pending)
+        self.store_labels = store_labels
+        self._eng = _Engine(model, loss_fn, include_frozen=include_frozen,
+                            param_filter=param_filter, chunk_size=chunk_size,
+                            train_batchnorm=train_batchnorm, dropout=dropout)
+        # keep="moments", params_subset, project: see _record_small and adapters/_moments.py
+        self._keep = _moments.check_keep(keep, "torch Recorder")
+        self._tf = _moments.make_transform(
+            list(zip(self._eng.names, self._eng.shapes, strict=True)), params_subset, project, seed)
+        self._block_size = block_size
+        self._fast_opt = fast
+        self._fast: Any = None
+        self._engine_kw = {"include_frozen": include_frozen, "param_filter": param_filter,
+                           "chunk_size": chunk_size, "train_batchnorm": train_batchnorm,
+                           "dropout": dropout}
+        check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], "torch Recorder")
+        _moments.check_writer(writer, self._tf, "torch Recorder")
+        self._cuda = self._eng.device.type == "cuda"
+        self._buffers: BufferPool | None = None
+        self._host: dict[int, np.ndarray] = {}  # data_ptr -> writer.alloc_rows buffer
+        self._rows = 0
+        self._copy_stream = torch.cuda.Stream(self._eng.device) if self._cuda else None
+
+    def _sub_engine(self, names: set[str]) -> _Engine:
+        """A vmap engine over the selected parameters in ``names`` only."""
+        return _restricted(self._eng, self._engine_kw, names)
+
+    def _uses_fast(self) -> bool:
+        eng = self._eng
+        want = True if self._fast_opt is None else bool(self._fast_opt)
+        return (want and (self._keep == "moments" or not self._tf.active)
+                and self._tf.projection is None
+                and eng.route == "vmap" and eng.randomness == "error")
+
+    def _fast_path(self) -> Any:
+        if self._fast is None:
+            self._fast = FastPath(self._eng, self._sub_engine)
+        return self._fast
+
+    def _record_small(self, data: Any, step: int, split: str, *, batch_size: int | None,
+                      lr: float | None, epoch: float | None, max_samples: int | None
+                      ) -> RecordSummary:
+        """:meth:`record` for ``keep="moments"`` and/or ``params_subset``/``project``.
+
+        Per batch: moments from the Linear/Conv fast path (``adapters/_torch_fast.py``) or
+        per-sample gradients from ``vmap``, then the subset / projection
+        (``adapters/_moments.py``), then either a moments block (Chan-merged, float64) or the
+        transformed rows, written synchronously.
+        """
+        eng, tf = self._eng, self._tf
+        where = "torch Recorder.record"
+        batches, total = iter_data(data, batch_size, where)
+        if max_samples is not None:
+            total = max_samples if total is None else min(total, max_samples)
+        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
+        ep = as_float(epoch)
+        fast = self._fast_path() if self._uses_fast() and self._keep == "moments" else None
+        out_layout = tf.layout
+        P_out = sum(math.prod(s) for _, s, _ in out_layout)
+        mom = (_moments.MomentsBlocks(self.writer, step, split, P_out, self._block_size,
+                                      lr=lr_v, epoch=ep, names=out_layout)
+               if self._keep == "moments" else None)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        seen, loss_sum = 0, 0.0
+        bg = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        pending: concurrent.futures.Future[Any] | None = None
+        try:
+            for x, y, sid, n in _limited(batches, max_samples, where):
+                if fast is not None:
+                    mean, m2, losses = fast.moments(x, y, n)
+                    if tf.subset is not None:
+                        idx = tf.subset.indices
+                        mean, m2 = mean[idx], m2[idx]
+                    mom.add_moments(n, mean, m2)
+                else:
+                    grads, losses = eng.compute(x, y)
+                    if tf.projection is None:  # per-tensor column blocks: no concatenation
+                        sub = tf.subset.local if tf.subset is not None else None
+                        G = [_to_numpy(grads[k].reshape(n, -1)) for k in eng.names
+                             if sub is None or k in sub]
+                        if sub is not None:
+                            G = [g[:, sub[k]] for g, k in
+                                 zip(G, [k for k in eng.names if k in sub], strict=True)]
+                    else:
+                        G = tf.apply(_to_numpy(eng.flatten(grads)))
+                    del grads
+                    if mom is not None:
+                        work = functools.partial(mom.add_samples, G)
+                    else:
+                        G = G if isinstance(G, np.ndarray) else np.concatenate(G, axis=1)
+                        ids = None if sid is None else np.asarray(
+                            sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
+                        kw = {"loss": _to_numpy(losses).astype(np.float64), "sample_id": ids,
+                              "label": _labels(y, n) if self.store_labels else None,
+                              "lr": lr_v, "epoch": ep}
+                        work = functools.partial(self.writer.write, step, split, G, **kw)
+                    # reduce/write batch b on a worker thread (the kernel and h5py release
+                    # the GIL) while batch b+1 is computed; batches stay in order
+                    if pending is not None:
+                        pending.result()
+                    pending = bg.submit(work)
+                loss_sum += float(losses.detach().to(torch.float64).sum())
+                seen += n
+                bar.update(n)
+            if pending is not None:
+                pending.result()
+                pending = None
+            if seen == 0:
+                raise AdapterError(
+                    f"{where}: no samples in data for record (step={step}, split={split!r})")
+            if mom is not None:
+                mom.finish()
+            else:
+                self.writer.end_record(step, split)
+        except BaseException:
+            if pending is not None:  # let the worker finish before marking the record aborted
+                with contextlib.suppress(BaseException):
+                    pending.result()
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bg.shutdown(wait=True)
+            bar.close()
+        return RecordSummary(int(step), split, seen, loss_sum / seen, lr_v, ep)
+
+    def _pool(self, rows: int) -> BufferPool:
+        P, dtype = self._eng.P, self._eng.dtype
+        alloc = getattr(self.writer, "alloc_rows", None)
+        self._host.clear()  # the old pool's buffers live on only in queued writes
+        same = dtype == torch.float32 and getattr(self.writer, "dtype", None) == np.float32
+
+        def make() -> torch.Tensor:
+            if alloc is not None and same and not self._cuda:
+                # rows laid out as the store's chunks: written without a copy (store.py)
+                host = alloc(rows)
+                t = torch.from_numpy(host)
+                self._host[t.data_ptr()] = host
+                return t
+            return torch.empty((rows, P), dtype=dtype, pin_memory=self._cuda)
+
+        return BufferPool(make, self.max_pending + 1)
+
+    def record(
+        self,
+        data: Iterable[Any] | Sequence[Any],
+        step: int,
+        split: str,
+        *,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        epoch: float | None = None,
+        max_samples: int | None = None,
+    ) -> RecordSummary:
+        """Compute and write the record ``(step, split)`` from ``data``; complete it.
+
+        Parameters
+        ----------
+        data : DataLoader, iterable of batches, or tuple of arrays
+            Batches ``(inputs, targets)`` or ``(inputs, targets, sample_id)``. With
+            ``batch_size``, a tuple ``(inputs, targets[, sample_id])`` of tensors/arrays that
+            is sliced into batches.
+        step, split : int, str
+            The record's key.
+        batch_size : int, optional
+            See ``data``.
+        lr, epoch : float, optional
+            Stored with the record; ``lr`` defaults to the optimizer's.
+        max_samples : int, optional
+            Stop after this many samples (the last batch is truncated).
+
+        Returns
+        -------
+        RecordSummary
+        """
+        if self._keep == "moments" or self._tf.active:
+            return self._record_small(data, step, split, batch_size=batch_size, lr=lr,
+                                      epoch=epoch, max_samples=max_samples)
+        eng = self._eng
+        batches, total = iter_data(data, batch_size, "torch Recorder.record")
+        if max_samples is not None:
+            total = max_samples if total is None else min(total, max_samples)
+        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
+        ep = as_float(epoch)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        seen = 0
+        loss_sum: Any = 0.0  # a device tensor once batches arrive: no sync per batch
+        aw = AsyncWriter(self.writer, self.max_pending)
+        fast = self._fast_path() if self._uses_fast() else None
+        try:
+            with aw:
+                for x, y, sid, n in _limited(batches, max_samples, "torch Recorder.record"):
+                    grads: dict[str, torch.Tensor] | None = None
+                    if fast is None:
+                        grads, losses = eng.compute(x, y)
+                    if self._buffers is None or n > self._rows:
+                        # buffers live as long as the recorder: no fresh pages per record
+                        self._rows = max(self._rows, n)
+                        self._buffers = self._pool(self._rows)
+                    pool = self._buffers
+                    buf = pool.acquire()
+                    view = buf[:n]
+                    ready: Callable[[], Any] | None = None
+                    if self._cuda:
+                        if fast is not None:
+                            flat = torch.empty((n, eng.P), dtype=eng.dtype, device=eng.device)
+                            losses = fast.grads_into(x, y, n, flat)
+                        else:
+                            flat = eng.flatten(grads)
+                        stream = self._copy_stream
+                        stream.wait_stream(torch.cuda.current_stream(eng.device))
+                        with torch.cuda.stream(stream):
+                            view.copy_(flat, non_blocking=True)
+                            loss_h = losses.to("cpu", non_blocking=True)
+                            flat.record_stream(stream)  # keep memory until the copies end
+                            losses.record_stream(stream)
+                            ev = torch.cuda.Event()
+                            ev.record(stream)
+                        ready = ev.synchronize
+                    elif fast is not None:  # straight into the chunk-ready buffer
+                        losses = fast.grads_into(x, y, n, view)
+                        loss_h = losses
+                    else:
+                        eng.flatten(grads, out=view)
+                        loss_h = losses
+                    del grads
+                    loss_sum = loss_sum + losses.detach().to(torch.float64).sum()
+                    label = _labels(y, n) if self.store_labels else None
+                    ids = None if sid is None else np.asarray(
+                        sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
+
+                    host = self._host.get(buf.data_ptr())
+
+                    def grads_np(view: torch.Tensor = view, ready: Any = ready,
+                                 host: Any = host) -> np.ndarray:
+                        if ready is not None:
+                            ready()
+                        return view.numpy() if host is None else host[: view.shape[0]]
+
+                    def loss_np(loss_h: torch.Tensor = loss_h, ready: Any = ready) -> np.ndarray:
+                        if ready is not None:
+                            ready()
+                        return loss_h.detach().to(torch.float64).numpy()
+
+                    aw.write(step, split, grads=grads_np, loss=loss_np, sample_id=ids,
+                             label=label, lr=lr_v, epoch=ep,
+                             release=(lambda b=buf, p=pool: p.release(b)))
+                    seen += n
+                    bar.update(n)
+                if seen == 0:
+                    raise AdapterError(
+                        f"torch Recorder.record: no samples in data for record "
+                        f"(step={step}, split={split!r})"
+                    )
+                aw.end_record(step, split)
+        except BaseException:
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bar.close()
+        return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep)
