@@ -28,7 +28,7 @@ def _human(nbytes: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import expand_paths, open_store
-    from .store.writer import temp_files
+    from .store._process import temp_files
 
     paths = expand_paths(args.stores)
     for path in paths:

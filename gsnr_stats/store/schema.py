@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import kernels
+from ..errors import SchemaError
 
 FORMAT_NAME = "gsnr-stats"
 FORMAT_VERSION = 2
@@ -154,3 +155,24 @@ def data_checksum(x: np.ndarray, pos0: int = 0, p_total: int | None = None,
     fn = kernels.checksum_rows if parallel else kernels.checksum_rows_serial
     s1, s2 = fn(x.view(bits), int(pos0), int(x.shape[1] if p_total is None else p_total))
     return int(s1), int(s2)
+
+
+# -- values a writer is handed, checked against the schema's types -----------------------
+
+def _as_int64(x: Any, what: str, where: str) -> int:
+    try:
+        v = int(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SchemaError(f"{where}: {what} {x!r} is not an integer") from e
+    if isinstance(x, float | np.floating) and v != x:
+        raise SchemaError(f"{where}: {what} {x!r} is not an integer")
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise SchemaError(f"{where}: {what} {v} does not fit in int64")
+    return v
+
+
+def _as_float(x: Any, what: str, where: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SchemaError(f"{where}: {what} {x!r} is not a number") from e

@@ -14,14 +14,10 @@ fails in the middle (disk full, I/O error) stops the writer, which then closes c
 from __future__ import annotations
 
 import contextlib
-import glob as _glob
 import json
 import math
 import mmap
 import os
-import signal
-import socket
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -35,6 +31,7 @@ from .._version import __version__
 from ..errors import GSNRError, SchemaError, StoreError
 from . import _faults
 from ._chunkio import DirectChunks
+from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, temp_files  # noqa: F401
 from .layout import Layout, auto_chunks
 from .schema import (
     CRC_COL,
@@ -47,6 +44,8 @@ from .schema import (
     KIND_MOMENTS,
     TABLE_LONG_NAMES,
     TABLES,
+    _as_float,
+    _as_int64,
     bytes_crc,
     check_split,
     data_checksum,
@@ -67,111 +66,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
-
-
-@contextlib.contextmanager
-def defer_sigint() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``.
-
-    Why: a ``KeyboardInterrupt`` raised between two dataset updates of one write would leave
-    the writer's own state and h5py's objects half-updated (and h5py may swallow it in a
-    ``__del__``). Only the main thread receives signals, and only Python's default handler
-    is replaced: a user's own SIGINT handler is left alone. Nested blocks defer once.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        old = signal.getsignal(signal.SIGINT)
-    except (ValueError, OSError):
-        old = None
-    if old is not signal.default_int_handler:
-        yield
-        return
-    hit: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if hit:
-            raise KeyboardInterrupt
-
-
-def _tmp_name(path: Path) -> Path:
-    host = socket.gethostname().replace(".", "_") or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def temp_files(path: str | os.PathLike[str]) -> list[tuple[Path, bool | None]]:
-    """Hidden temporary files of writers of ``path``: ``(file, writer alive?)``.
-
-    A writer works under ``.NAME.HOST.PID.RAND.tmp`` until its schema is complete; one
-    killed before that leaves the file behind. Liveness is known for this host's writers
-    only (``None`` for another host's).
-    """
-    path = Path(path)
-    found: list[tuple[Path, bool | None]] = []
-    host = socket.gethostname().replace(".", "_") or "host"
-    try:
-        entries = sorted(path.parent.glob(_glob.escape(f".{path.name}.") + "*.tmp"))
-    except OSError:
-        return found
-    for p in entries:
-        parts = p.name[len(path.name) + 2 : -len(".tmp")].split(".")
-        if len(parts) == 3:
-            h, pid_s = parts[0], parts[1]
-        elif len(parts) == 2:  # v1 name: .NAME.PID.RAND.tmp
-            h, pid_s = host, parts[0]
-        else:
-            continue
-        if not pid_s.isdigit():
-            continue
-        if h != host:
-            found.append((p, None))
-            continue
-        alive = True
-        try:
-            os.kill(int(pid_s), 0)
-        except ProcessLookupError:
-            alive = False
-        except OSError:
-            alive = True
-        found.append((p, alive))
-    return found
-
-
-def cleanup_stale_tmp(path: Path) -> list[Path]:
-    """Remove hidden temporary files of ``path`` left by writers of this host that died.
-
-    A temp file of another host, or of a process still alive, is left alone.
-    """
-    removed: list[Path] = []
-    for p, alive in temp_files(path):
-        if alive is False:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
-    return removed
-
-
-def _as_int64(x: Any, what: str, where: str) -> int:
-    try:
-        v = int(x)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise SchemaError(f"{where}: {what} {x!r} is not an integer") from e
-    if isinstance(x, float | np.floating) and v != x:
-        raise SchemaError(f"{where}: {what} {x!r} is not an integer")
-    if not INT64_MIN <= v <= INT64_MAX:
-        raise SchemaError(f"{where}: {what} {v} does not fit in int64")
-    return v
-
-
-def _as_float(x: Any, what: str, where: str) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise SchemaError(f"{where}: {what} {x!r} is not a number") from e
 
 
 class _RecordHandle:
