@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import two_pass
+from conftest import U32, U64, assert_within, f32_chain_bound, moments_shift_bound, two_pass
 
 torch = pytest.importorskip("torch")
 from gsnr_stats.adapters import _moments  # noqa: E402
@@ -24,6 +24,10 @@ from gsnr_stats.errors import AdapterError, NonFiniteError  # noqa: E402
 
 LF = nn.CrossEntropyLoss(reduction="none")
 EPS32 = 2.0 ** -24  # float32 unit roundoff
+# Terms along the longest float32 chain ending in a gradient entry or loss of the float32
+# MLPs below (forward 12 + 16 + 8 or 20 + 24, logsumexp 5; backward 5 + 5 + 8, ReLU/tanh'
+# and products: ~65), about twice that; the linear softmax model of the JAX test has ~15.
+MLP_K32, LIN_K32 = 128, 32
 
 
 def _close(got_m, got_v, ref_m, ref_v, rtol):
@@ -179,7 +183,8 @@ def test_fast_path_dump_equals_float64_vmap(name, tmp_path):
     with gs.GradientStore(path) as st:
         got, loss = st.read_grads(0, "train"), st.read_loss(0, "train")
     scale = np.abs(G).max(axis=0) + 1e-300
-    assert np.all(np.abs(got - G[:67]) <= 1e-7 * scale)  # the store holds float32
+    # the store holds float32: one rounding (u |g|) of float64 rows within 1e-12 scale of G
+    assert_within(got, G[:67], U32 * np.abs(G[:67]) + 2e-12 * scale, "float32 dump")
     np.testing.assert_allclose(loss, L[:67], rtol=1e-13)
     assert s.n_samples == 67
     # in float64 itself, into a strided (padded-row) buffer
@@ -211,11 +216,11 @@ def test_fast_path_dump_float32_and_partial_layers(tmp_path):
         with gs.GradientStore(path) as st:
             out[fast] = st.read_grads(4, "test"), st.read_loss(4, "test")
     ref = gt.per_sample_gradients(model, LF, x, y, param_filter=keep)
-    scale = np.abs(ref).max(axis=0) + 1e-30
-    for g, _ in out.values():
+    for g, _ in out.values():  # fast or vmap in batches of 16 vs one vmap call of 50
         assert g.shape == ref.shape
-        assert np.all(np.abs(g - ref) <= 1e-5 * scale)
-    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-6)
+        assert_within(g, ref, 2 * f32_chain_bound(ref, MLP_K32), "float32 dump")
+    loss = out[False][1]  # one batched forward vs vmap's: K u max |loss| each
+    assert_within(out[True][1], loss, 2 * MLP_K32 * U32 * np.abs(loss).max(), "losses")
 
 
 def test_fast_path_modules_plan():
@@ -248,9 +253,15 @@ def test_float32_moments_equal_per_sample_records(tmp_path):
     ref = out["grads"]
     r = (ref["mean"] ** 2 / ref["var"]).values
     assert np.nanmedian(r) < 10  # realistic GSNR, so float32 agreement is meaningful
+    with gs.open_store(tmp_path / "grads.h5") as s:
+        G = s.read_grads(3, "train")
+    # each route's rows are within K u colmax of the exact ones (the fast moments sum exact
+    # float64 products of float32 δ and a), any two within 2 K u colmax; float64 sums 1e-10
+    rm, rv = ref["mean"].values, ref["var"].values
+    bm, bv = moments_shift_bound(2 * f32_chain_bound(G, MLP_K32), rv, G.shape[0])
     for tag in ("fast", "vmap"):
-        _close(out[tag]["mean"].values, out[tag]["var"].values, ref["mean"].values,
-               ref["var"].values, 2e-5)
+        assert_within(out[tag]["mean"].values, rm, bm + 1e-10 * np.abs(rm), f"{tag} mean")
+        assert_within(out[tag]["var"].values, rv, bv + 1e-10 * rv, f"{tag} var")
         np.testing.assert_array_equal(out[tag]["count"].values, ref["count"].values)
 
 
@@ -278,13 +289,19 @@ def test_moments_blocks_are_jackknife_blocks(tmp_path):
             rm, rv = two_pass(G[k * 64 // K:(k + 1) * 64 // K])
             _close(b["block_mean"].values[0, 0, k], b["block_m2"].values[0, 0, k] /
                    (64 // K - 1), rm, rv, 1e-9)
-        # stored float32 gradients vs float64 moments: float32 rounding only
-        np.testing.assert_allclose(b["block_mean"].values, a["block_mean"].values,
-                                   rtol=1e-5, atol=1e-6 * np.abs(G).max())
+        # stored float32 gradients vs float64 moments: float32 rounding only, each entry by
+        # <= u |g| <= b = u colmax (float64 sums: 1e-12)
+        b32 = U32 * np.abs(G).max(axis=0)
+        assert_within(b["block_mean"].values, a["block_mean"].values,
+                      b32 + 1e-12 * np.abs(G).max(axis=0), "block means")
         ja = gs.jackknife(a, lambda s: s[["var"]], variables=["var"])
         jb = gs.jackknife(b, lambda s: s[["var"]], variables=["var"])
-        np.testing.assert_allclose(jb["var_se"].values, ja["var_se"].values, rtol=1e-4,
-                                   atol=1e-6 * float(np.nanmax(ja["var_se"].values)))
+        # se = sqrt((K-1)/K) |C θ| (C centres, |C| = 1) moves by <= sqrt(K-1) max_k |Δθ_k|;
+        # θ_k, the variance of N' = N - N/K samples, has s_k^2 <= (N-1)/(N'-1) var
+        N1 = 64 - 64 // K
+        _, dv = moments_shift_bound(b32, two_pass(G)[1] * 63 / (N1 - 1), N1)
+        se = ja["var_se"].values
+        assert_within(jb["var_se"].values, se, math.sqrt(K - 1) * dv + 1e-10 * se, "var_se")
     c, d = gs.reduce(pb, blocks=2), gs.reduce(pm, blocks=2)
     np.testing.assert_allclose(c["block_mean"].values, d["block_mean"].values, rtol=1e-12,
                                atol=1e-15)
@@ -406,9 +423,12 @@ def test_projection_preserves_first_order_osgr(tmp_path):
     with gs.open_store(full) as s:
         Gs = s.read_grads(0, "train")
     R = _moments.JLProjection.from_attrs({"jl_projection": ua}).matrix()
-    # float32 storage of G (the source) and of Z: projected rows agree to float32 rounding
-    np.testing.assert_allclose(Zs, Gs.astype(np.float64) @ R, rtol=1e-4,
-                               atol=1e-5 * np.abs(Zs).max())
+    # Zs: float32 rounding (u |Z|) of vmap rows projected in float64; Gs: the fast path's
+    # float32 rows. The rows differ by <= 2 K u colmax, mapped through |R|, and each float64
+    # projection accumulates P terms (P u64 (|G| @ |R|))
+    bound = U32 * np.abs(Zs) + (2 * f32_chain_bound(Gs, MLP_K32)
+                                + 2 * P * U64 * np.abs(Gs)) @ np.abs(R)
+    assert_within(Zs, Gs.astype(np.float64) @ R, bound, "projected rows")
     n = 16
     a = gs.osgr_first_order(full, n=n, n_subsets=32, seed=0)
     b = gs.osgr_first_order(proj, n=n, n_subsets=32, seed=0)
@@ -457,7 +477,11 @@ def test_jax_and_sklearn_keep_moments(tmp_path):
     # the independent route: float64 two-pass of jax's per-sample gradients
     G = gj.per_sample_gradients(loss_one, params, jnp.asarray(X), jnp.asarray(Y))
     m, v = two_pass(G)
-    _close(out["moments"]["mean"].values[0, 0], out["moments"]["var"].values[0, 0], m, v, 1e-10)
+    # one call of 72 vs the recorder's batches of 24 (separately compiled): two float32
+    # routes, rows within 2 K u colmax of each other; float64 sums 1e-10
+    bm, bv = moments_shift_bound(2 * f32_chain_bound(G, LIN_K32), v, G.shape[0])
+    assert_within(out["moments"]["mean"].values[0, 0], m, bm + 1e-10 * np.abs(m), "jax mean")
+    assert_within(out["moments"]["var"].values[0, 0], v, bv + 1e-10 * v, "jax var")
 
     est = LogisticRegression(max_iter=500).fit(X.astype(np.float64), Y)
     Xd = X.astype(np.float64)
@@ -471,9 +495,11 @@ def test_jax_and_sklearn_keep_moments(tmp_path):
         res[keep] = gs.reduce(p)
     # moments keep float64 gradients: float64 agreement with the analytic reference
     _close(res["moments"]["mean"].values[0, 0], res["moments"]["var"].values[0, 0], m, v, 1e-10)
-    # the per-sample record stores float32: agreement to float32 rounding
-    _close(res["moments"]["mean"].values, res["moments"]["var"].values, res["grads"]["mean"].values,
-           res["grads"]["var"].values, 1e-6)
+    # the per-sample record stores float32: each entry rounded once, by <= u colmax
+    gm, gv = res["grads"]["mean"].values, res["grads"]["var"].values
+    bm, bv = moments_shift_bound(U32 * np.abs(Gs).max(axis=0), gv, Gs.shape[0])
+    assert_within(res["moments"]["mean"].values, gm, bm + 1e-10 * np.abs(gm), "sklearn mean")
+    assert_within(res["moments"]["var"].values, gv, bv + 1e-10 * gv, "sklearn var")
     # subset + projection through sklearn and JAX writers
     p = tmp_path / "sk_sub.h5"
     with gk.open_writer(p, est, params_subset=7, seed=1) as w:
@@ -487,8 +513,11 @@ def test_jax_and_sklearn_keep_moments(tmp_path):
         gj.record(w, loss_one, params, (X, Y), 0, "train", batch_size=32, project=8, seed=3)
     with gs.open_store(p) as s:
         Z = s.read_grads(0, "train")
-    np.testing.assert_allclose(Z, G.astype(np.float64) @ _moments.JLProjection(21, 8, 3).matrix(),
-                               rtol=1e-5, atol=1e-6 * np.abs(Z).max())
+    # Z: float32 rounding of the recorder's rows (batches of 32) projected in float64; G: one
+    # call of 72. Rows within 2 K u colmax of each other, through |R|; P u64 per accumulation
+    R = _moments.JLProjection(21, 8, 3).matrix()
+    bound = U32 * np.abs(Z) + (2 * f32_chain_bound(G, LIN_K32) + 2 * 21 * U64 * np.abs(G)) @ np.abs(R)
+    assert_within(Z, G.astype(np.float64) @ R, bound, "JAX projected rows")
 
 
 def test_errors(tmp_path):

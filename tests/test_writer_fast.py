@@ -18,7 +18,7 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from conftest import two_pass
+from conftest import assert_within, f32_batch_sum_bound, two_pass
 
 import gsnr_stats as gs
 from gsnr_stats import store as store_mod
@@ -262,7 +262,9 @@ def test_torch_recorder_direct_io_matches_batch_gradient(tmp_path):
     model.zero_grad()
     lf(model(x), y).sum().backward()
     want = torch.cat([q.grad.reshape(-1) for q in model.parameters()]).numpy()
-    np.testing.assert_allclose(G.sum(axis=0), want, rtol=1e-5, atol=1e-5)
+    # float32 rows (fast path, batches of 16) vs torch's float32 batch gradient of 48: the
+    # chain is Linear 40 + tanh + Linear 64 + softmax 3, backward 3 (~115 terms), K = 256
+    assert_within(G.sum(axis=0), want, f32_batch_sum_bound(G, 256), "sum vs batch gradient")
 
 
 def test_direct_io_refused_falls_back_to_page_cache(tmp_path, monkeypatch):
