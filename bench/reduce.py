@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numba
 import numpy as np
 
 import gsnr_stats as gs
@@ -115,7 +116,7 @@ def main() -> None:
     rss1, rss4 = rss_of_reduce(small), rss_of_reduce(large)
     gbs = lambda t: nbytes / t / 1e9  # noqa: E731
     res = {
-        "n": n, "p": p, "bytes": nbytes, "threads": gs.reduce.__globals__["numba"].get_num_threads(),
+        "n": n, "p": p, "bytes": nbytes, "threads": numba.get_num_threads(),
         "h5py_read_GBps": gbs(t_h5), "reduce_GBps": gbs(t_red), "reduce_1thread_GBps": gbs(t_red1),
         "numpy_GBps": gbs(t_np), "dask_GBps": gbs(t_dask),
         "lzf_h5py_read_GBps": gbs(t_h5c), "lzf_reduce_GBps": gbs(t_redc),

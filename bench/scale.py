@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 import gsnr_stats as gs
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     c0 = _cpu_s()
     res["inproc_1thread_GBps"] = gbs(best(lambda: gs.reduce(files, threads=1), args.repeat))
     res["inproc_1thread_GB_per_cpu_s"] = cpu_rate(nbytes, args.repeat, _cpu_s() - c0)
-    res["inproc_default_threads"] = int(gs.reduce.__globals__["numba"].get_num_threads())
+    res["inproc_default_threads"] = int(numba.get_num_threads())
     res["inproc_GBps"] = gbs(best(lambda: gs.reduce(files), args.repeat))
     res["dask"] = {}
     for n in workers:
