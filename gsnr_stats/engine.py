@@ -261,15 +261,7 @@ class SkippedShardWarning(UserWarning):
 
 
 def check_shard(store: GradientStore) -> None:
-    """Validation beyond :func:`open_store`: the chunk index of ``grads`` lies within the file.
-
-    Raises
-    ------
-    SchemaError
-        A gradient chunk points beyond the end of the file (truncated copy).
-    StoreError
-        The chunk index cannot be read.
-    """
+    """Validation beyond :func:`open_store`: :meth:`GradientStore.check_chunks`."""
     store.check_chunks()
 
 

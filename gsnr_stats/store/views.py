@@ -171,9 +171,7 @@ class RecordView:
         if self.c0 % cc:
             raise ValueError(f"column start {self.c0} is not a multiple of the chunk width {cc}")
         self._cc0, self._cc1 = self.c0 // cc, -(-self.c1 // cc)
-        self.offsets = _chunk_offsets(store, cols, self.segments)
-        plist = ds.id.get_create_plist()
-        mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
+        self.offsets, mappable = _chunk_offsets(store, cols, self.segments)
         if mappable and store.grads_rows:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - kept for the size checks
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -328,8 +326,9 @@ class RecordView:
 
 
 def _chunk_offsets(store: GradientStore, cols: tuple[int, int] | None,
-                   segments: Sequence[Segment] | None) -> np.ndarray:
-    """The chunk index rows a view needs: all of it, or (one column block) just its chunks."""
+                   segments: Sequence[Segment] | None) -> tuple[np.ndarray, bool]:
+    """The chunk index a view needs (all of it, or for one column block just its chunks),
+    and whether the chunks can be mapped (uncompressed little-endian float32)."""
     ds = store._f["grads"]
     rc, cc = ds.chunks
     # only rows that completed records cover: chunks past them are a writer's debris
@@ -343,7 +342,7 @@ def _chunk_offsets(store: GradientStore, cols: tuple[int, int] | None,
         c0, c1 = cols
         crows = sorted({r for s in segments for r in range(s.start // rc, -(-s.stop // rc))})
         only = (crows, (c0 // cc, -(-c1 // cc)))
-    return chunk_index(store, n_rows, n_cols, mappable, only)
+    return chunk_index(store, n_rows, n_cols, mappable, only), mappable
 
 
 def check_chunk_index(store: GradientStore) -> None:
