@@ -29,3 +29,13 @@ class NonFiniteError(GSNRError):
 
 class AdapterError(GSNRError):
     """A model, loss or estimator that an adapter cannot handle."""
+
+
+class StepSpacingWarning(UserWarning):
+    """Optimizer steps between checkpoints are unknown: the ``step`` labels are taken as
+    optimizer steps (record ``optimizer_step`` or pass ``steps_per_checkpoint=``)."""
+
+
+class SignalBelowNoiseWarning(UserWarning):
+    """A debiased signal ``Σ(m² − s²/N)`` is below zero, so a ratio built on it (theoretical
+    OSGR, noise scale) is negative; on a fitted training split, use a held-out split."""
