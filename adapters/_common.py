@@ -7,8 +7,10 @@ type, and small validation helpers. The frameworks' modules supply the arithmeti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +26,11 @@ __all__ = [
     "RecordSummary",
     "array_batches",
     "check_layout_matches",
+    "check_sample_id",
+    "preserved_host_rng",
     "progress_bar",
     "run_probe",
+    "split_batch",
 ]
 
 
@@ -258,9 +263,10 @@ class AsyncWriter:
         """
         self._put(("write", (step, split), kw, release))
 
-    def end_record(self, step: int, split: str) -> None:
-        """Queue ``writer.end_record(step, split)``."""
-        self._put(("end_record", (step, split), {}, None))
+    def end_record(self, step: int, split: str, **kw: Any) -> None:
+        """Queue ``writer.end_record(step, split, **kw)`` (``optimizer_step=``, ``meta=``:
+        the record attributes of ``GradientWriter.end_record``; none given, none passed)."""
+        self._put(("end_record", (step, split), kw, None))
 
     def close(self) -> None:
         """Wait for every queued call, stop the thread, re-raise its first error."""
@@ -310,6 +316,38 @@ class BufferPool:
 
 
 # --------------------------------------------------------------------------------------
+# Host random state
+# --------------------------------------------------------------------------------------
+
+RngSaver = Callable[[], Callable[[], None]]
+
+
+@contextlib.contextmanager
+def preserved_host_rng(*savers: RngSaver) -> Iterator[None]:
+    """Leave the host's global random generators as they were, also on exception.
+
+    Recording from a training loop draws random numbers (a ``DataLoader``'s shuffle seed,
+    augmentations in the dataset, random layers); without this the recorded run would
+    diverge from an unrecorded one. Saved and restored: Python's ``random``, numpy's
+    global (legacy ``np.random.*``) generator, and whatever the ``savers`` cover -- each
+    ``saver()`` captures a state and returns the function that restores it (the torch
+    adapter passes its CPU/CUDA generators and a ``DataLoader``'s own ``generator``).
+    Generators held elsewhere (``np.random.default_rng()`` objects in user code, JAX keys,
+    worker processes) are not global and not touched.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 - the global state is the point
+    restores = [s() for s in savers]
+    try:
+        yield
+    finally:
+        for r in reversed(restores):
+            r()
+        np.random.set_state(np_state)  # noqa: NPY002
+        random.setstate(py_state)
+
+
+# --------------------------------------------------------------------------------------
 # Data and progress
 # --------------------------------------------------------------------------------------
 
@@ -349,35 +387,202 @@ def array_batches(arrays: Sequence[Any], batch_size: int) -> Iterator[tuple[Any,
         yield tuple(a[start:start + batch_size] for a in arrays)
 
 
-def split_batch(batch: Any, where: str) -> tuple[Any, Any, Any]:
-    """``(inputs, targets)`` or ``(inputs, targets, sample_id)`` from one batch."""
-    if isinstance(batch, dict):
+#: Keys of a dict batch (see :func:`split_batch`): inputs, targets, sample ids.
+DICT_KEYS: dict[str, tuple[str, ...]] = {
+    "inputs": ("inputs", "x"),
+    "targets": ("targets", "y", "labels"),
+    "sample_id": ("sample_id",),
+}
+
+BATCH_RULE = (
+    "a batch is (inputs, targets); (inputs, targets, sample_id) only when the third element "
+    "is a 1-D integer tensor/array with one id per sample; a dict with keys "
+    "inputs|x, targets|y|labels[, sample_id]; anything else: pass unpack=lambda batch: "
+    "(inputs, targets) or (inputs, targets, sample_id)"
+)
+
+Unpack = Callable[[Any], Sequence[Any]]
+
+
+def _describe(a: Any) -> str:
+    """``dtype float32, shape (64,)`` of an array-like, or its type."""
+    dt, shape = getattr(a, "dtype", None), getattr(a, "shape", None)
+    if dt is None or shape is None:
+        return f"type {type(a).__name__}"
+    return f"dtype {str(dt).removeprefix('torch.')}, shape {tuple(shape)}"
+
+
+def _is_array(a: Any) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype")
+
+
+def is_integer_dtype(dtype: Any) -> bool:
+    """True for signed/unsigned integer dtypes of numpy, jax or torch (never bool)."""
+    try:
+        return bool(np.issubdtype(np.dtype(dtype), np.integer))
+    except TypeError:  # a torch dtype: no numpy equivalent object
+        name = str(dtype).removeprefix("torch.")
+        return name.startswith(("int", "uint")) and name[-1].isdigit()
+
+
+def check_sample_id(sid: Any, n: int | None, where: str, origin: str) -> Any:
+    """``sid`` if it can be sample ids of a batch of ``n`` (1-D, integer, length ``n``).
+
+    Never casts: a float array (per-sample weights, say) is refused rather than truncated
+    to int, which would make every id 0. ``origin`` names where ``sid`` came from.
+    """
+    if sid is None:
+        return None
+    if not _is_array(sid):
+        arr = np.asarray(sid)
+        if arr.dtype == object:
+            arr = np.asarray([], dtype=np.float64)  # refuse below, naming its type
+        ok = is_integer_dtype(arr.dtype) and arr.ndim == 1 and (n is None or arr.shape[0] == n)
+        desc = f"type {type(sid).__name__}, {_describe(arr)}"
+    else:
+        shape = tuple(sid.shape)
+        ok = (is_integer_dtype(sid.dtype) and len(shape) == 1
+              and (n is None or shape[0] == n))
+        desc = _describe(sid)
+    if not ok:
+        raise AdapterError(
+            f"{where}: {origin} ({desc}) cannot be sample ids"
+            + (f" of a batch of {n} samples" if n is not None else "")
+            + ": sample ids are a 1-D integer tensor/array with one id per sample, and "
+            "floats are never cast to int. If it is something else (per-sample weights, a "
+            "second target), pass unpack=lambda batch: (batch[0], batch[1]) to drop it, or "
+            "return (inputs, targets, ids) from unpack; rule: " + BATCH_RULE
+        )
+    return sid
+
+
+def _dict_batch(batch: Any, where: str) -> tuple[Any, Any, Any]:
+    found: dict[str, str] = {}
+    for role, keys in DICT_KEYS.items():
+        hit = [k for k in keys if k in batch]
+        if len(hit) > 1:
+            raise AdapterError(f"{where}: dict batch has several {role} keys {hit}; pass "
+                               f"unpack= to say which is which; rule: {BATCH_RULE}")
+        if hit:
+            found[role] = hit[0]
+    missing = [r for r in ("inputs", "targets") if r not in found]
+    extra = sorted(str(k) for k in batch if k not in found.values())
+    if missing or extra:
+        raise AdapterError(
+            f"{where}: dict batch with keys {sorted(str(k) for k in batch)}: "
+            + (f"no {' / '.join(missing)} key; " if missing else "")
+            + (f"unrecognised keys {extra} (not dropped silently); " if extra else "")
+            + "pass unpack=lambda batch: (inputs, targets[, sample_id]), e.g. "
+            "unpack=lambda b: ({'input_ids': b['input_ids'], 'attention_mask': "
+            f"b['attention_mask']}}, b['labels']); rule: {BATCH_RULE}"
+        )
+    sid = batch[found["sample_id"]] if "sample_id" in found else None
+    return batch[found["inputs"]], batch[found["targets"]], sid
+
+
+def split_batch(batch: Any, where: str, unpack: Unpack | None = None,
+                batch_len: Callable[[Any], int] | None = None) -> tuple[Any, Any, Any]:
+    """``(inputs, targets, sample_id)`` from one batch, by an explicit rule.
+
+    The rule (without ``unpack``):
+
+    * a 2-sequence ``(inputs, targets)``;
+    * a 3-sequence ``(inputs, targets, sample_id)`` only when the third element is a 1-D
+      integer tensor/array with one id per sample; a float third element (per-sample
+      weights, say), a second target, or a longer sequence is an :class:`AdapterError`
+      naming the element and ``unpack=`` (never a silent cast of floats to int);
+    * a dict with an inputs key (``inputs`` or ``x``), a targets key (``targets``, ``y``
+      or ``labels``) and optionally ``sample_id`` (:data:`DICT_KEYS`); other keys are an
+      error, not dropped silently;
+    * anything else (a bare tensor, ...) is an error that mentions ``batch_size=`` and
+      ``unpack=``.
+
+    Parameters
+    ----------
+    batch : object
+        One batch as the data yields it.
+    where : str
+        Caller, for messages.
+    unpack : callable batch -> (inputs, targets) or (inputs, targets, sample_id), optional
+        The user's rule instead of the one above; the ids it returns are checked the same
+        way (``None`` for no ids).
+    batch_len : callable inputs -> int, optional
+        Number of samples of the inputs; with it the ids' length is checked too.
+    """
+    if unpack is not None:
         try:
-            return batch["inputs"], batch["targets"], batch.get("sample_id")
-        except KeyError as e:
+            out = unpack(batch)
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"{where}: unpack(batch) raised {type(e).__name__}: {e}; it "
+                               "must return (inputs, targets) or (inputs, targets, "
+                               "sample_id)") from e
+        if not isinstance(out, tuple | list) or len(out) not in (2, 3):
             raise AdapterError(
-                f"{where}: dict batch lacks {e}; supported: keys inputs, targets[, sample_id]"
-            ) from None
-    if isinstance(batch, Sequence) and len(batch) in (2, 3):
-        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+                f"{where}: unpack(batch) returned "
+                + (f"a {len(out)}-sequence" if isinstance(out, tuple | list)
+                   else type(out).__name__)
+                + "; it must return (inputs, targets) or (inputs, targets, sample_id)")
+        x, y = out[0], out[1]
+        sid = out[2] if len(out) == 3 else None
+        n = batch_len(x) if (batch_len is not None and sid is not None) else None
+        return x, y, check_sample_id(sid, n, where, "the third value unpack returned")
+    if isinstance(batch, dict):
+        x, y, sid = _dict_batch(batch, where)
+        n = batch_len(x) if (batch_len is not None and sid is not None) else None
+        return x, y, check_sample_id(sid, n, where, "the batch's 'sample_id'")
+    if isinstance(batch, tuple | list):
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            n = batch_len(batch[0]) if batch_len is not None else None
+            return batch[0], batch[1], check_sample_id(batch[2], n, where,
+                                                       "the batch's third element")
+        raise AdapterError(
+            f"{where}: a batch of {len(batch)} elements ("
+            + ", ".join(f"[{i}] {_describe(a)}" for i, a in enumerate(batch[:6]))
+            + f"); pass unpack=lambda batch: (inputs, targets[, sample_id]); rule: {BATCH_RULE}")
     raise AdapterError(
-        f"{where}: cannot unpack a batch of type {type(batch).__name__}; supported: "
-        "(inputs, targets), (inputs, targets, sample_id) or a dict with those keys"
+        f"{where}: cannot unpack a batch of type {type(batch).__name__} ({_describe(batch)}). "
+        "If data is (inputs, targets) arrays of the whole set, pass batch_size= to slice it "
+        "into batches; if each batch is one tensor, pass unpack=lambda batch: (inputs, "
+        f"targets); rule: {BATCH_RULE}"
     )
 
 
-def iter_data(data: Any, batch_size: int | None, where: str) -> tuple[Iterable[Any], int | None]:
+def iter_data(data: Any, batch_size: int | None, where: str,
+              unpack: Unpack | None = None) -> tuple[Iterable[Any], int | None]:
     """Batches of ``data`` and the number of samples if known (for the progress bar).
 
-    With ``batch_size``, ``data`` is a tuple of aligned arrays; otherwise an iterable of
-    batches (a ``DataLoader``, a generator, a list).
+    With ``batch_size``, ``data`` is a tuple of aligned arrays (``(inputs, targets[,
+    sample_id])``; with ``unpack``, any number of arrays, each batch a tuple of their
+    slices); otherwise an iterable of batches (a ``DataLoader``, a generator, a list).
+    A tuple of whole-set arrays without ``batch_size`` is refused with a message saying
+    ``batch_size=`` (iterating it would yield the arrays, not batches).
     """
     if batch_size is not None:
-        if not isinstance(data, Sequence) or len(data) not in (2, 3):
+        ok = isinstance(data, Sequence) and (len(data) >= 1 if unpack is not None
+                                             else len(data) in (2, 3))
+        if not ok:
             raise AdapterError(
                 f"{where}: with batch_size, data must be (inputs, targets[, sample_id]) arrays"
+                " (any tuple of aligned arrays with unpack=)"
             )
         return array_batches(list(data), int(batch_size)), len(data[0])
+    if unpack is None:
+        if _is_array(data):
+            raise AdapterError(
+                f"{where}: data is one array ({_describe(data)}), not an iterable of batches; "
+                "pass (inputs, targets) with batch_size=, a DataLoader, or unpack=")
+        if (isinstance(data, tuple | list) and 2 <= len(data) <= 3
+                and all(_is_array(a) and len(a.shape) >= 1 for a in data)
+                and len({int(a.shape[0]) for a in data}) == 1):
+            raise AdapterError(
+                f"{where}: data is a tuple of {len(data)} arrays ("
+                + ", ".join(_describe(a) for a in data)
+                + "), not an iterable of batches: pass batch_size= (e.g. batch_size=256) to "
+                "slice (inputs, targets[, sample_id]) into batches, or pass a DataLoader")
     total = None
     ds = getattr(data, "dataset", None)  # torch DataLoader
     if ds is not None and hasattr(ds, "__len__") and getattr(data, "drop_last", False) is False:
@@ -391,15 +596,17 @@ def limited_batches(
     where: str,
     batch_len: Callable[[Any], int],
     cut: Callable[[Any, Any, Any, int], tuple[Any, Any, Any]],
+    unpack: Unpack | None = None,
 ) -> Iterator[tuple[Any, Any, Any, int]]:
     """``(x, y, sample_id, n)`` of each non-empty batch; the last one cut to ``max_samples``.
 
     ``batch_len(x)`` counts a batch's samples and ``cut(x, y, sample_id, n)`` keeps its first
-    ``n`` (framework-specific slicing).
+    ``n`` (framework-specific slicing). Batches are unpacked by :func:`split_batch` (its
+    rule, or ``unpack``).
     """
     seen = 0
     for batch in batches:
-        x, y, sid = split_batch(batch, where)
+        x, y, sid = split_batch(batch, where, unpack, batch_len)
         n = batch_len(x)
         if max_samples is not None:
             n = min(n, max_samples - seen)
