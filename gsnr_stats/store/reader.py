@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from ..errors import SchemaError, StoreError
+from ._meta import decode_meta, decode_optimizer_step, meta_extents
 from ._open import (
     _attr_str,
     _backed_rows,
@@ -48,6 +49,7 @@ from .schema import (
     V1_TABLES,
     bytes_crc,
     data_checksum,
+    tables,
 )
 from .views import RecordView, check_chunk_index
 
@@ -57,7 +59,12 @@ _NEWER_HINT = "upgrade gsnr-stats to read it"
 
 @dataclass(frozen=True)
 class RecordInfo:
-    """One record: a checkpoint ``step`` × a ``split`` of per-sample gradients or moments."""
+    """One record: a checkpoint ``step`` × a ``split`` of per-sample gradients or moments.
+
+    ``optimizer_step`` is the optimizer's update count at the checkpoint (``None``: not
+    recorded, and always in stores older than format 3); the record's JSON metadata is read
+    by :meth:`GradientStore.record_meta`.
+    """
 
     step: int
     split: str
@@ -65,6 +72,7 @@ class RecordInfo:
     n_samples: int
     lr: float = float("nan")
     epoch: float = float("nan")
+    optimizer_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ class GradientStore:
             self._check_ds(name, 1, (np.dtype(dt),))
         for name in ("moments/count", "moments/mean", "moments/m2"):
             self._check_ds(name, 1 if name.endswith("count") else 2, (np.dtype("<f8"),))
+        if self.version >= 3:
+            self._check_ds("record_meta", 1, (np.dtype("u1"),))
         for name in ("moments/mean", "moments/m2"):
             if f[name].shape[1] != P:
                 raise SchemaError(f"{path}: {name} has shape {f[name].shape}, inconsistent")
@@ -200,7 +210,7 @@ class GradientStore:
         path = self.path
         if table not in self._f or not isinstance(self._f[table], h5py.Group):
             raise SchemaError(f"{path}: dataset {table!r} is missing (a table group)")
-        cols = (*TABLES[table], (CRC_COL, np.dtype("<u8"), ()))
+        cols = (*tables(self.version)[table], (CRC_COL, np.dtype("<u8"), ()))
         dss = []
         for cname, dt, shape in cols:
             ds = self._check_ds(f"{table}/{cname}", 1 + len(shape), (dt,), trailing=shape)
@@ -340,8 +350,18 @@ class GradientStore:
             if not segl:
                 raise SchemaError(f"{where}: completed record has no segment")
             self._segments[key] = segl
+            ostep = (decode_optimizer_step(recs["optimizer_step"][i], where)
+                     if self.version >= 3 else None)
             self.records.append(RecordInfo(key[0], split, KIND_NAMES[kind], n,
-                                           float(recs["lr"][i]), float(recs["epoch"][i])))
+                                           float(recs["lr"][i]), float(recs["epoch"][i]), ostep))
+        self._meta: dict[tuple[int, str], tuple[int, int, int]] = {}
+        if self.version >= 3:
+            n_meta = f["record_meta"].shape[0]
+            self._meta = meta_extents(recs, [(r.step, r.split) for r in self.records], n_meta,
+                                      path)
+            meta_stop = int(recs["meta_stop"].max(initial=0))
+            if n_meta > meta_stop:
+                self.debris["record_meta bytes"] = n_meta - meta_stop
         # no two segments of completed records may share rows of the same dataset
         kind_of = {(r.step, r.split): (KIND_GRADIENTS if r.kind == "gradients" else KIND_MOMENTS)
                    for r in self.records}
@@ -589,6 +609,27 @@ class GradientStore:
         if any(r.step == int(step) and r.split == split for r in self.incomplete):
             extra = " (it is incomplete: the writer never finished it)"
         raise StoreError(f"{self.path}: no record (step={step}, split={split!r}){extra}")
+
+    def record_meta(self, step: int, split: str) -> dict[str, Any]:
+        """The JSON metadata object of record ``(step, split)``; ``{}`` if it has none.
+
+        Format 3 stores write it with the record (``GradientWriter.write(..., meta=)``):
+        e.g. ``{"optimizer": {"class": "SGD", "groups": [...]}, "framework": ...}``.
+
+        Raises
+        ------
+        StoreError
+            No such completed record, or its metadata bytes fail their checksum.
+        SchemaError
+            The bytes are not UTF-8 JSON of an object (or nested deeper than 32 levels).
+        """
+        self.record(step, split)
+        ext = self._meta.get((int(step), split)) if self.version >= 3 else None
+        if ext is None or ext[0] == ext[1]:
+            return {}
+        where = self._where(step, split)
+        raw = self._read("record_meta", slice(ext[0], ext[1]), where)
+        return decode_meta(np.ascontiguousarray(raw, np.uint8).tobytes(), ext[2], where)
 
     def row_ranges(self, step: int, split: str) -> list[tuple[int, int]]:
         """Row ranges of record ``(step, split)`` in ``grads`` (or in ``moments/*``)."""

@@ -1,9 +1,12 @@
 """Schema constants of the store: format versions, table columns, row and data checksums.
 
-Version 2 (written now) keeps every table as a group of plain 1-D column datasets (no
-compound types: netCDF-C/xarray abort the interpreter on v1's compound tables) and makes
-each table row carry a checksum column, written last. Version 1 (compound tables, no
-checksums) is still read. ``docs/format.md`` is the written schema and crash model.
+Version 2 keeps every table as a group of plain 1-D column datasets (no compound types:
+netCDF-C/xarray abort the interpreter on v1's compound tables) and makes each table row
+carry a checksum column, written last. Version 3 (written now) adds per-record optimizer
+metadata: ``optimizer_step`` and the extent and CRC of the record's JSON metadata bytes in
+the ``record_meta`` byte dataset, as four more ``records`` columns. Versions 1 (compound
+tables, no checksums) and 2 are still read. ``docs/format.md`` is the written schema and
+crash model.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from .. import kernels
 from ..errors import SchemaError
 
 FORMAT_NAME = "gsnr-stats"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+META_MAX_BYTES = 64 << 10  # encoded JSON metadata of one record
+NO_OPTIMIZER_STEP = -1  # the optimizer_step column of a record that has none
 SPLIT_MAX_BYTES = 64
 
 KIND_GRADIENTS = 0
@@ -48,6 +53,10 @@ TABLES: dict[str, tuple[tuple[str, np.dtype, tuple[int, ...]], ...]] = {
         ("n_samples", np.dtype("<i8"), ()), ("lr", np.dtype("<f8"), ()),
         ("epoch", np.dtype("<f8"), ()), ("seg_stop", np.dtype("<i8"), ()),
         ("grads_stop", np.dtype("<i8"), ()), ("moments_stop", np.dtype("<i8"), ()),
+        # v3: the optimizer's update count (-1: none) and the record's metadata bytes
+        # [meta_start, meta_stop) of record_meta with their CRC (bytes_crc)
+        ("optimizer_step", np.dtype("<i8"), ()), ("meta_start", np.dtype("<i8"), ()),
+        ("meta_stop", np.dtype("<i8"), ()), ("meta_crc", np.dtype("<u8"), ()),
     ),
     "trajectory": (
         ("step", np.dtype("<i8"), ()), ("lr", np.dtype("<f8"), ()), ("epoch", np.dtype("<f8"), ()),
@@ -61,6 +70,14 @@ TABLES: dict[str, tuple[tuple[str, np.dtype, tuple[int, ...]], ...]] = {
     ),
 }
 CRC_COL = "crc"
+# v2 files: the records table without the four v3 columns (read only)
+TABLES_V2 = {**TABLES, "records": TABLES["records"][:9]}
+
+
+def tables(version: int) -> dict[str, tuple[tuple[str, np.dtype, tuple[int, ...]], ...]]:
+    """Columns of the column tables of a store of format ``version`` (2 or 3)."""
+    return TABLES_V2 if version == 2 else TABLES
+
 TABLE_LONG_NAMES = {
     "segments": "one row per write call: the rows [start, stop) of a record",
     "records": "completion markers: one row per completed record, written last",
@@ -113,15 +130,15 @@ def check_split(split: str) -> bytes:
     return b
 
 
-def row_crc(table: str, values: Sequence[Any]) -> int:
+def row_crc(table: str, values: Sequence[Any], version: int = FORMAT_VERSION) -> int:
     """Checksum of one table row, as stored in its ``crc`` column.
 
     CRC-32 of the table name and the little-endian bytes of every column value in order,
     with bit 32 set so that a row of zeros (space a killed writer allocated but never
-    wrote) never carries a valid checksum.
+    wrote) never carries a valid checksum. ``version``: the table's columns of that format.
     """
     h = zlib.crc32(table.encode())
-    for (_, dt, shape), v in zip(TABLES[table], values, strict=True):
+    for (_, dt, shape), v in zip(tables(version)[table], values, strict=True):
         h = zlib.crc32(np.ascontiguousarray(np.asarray(v, dtype=dt).reshape(shape)).tobytes(), h)
     return h | (1 << 32)
 

@@ -3,7 +3,8 @@
 Crash model (``docs/format.md`` states it for readers): the rows of the ``records`` table
 are the only source of truth. A record row is written last, after its data is flushed, and
 names the extents it covers in every dataset (``seg_stop``, ``grads_stop``,
-``moments_stop``); every table row carries a checksum written after its other columns.
+``moments_stop``, and ``meta_start``/``meta_stop`` of its JSON metadata in ``record_meta``);
+every table row carries a checksum written after its other columns.
 Anything beyond the extents of the last valid record row is debris that readers ignore.
 A record is completed only by :meth:`GradientWriter.end_record`, a clean exit of its
 :meth:`GradientWriter.record` block, or :meth:`GradientWriter.close` on a clean exit; an
@@ -19,7 +20,7 @@ import math
 import mmap
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from .._version import __version__
 from ..errors import GSNRError, SchemaError, StoreError
 from . import _faults
 from ._chunkio import DirectChunks
+from ._inputs import as_vector, check_grads, check_moments, to_store_dtype
+from ._meta import check_optimizer_step, encode_meta
 from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, temp_files  # noqa: F401
 from .layout import Layout, auto_chunks
 from .schema import (
@@ -38,10 +41,9 @@ from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GRAD_DTYPES,
-    INT64_MAX,
-    INT64_MIN,
     KIND_GRADIENTS,
     KIND_MOMENTS,
+    NO_OPTIMIZER_STEP,
     TABLE_LONG_NAMES,
     TABLES,
     _as_float,
@@ -69,6 +71,9 @@ def _json_default(o: Any) -> Any:
 
 
 class _RecordHandle:
+    """What ``with writer.record(step, split) as r`` yields: ``r.write``/``r.write_moments``
+    forward every keyword (``lr``, ``epoch``, ``optimizer_step``, ``meta``...) to the writer."""
+
     def __init__(self, writer: GradientWriter, step: int, split: str) -> None:
         self._w, self.step, self.split = writer, step, split
 
@@ -219,7 +224,8 @@ class GradientWriter:
             self._direct.direct_after = self.DIRECT_AFTER
         self._stage: np.ndarray | None = None  # aligned staging rows for O_DIRECT
         self._open: dict[tuple[int, str], dict[str, Any]] = {}
-        self._pending: dict[tuple[int, str], dict[str, float]] = {}  # lr/epoch of record()
+        # lr/epoch/optimizer_step/meta given to record(), for the record's state once opened
+        self._pending: dict[tuple[int, str], dict[str, Any]] = {}
         self._done: set[tuple[int, str]] = set()
 
     # -- creation --------------------------------------------------------------------------
@@ -261,6 +267,8 @@ class GradientWriter:
                                     ("label", "<f8", "label or target")):
             d = f.create_dataset(name, (0,), maxshape=(None,), dtype=dt, chunks=vec_chunk)
             d.attrs["long_name"] = long_name
+        d = f.create_dataset("record_meta", (0,), maxshape=(None,), dtype="u1", chunks=(4096,))
+        d.attrs["long_name"] = "UTF-8 JSON metadata of the records, back to back (see records)"
         mom = f.create_group("moments")
         mcols = min(P, 1 << 17)
         mom.create_dataset("count", (0,), maxshape=(None,), dtype="<f8", chunks=(256,))
@@ -465,19 +473,28 @@ class GradientWriter:
             raise StoreError(f"{self._where(*key)}: cannot mix per-sample gradients and moments")
         return st
 
-    def _commit_state(self, key: tuple[int, str], kind: int, n: int, lr: float | None,
-                      epoch: float | None) -> None:
+    def _commit_state(self, key: tuple[int, str], kind: int, n: int,
+                      attrs: dict[str, Any]) -> None:
+        """Count ``n`` samples into the record's state; ``attrs`` not None replace the old."""
         st = self._open.get(key)
         if st is None:
-            pend = self._pending.get(key, {})
-            st = {"kind": kind, "n": 0, "lr": pend.get("lr", math.nan),
-                  "epoch": pend.get("epoch", math.nan)}
+            st = {"kind": kind, "n": 0, "lr": math.nan, "epoch": math.nan,
+                  "optimizer_step": NO_OPTIMIZER_STEP, "meta": b""}
+            st.update(self._pending.get(key, {}))
             self._open[key] = st
         st["n"] += n
-        if lr is not None:
-            st["lr"] = lr
-        if epoch is not None:
-            st["epoch"] = epoch
+        st.update({k: v for k, v in attrs.items() if v is not None})
+
+    def _record_attrs(self, where: str, lr: Any, epoch: Any, optimizer_step: Any,
+                      meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validated record attributes as stored (None: not given); SchemaError otherwise."""
+        return {
+            "lr": None if lr is None else _as_float(lr, "lr", where),
+            "epoch": None if epoch is None else _as_float(epoch, "epoch", where),
+            "optimizer_step": (None if optimizer_step is None
+                               else check_optimizer_step(optimizer_step, where)),
+            "meta": None if meta is None else encode_meta(meta, where),
+        }
 
     def _check_open(self) -> None:
         if self._closed:
@@ -500,6 +517,8 @@ class GradientWriter:
         label: Any = None,
         lr: float | None = None,
         epoch: float | None = None,
+        optimizer_step: int | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Append per-sample gradients ``grads`` ``(n, P)`` to record ``(step, split)``.
 
@@ -522,52 +541,35 @@ class GradientWriter:
             Labels or targets, stored as float64.
         lr, epoch : float, optional
             Learning rate and epoch of the checkpoint (record attributes).
+        optimizer_step : int, optional
+            The optimizer's update count at the checkpoint (int64, >= 0), whatever ``step``
+            counts: the analytics take the number of updates between checkpoints from it.
+        meta : mapping, optional
+            JSON metadata of the record, e.g. ``{"optimizer": {"class": "SGD", "groups":
+            [{"lr": 0.1, "momentum": 0.9, ...}]}, "framework": "torch 2.13.0"}``: str keys;
+            str, int, finite float, bool, None, list/tuple, dict values (numpy scalars are
+            converted; NaN/Inf are refused with :class:`SchemaError`); at most 64 KiB as
+            JSON. Read back by :meth:`GradientStore.record_meta`.
+
+        Notes
+        -----
+        ``lr``, ``epoch``, ``optimizer_step`` and ``meta`` are record attributes: the last
+        value given (not None) for the record, by any ``write`` or by ``record()``, is
+        stored when the record is completed (``meta`` is replaced, not merged).
         """
         self._check_open()
         key = self._check_key(step, split)
         where = self._where(*key)
-        P = self.layout.n_params
-        g = np.asarray(grads)
-        if g.ndim == 1 and P == 1:
-            g = g[:, None]
-        if g.ndim != 2 or g.shape[1] != P:
-            raise SchemaError(f"{where}: grads has shape {g.shape}, expected (n, {P})")
-        if g.dtype == np.bool_ or not (
-            np.issubdtype(g.dtype, np.floating) or np.issubdtype(g.dtype, np.integer)
-        ):
-            raise SchemaError(f"{where}: grads dtype {g.dtype} is not a real number type")
+        g = check_grads(grads, self.layout.n_params, where)
         st = self._state(key, KIND_GRADIENTS)
         n = g.shape[0]
-        lr_v = None if lr is None else _as_float(lr, "lr", where)
-        ep_v = None if epoch is None else _as_float(epoch, "epoch", where)
-
-        def vec(x: Any, name: str, dt: str, default: np.ndarray) -> np.ndarray:
-            if x is None:
-                return default
-            try:
-                raw = np.asarray(x)
-                if dt == "<i8":
-                    if raw.dtype.kind == "f":
-                        if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
-                            raise ValueError("non-integer values")
-                    elif raw.dtype.kind not in "iub":
-                        raise ValueError(f"dtype {raw.dtype}")
-                    if raw.size and raw.dtype.kind in "iuf" and (
-                        raw.max() > INT64_MAX or raw.min() < INT64_MIN
-                    ):
-                        raise OverflowError("beyond int64")
-                a = np.asarray(raw, dtype=dt).reshape(-1)
-            except (TypeError, ValueError, OverflowError) as e:
-                raise SchemaError(f"{where}: {name} cannot be stored as {np.dtype(dt)} ({e})") from e
-            if a.shape[0] != n:
-                raise SchemaError(f"{where}: {name} has {a.shape[0]} values, grads has {n} rows")
-            return a
-
-        n_before = st["n"] if st is not None else 0
-        loss_a = vec(loss, "loss", "<f8", np.full(n, np.nan))
-        sid = vec(sample_id, "sample_id", "<i8", np.arange(n_before, n_before + n, dtype="<i8"))
-        lab = vec(label, "label", "<f8", np.full(n, np.nan))
-        gs_ = self._to_store_dtype(g, where)
+        rattrs = self._record_attrs(where, lr, epoch, optimizer_step, meta)
+        n0 = st["n"] if st is not None else 0
+        loss_a = as_vector(loss, "loss", "<f8", n, np.full(n, np.nan), where)
+        sid = as_vector(sample_id, "sample_id", "<i8", n, np.arange(n0, n0 + n, dtype="<i8"),
+                        where)
+        lab = as_vector(label, "label", "<f8", n, np.full(n, np.nan), where)
+        gs_ = to_store_dtype(g, self.dtype, self.layout, where)
         s1, s2 = data_checksum(gs_)
         aux = bytes_crc(loss_a, sid, lab)
         with self._step(where):
@@ -577,33 +579,7 @@ class GradientWriter:
             self._append("label", lab)
             self._append_row("segments", (key[0], encode_split(split), KIND_GRADIENTS, start,
                                           stop, s1, s2, aux))
-        self._commit_state(key, KIND_GRADIENTS, n, lr_v, ep_v)
-
-    def _to_store_dtype(self, g: np.ndarray, where: str) -> np.ndarray:
-        """``g`` in the store dtype, refusing finite values that would overflow to inf."""
-        if g.dtype == self.dtype:
-            return g
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = g.astype(self.dtype)
-        if np.issubdtype(g.dtype, np.floating) and g.dtype.itemsize <= self.dtype.itemsize:
-            return out
-        inf = np.isinf(out)
-        if inf.any():
-            over = inf & np.isfinite(g)
-            if over.any():
-                r, c = (int(v[0]) for v in np.nonzero(over))
-                raise StoreError(
-                    f"{where}: gradient {g[r, c]:.6g} (row {r}, {self._param_name(c)}) "
-                    f"overflows {self.dtype.name} (max {float(np.finfo(self.dtype).max):.6g}); "
-                    + ("use dtype='float32'" if self.dtype == np.float16 else "rescale the loss")
-                )
-        return out
-
-    def _param_name(self, col: int) -> str:
-        lay = self.layout
-        t = int(np.searchsorted(np.array(lay.offsets), col, side="right") - 1)
-        idx = np.unravel_index(col - lay.offsets[t], lay.shapes[t]) if lay.shapes[t] else ()
-        return f"parameter {lay.names[t]}[{', '.join(str(int(i)) for i in idx)}]"
+        self._commit_state(key, KIND_GRADIENTS, n, rattrs)
 
     def write_moments(
         self,
@@ -614,37 +590,22 @@ class GradientWriter:
         m2: Any,
         lr: float | None = None,
         epoch: float | None = None,
+        optimizer_step: int | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Append one block of moments ``(count, mean, M2)`` to a moments-only record.
 
         ``M2 = Σ_i (g_i − mean)²`` per parameter, float64. Blocks of a record are merged with
         Chan's formula on read and kept separately for jackknife confidence intervals.
         ``count`` must be finite and in ``[0, 2**53]``; ``M2`` must not be negative.
+        ``lr``, ``epoch``, ``optimizer_step``, ``meta``: record attributes, as in :meth:`write`.
         """
         self._check_open()
         key = self._check_key(step, split)
         where = self._where(*key)
-        P = self.layout.n_params
-        try:
-            mean = np.asarray(mean, dtype="<f8").reshape(-1)
-            m2 = np.asarray(m2, dtype="<f8").reshape(-1)
-            count = float(count)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise SchemaError(f"{where}: moments are not numbers ({e})") from e
-        if mean.shape != (P,) or m2.shape != (P,):
-            raise SchemaError(
-                f"{where}: mean/m2 shapes {mean.shape}/{m2.shape}, expected ({P},)"
-            )
-        if not (math.isfinite(count) and 0 <= count <= 2.0**53):
-            raise SchemaError(f"{where}: count {count} must be finite and in [0, 2**53]")
-        with np.errstate(invalid="ignore"):
-            neg = m2 < 0
-        if neg.any():
-            c = int(np.flatnonzero(neg)[0])
-            raise SchemaError(f"{where}: M2 {m2[c]:.6g} < 0 for {self._param_name(c)}")
+        count, mean, m2 = check_moments(count, mean, m2, self.layout, where)
         self._state(key, KIND_MOMENTS)
-        lr_v = None if lr is None else _as_float(lr, "lr", where)
-        ep_v = None if epoch is None else _as_float(epoch, "epoch", where)
+        rattrs = self._record_attrs(where, lr, epoch, optimizer_step, meta)
         cnt = np.array([count])
         aux = bytes_crc(cnt, mean, m2)
         with self._step(where):
@@ -653,10 +614,17 @@ class GradientWriter:
             self._append("moments/m2", m2[None, :])
             self._append_row("segments", (key[0], encode_split(split), KIND_MOMENTS, start,
                                           stop, 0, 0, aux))
-        self._commit_state(key, KIND_MOMENTS, int(round(count)), lr_v, ep_v)
+        self._commit_state(key, KIND_MOMENTS, int(round(count)), rattrs)
 
-    def end_record(self, step: int, split: str) -> None:
-        """Complete record ``(step, split)``: flush its data, then write the completion marker."""
+    def end_record(
+        self, step: int, split: str, *, optimizer_step: int | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Complete record ``(step, split)``: flush its data, then write the completion marker.
+
+        ``optimizer_step`` and ``meta`` (see :meth:`write`), if given, replace the record's.
+        The metadata bytes are appended and flushed with the data, before the marker.
+        """
         self._check_open()
         check_split(split)
         key = (_as_int64(step, "step", str(self.path)), split)
@@ -665,13 +633,21 @@ class GradientWriter:
             if key in self._done:
                 return
             raise StoreError(f"{self._where(*key)} has no data to complete")
-        with self._step(self._where(*key)):
+        where = self._where(*key)
+        st.update({k: v for k, v in self._record_attrs(where, None, None, optimizer_step,
+                                                       meta).items() if v is not None})
+        with self._step(where):
             # Data first, marker last: a kill between the two leaves an incomplete record.
+            meta_b = np.frombuffer(st["meta"], np.uint8)
+            m0 = m1 = self._ds("record_meta").shape[0]
+            if meta_b.size:
+                m0, m1 = self._append("record_meta", meta_b)
             self._flush()
             self._append_row("records", (
                 key[0], encode_split(split), st["kind"], st["n"], st["lr"], st["epoch"],
                 self._ds("segments/crc").shape[0], self._ds("grads").shape[0],
-                self._ds("moments/count").shape[0],
+                self._ds("moments/count").shape[0], st["optimizer_step"], m0, m1,
+                bytes_crc(meta_b),
             ))
             self._flush()
         self._open.pop(key, None)
@@ -692,21 +668,21 @@ class GradientWriter:
 
     @contextlib.contextmanager
     def record(
-        self, step: int, split: str, *, lr: float | None = None, epoch: float | None = None
+        self, step: int, split: str, *, lr: float | None = None, epoch: float | None = None,
+        optimizer_step: int | None = None, meta: Mapping[str, Any] | None = None,
     ) -> Iterator[_RecordHandle]:
         """Context manager writing one record batch by batch.
 
         A clean exit completes the record (if anything was written to it); an exception
-        leaves it incomplete and propagates.
+        leaves it incomplete and propagates. ``lr``, ``epoch``, ``optimizer_step``, ``meta``
+        are record attributes (see :meth:`write`); a value given to a later ``write`` of the
+        block wins.
         """
         self._check_open()
         key = self._check_key(step, split)
         where = self._where(*key)
-        pend: dict[str, float] = {}
-        if lr is not None:
-            pend["lr"] = _as_float(lr, "lr", where)
-        if epoch is not None:
-            pend["epoch"] = _as_float(epoch, "epoch", where)
+        pend = {k: v for k, v in self._record_attrs(where, lr, epoch, optimizer_step,
+                                                    meta).items() if v is not None}
         st = self._open.get(key)
         if st is not None:
             st.update(pend)
