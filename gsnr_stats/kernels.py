@@ -29,8 +29,58 @@ OSGR estimator (:mod:`gsnr_stats.estimators`), under the same rules.
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import numpy as np
 from numba import njit, prange
+
+
+def _loaded_openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime already loaded in this process (torch's, MKL's), if any.
+
+    Opened with ``RTLD_NOLOAD``: never loads a runtime that is not there.
+    """
+    names: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            names = sorted({line.split()[-1] for line in f
+                            if any(k in line for k in ("libgomp", "libiomp5", "libomp."))})
+    except OSError:  # not Linux
+        names = ["libgomp.so.1", "libiomp5.so", "libomp.dylib", "libiomp5.dylib"]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+            lib.omp_get_max_threads.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _launch_threads_keeping_host_openmp() -> None:
+    """Start Numba's threading layer now, leaving the host's OpenMP thread count as it was.
+
+    Numba's ``omp`` layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` once, when it
+    starts, in the calling thread; torch (and anything else on the same libgomp) reads that
+    value as its own thread count, so a ``torch.set_num_threads(1)`` before the first reduce
+    came back as 2 (issue 12). Starting the layer here, at import, and restoring the OpenMP
+    value afterwards means no later kernel call touches it (``numba.set_num_threads`` only
+    changes Numba's own per-thread limit).
+    """
+    omp = _loaded_openmp()
+    before = omp.omp_get_max_threads() if omp is not None else None
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+    except Exception:  # no layer available: the kernels fail later with Numba's own message
+        return
+    if before is not None and omp.omp_get_max_threads() != before:
+        omp.omp_set_num_threads(before)
+
+
+_launch_threads_keeping_host_openmp()
 
 
 @njit(nogil=True, cache=True)
