@@ -6,7 +6,8 @@ adapter and an *independent* reference route), then runs every check in
 :data:`ALL_CHECKS` on it. Every check has the same signature ``check(case, tmp_path)`` and
 raises ``AssertionError`` on failure, so it can be parametrized directly.
 
-What the checks assert (DESIGN.md section 1 and 4):
+What the checks assert (the estimators of ``docs/theory.md`` section 2, the store round trip
+of ``docs/format.md``):
 
 * :func:`check_layout_matches_gradients` -- the layout's names are unique and its sizes add
   up to the number of columns ``P`` of the ``(n, P)`` gradient array.
