@@ -3,7 +3,7 @@ r"""Per-sample gradients of fitted scikit-learn estimators, computed analyticall
 ``per_sample_gradients(estimator, X, y)`` returns an ``(n, P)`` float64 array whose row ``i``
 is the gradient of sample ``i``'s own loss :math:`\ell_i(\theta)` with respect to the
 estimator's flattened parameters, evaluated at the fitted parameters. The sum over rows is
-the gradient of :math:`\sum_i \ell_i` (never a mean: DESIGN.md section 1).
+the gradient of :math:`\sum_i \ell_i` (never a mean: ``docs/theory.md``).
 
 Parameter layout (``layout(estimator)``), always in this order:
 
@@ -84,7 +84,8 @@ SGD (``penalty="l2"``), ``2 α W / N`` for Ridge and ``α coefs_l / N`` for MLPs
 elastic-net penalties are not differentiable at zero: ``include_penalty=True`` with them
 raises :class:`~gsnr_stats.errors.AdapterError`.
 
-Not supported (``AdapterError`` says so): other estimators, unfitted estimators,
+Not supported (``AdapterError`` says so): other estimators, unfitted estimators (except in
+:func:`record_trajectory`, which fits them, and :func:`open_writer` given the data),
 ``class_weight``, ``LinearSVC(multi_class="crammer_singer")``, ``LogisticRegressionCV``.
 ``sample_weight`` passed to ``fit`` cannot be seen on a fitted estimator: the per-sample
 losses here are unweighted. A ``Pipeline`` is accepted when its last step is supported: the
@@ -92,39 +93,34 @@ earlier (fitted) steps transform ``X`` and only the last step's parameters are
 differentiated.
 
 This module is the public API (layout, gradients, losses, records, trajectories, the
-probe); the model families and their maths live in ``adapters/_sklearn_models.py``.
+probe); the :class:`Recorder` and the trajectory driver live in
+``adapters/_sklearn_record.py``, the model families and their maths in
+``adapters/_sklearn_models.py``. ``docs/adapters.md`` shows the calls.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import sklearn
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
-from sklearn.linear_model import (
-    LogisticRegression,
-    LogisticRegressionCV,
-    SGDClassifier,
-    SGDRegressor,
-)
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.utils.validation import check_is_fitted
 
 from gsnr_stats.errors import AdapterError
 
 from . import _moments
-from ._common import ProbeResult, RecordSummary, check_layout_matches, progress_bar, run_probe
+from ._common import ProbeResult, RecordSummary, run_probe
 from ._moments import JLProjection, ParamSubset
-from ._sklearn_models import SUPPORTED, _build, _dense, _prepare, _resolve, _where
+from ._sklearn_models import SUPPORTED, _build, _dense, _prepare, _resolve
+from ._sklearn_record import Recorder, initialised, is_fitted, sgd_lr, trajectory_args
+from ._sklearn_record import record_trajectory as _record_trajectory
 
 __all__ = [
     "SUPPORTED",
     "JLProjection",
     "ParamSubset",
+    "Recorder",
     "flat_params",
     "layout",
     "open_writer",
@@ -226,21 +222,29 @@ def per_sample_loss(estimator: Any, X: Any, y: Any) -> np.ndarray:
     return model.loss(model.theta, Xd, Y)
 
 
-def open_writer(path: Any, estimator: Any, **kwargs: Any) -> Any:
+def open_writer(path: Any, estimator: Any, *, X: Any = None, y: Any = None,
+                classes: Any = None, **kwargs: Any) -> Any:
     """A :class:`gsnr_stats.GradientWriter` for ``estimator``'s layout (with layers).
 
     ``framework="sklearn"``, its version and the estimator's class name and parameters
     (``get_params(deep=False)``, JSON-safe values only) are stored as attributes; ``kwargs``
     go to ``GradientWriter`` (``attrs`` are merged). ``params_subset``, ``project`` and
     ``seed`` (as in :func:`record`) give the writer the subsampled or projected layout.
+
+    An unfitted estimator has no parameters yet: pass the training data ``X``, ``y`` (and
+    ``classes`` if ``y`` lacks some) and the layout is that of its initialisation, as
+    :func:`record_trajectory` will fit it (the estimator itself is not touched).
     """
     from gsnr_stats import GradientWriter
 
-    tf = _moments.make_transform(layout(estimator, with_layers=True),
+    if X is not None and y is not None and not is_fitted(estimator):
+        final, (Xt,) = _resolve(estimator, X)
+        final = initialised(final, Xt, y, classes)
+    else:
+        final = _resolve(estimator)[0]
+    tf = _moments.make_transform(layout(final, with_layers=True),
                                  kwargs.pop("params_subset", None), kwargs.pop("project", None),
                                  kwargs.pop("seed", 0))
-
-    final, _ = _resolve(estimator)
     params = {}
     for k, v in final.get_params(deep=False).items():
         if v is None or isinstance(v, bool | int | float | str):
@@ -272,14 +276,19 @@ def record(
     project: Any = None,
     seed: int = 0,
     block_size: int | None = None,
+    store_labels: bool = True,
+    max_samples: int | None = None,
+    optimizer_step: int | None = None,
+    meta: Any = None,
 ) -> RecordSummary:
     """Write one complete record ``(step, split)``: gradients, losses, ids and labels.
 
-    Computes :func:`per_sample_gradients` and :func:`per_sample_loss` ``batch_size`` rows at
-    a time, ``writer.write``\\ s each batch, then ``writer.end_record(step, split)``.
-    Labels are the class index into ``classes_`` (classifiers) or the target (single-target
-    regressors); none for multilabel/multi-target ``y``. With ``include_penalty`` the
-    penalty share uses ``N = len(X)``, the whole record.
+    ``Recorder(writer, estimator, ...).record((X, y), step, split, ...)`` in one call (see
+    :class:`Recorder` for the options). Computes :func:`per_sample_gradients` and
+    :func:`per_sample_loss` ``batch_size`` rows at a time, ``writer.write``\\ s each batch,
+    then ``writer.end_record(step, split)``. Labels are the class index into ``classes_``
+    (classifiers) or the target (single-target regressors); none for multilabel/multi-target
+    ``y``. With ``include_penalty`` the penalty share uses ``N = len(X)``, the whole record.
 
     ``keep="moments"`` writes ``(count, mean, M2)`` blocks (float64, one per batch or per
     ``block_size`` samples) reduced on the fly by the two-pass kernel, instead of the
@@ -292,103 +301,29 @@ def record(
     RecordSummary
         Step, split, number of samples and mean per-sample loss of the record.
     """
-    model, Xd, Y = _prepare(estimator, X, y)
-    keep = _moments.check_keep(keep, f"{model.name}: record")
-    tf = _moments.make_transform(
-        [(n, s, lay) for (n, s), lay in zip(model.layout, model.layers, strict=True)],
-        params_subset, project, seed)
-    check_layout_matches(writer, [(n, s) for n, s, _ in tf.layout],
-                         f"record(step={step}, split={split!r})")
-    _moments.check_writer(writer, tf, f"record(step={step}, split={split!r})")
-    N = Xd.shape[0]
-    if N == 0:
-        raise AdapterError(f"{model.name}: record(step={step}, split={split!r}) has no samples")
-    if batch_size < 1:
-        raise AdapterError(f"batch_size must be >= 1, got {batch_size}")
-    labels = model.labels(y)
-    ids = None if sample_id is None else np.asarray(sample_id, dtype=np.int64).reshape(-1)
-    if ids is not None and ids.size != N:
-        raise AdapterError(f"{model.name}: sample_id has {ids.size} values, X has {N} rows")
-    share = model.penalty_share(model.theta, N) if include_penalty else None
-    bar = progress_bar(progress, N, f"{split} @ step {step}")
-    total = 0.0
-    mom = (_moments.MomentsBlocks(writer, step, split, sum(math.prod(s) for _, s, _ in tf.layout),
-                                  block_size, lr=lr, epoch=epoch, names=tf.layout)
-           if keep == "moments" else None)
-    try:
-        for start in range(0, N, batch_size):
-            sl = slice(start, start + batch_size)
-            loss, G = model.loss_grads(model.theta, Xd[sl], Y[sl])
-            if share is not None:
-                G += share
-            if tf.active:
-                G = tf.apply(G)
-            if mom is not None:
-                mom.add_samples(G)
-            else:
-                writer.write(step, split, G, loss=loss,
-                             sample_id=None if ids is None else ids[sl],
-                             label=None if labels is None else labels[sl], lr=lr, epoch=epoch)
-            total += float(loss.sum())
-            bar.update(loss.size)
-    finally:
-        bar.close()
-    if mom is not None:
-        mom.flush()
-    writer.end_record(step, split)
-    return RecordSummary(step=int(step), split=split, n_samples=N, mean_loss=total / N,
-                         lr=math.nan if lr is None else float(lr),
-                         epoch=math.nan if epoch is None else float(epoch))
+    rec = Recorder(writer, estimator, batch_size=batch_size, progress=progress,
+                   include_penalty=include_penalty, keep=keep, params_subset=params_subset,
+                   project=project, seed=seed, block_size=block_size,
+                   store_labels=store_labels)
+    return rec.record((X, y), step, split, lr=lr, epoch=epoch, max_samples=max_samples,
+                      sample_id=sample_id, optimizer_step=optimizer_step, meta=meta)
 
 
 # -- training trajectories ---------------------------------------------------------------
 
 
 def _sgd_lr(est: Any, n_updates: int) -> float:
-    """Mean per-update learning rate of sklearn's SGD over its next ``n_updates`` updates.
-
-    Mirrors ``sklearn/linear_model/_sgd_fast.pyx``: ``optimal`` uses
-    ``eta = 1 / (alpha (t0 + t - 1))`` with ``t0 = 1 / (typw alpha)``,
-    ``typw = alpha^(-1/4)`` (every supported loss has a negative slope at the probe point,
-    so sklearn's ``initial_eta0 = typw``); ``invscaling`` uses ``eta0 / t^power_t``;
-    ``constant``/``adaptive`` use ``eta0`` (partial_fit never adapts it).
-    """
-    t = float(getattr(est, "t_", 1.0)) + np.arange(max(n_updates, 1))
-    sched = est.learning_rate
-    if sched == "optimal":
-        alpha = float(est.alpha)
-        typw = math.sqrt(1.0 / math.sqrt(alpha))
-        t0 = 1.0 / (typw * alpha)
-        return float(np.mean(1.0 / (alpha * (t0 + t - 1.0))))
-    if sched == "invscaling":
-        return float(np.mean(float(est.eta0) / t ** float(est.power_t)))
-    if sched in ("constant", "adaptive"):
-        return float(est.eta0)
-    return math.nan
-
-
-def _classes(classes: Any, y_train: Any, y_test: Any) -> np.ndarray:
-    """``classes`` for a first ``partial_fit``: given, indicator columns, or all labels seen."""
-    if classes is not None:
-        return np.asarray(classes)
-    yt = np.asarray(y_train)
-    if yt.ndim == 2:  # multilabel indicator matrix
-        return np.arange(yt.shape[1])
-    return np.unique(np.concatenate([yt, np.asarray(y_test)]))
-
-
-def _mlp_batches(est: Any, n: int) -> int:
-    bs = min(200, n) if est.batch_size == "auto" else int(np.clip(est.batch_size, 1, n))
-    return math.ceil(n / bs)
+    """Mean per-update learning rate of sklearn's SGD (see ``_sklearn_record.sgd_lr``)."""
+    return sgd_lr(est, n_updates)
 
 
 def record_trajectory(
+    writer: Any,
     estimator: Any,
     X_train: Any,
     y_train: Any,
     X_test: Any,
     y_test: Any,
-    writer: Any,
     *,
     epochs: int,
     every: int = 1,
@@ -399,18 +334,38 @@ def record_trajectory(
     start_step: int = 0,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Train ``epochs`` more epochs, recording gradients every ``every`` epochs.
+    """Train ``epochs`` epochs, recording gradients every ``every`` epochs.
+
+    The writer comes first, as in every recording function. The order before issue 12,
+    ``record_trajectory(estimator, X_train, y_train, X_test, y_test, writer, ...)``, still
+    works for one release with a :class:`DeprecationWarning`.
 
     Training is incremental: one ``partial_fit`` call per epoch (``SGDClassifier``,
     ``SGDRegressor``, ``MLPClassifier``/``MLPRegressor`` with solver sgd or adam), or one
     L-BFGS/Newton iteration per epoch for ``LogisticRegression`` (``warm_start=True,
     max_iter=1``, restored afterwards; its ``ConvergenceWarning`` is silenced).
 
-    After every epoch ``e`` (and before the first if the estimator is already fitted) one
-    trajectory row ``writer.write_trajectory(step, lr, train_loss, test_loss, epoch=e)`` is
-    written (mean data losses at θ_step); when ``e % every == 0`` or ``e == epochs`` (and at
-    ``e = 0``), full gradient records ``(step, "train")`` and ``(step, "test")`` are written
-    through :func:`record`.
+    An **unfitted** estimator is fitted here from its initialisation, and step
+    ``start_step`` (epoch 0) is that initialisation :math:`\\theta_0`:
+
+    * SGD models and ``LogisticRegression``: :math:`\\theta_0 = 0` (``coef_`` and
+      ``intercept_`` zero, what sklearn starts from without ``coef_init``);
+    * MLPs: sklearn's Glorot-uniform weights drawn from ``random_state`` -- exactly those
+      the first ``partial_fit`` starts from.
+
+    It is taken from a copy (``_sklearn_record.initialised``); the host's global random
+    state is restored, so the estimator trains exactly as it would unrecorded. A **fitted**
+    estimator continues training, and epoch 0 is its current parameters. ``classes``
+    (default: every label of ``y_train`` and ``y_test``) is passed to the first
+    ``partial_fit`` of a classifier.
+
+    After epoch 0 and every epoch ``e`` one trajectory row
+    ``writer.write_trajectory(step, lr, train_loss, test_loss, epoch=e)`` is written (mean
+    data losses at θ_step); when ``e % every == 0``, ``e == epochs`` or ``e == 0``, full
+    gradient records ``(step, "train")`` and ``(step, "test")`` are written through
+    :class:`Recorder`, each with ``optimizer_step=step`` and ``meta`` = the update rule's
+    class and hyper-parameters (``_sklearn_record.optimizer_meta``) and
+    ``"framework": "scikit-learn <version>"``.
 
     ``step`` counts parameter updates from ``start_step``: ``n`` per epoch for SGD (one
     sample per update), ``ceil(n / batch_size)`` for MLPs, the solver's iterations for
@@ -426,100 +381,10 @@ def record_trajectory(
         ``epoch``, ``step``, ``lr``, ``train_loss``, ``test_loss``, ``recorded`` (bool: a
         gradient record was written), one entry per row written.
     """
-    if epochs < 1 or every < 1:
-        raise AdapterError(f"epochs and every must be >= 1, got {epochs}, {every}")
-    final, (Xtr, Xte) = _resolve(estimator, X_train, X_test)
-    n = len(y_train)
-    if isinstance(final, SGDClassifier | SGDRegressor):
-        mode = "sgd"
-    elif isinstance(final, MLPClassifier | MLPRegressor):
-        if final.solver not in ("sgd", "adam"):
-            raise AdapterError(
-                f"{_where(final)}(solver={final.solver!r}) cannot train incrementally; "
-                "supported: solver='sgd' or 'adam'"
-            )
-        mode = "mlp"
-    elif isinstance(final, LogisticRegression) and not isinstance(final, LogisticRegressionCV):
-        if final.solver == "liblinear":
-            raise AdapterError(
-                "LogisticRegression(solver='liblinear') has no warm start; supported: "
-                "lbfgs, newton-cg, newton-cholesky, sag, saga"
-            )
-        mode = "lr"
-    else:
-        raise AdapterError(
-            f"record_trajectory: {_where(final)} does not train incrementally; supported: "
-            "SGDClassifier, SGDRegressor, MLPClassifier, MLPRegressor (partial_fit), "
-            "LogisticRegression (warm start, not liblinear)"
-        )
-    def fitted() -> bool:
-        try:
-            check_is_fitted(final)
-        except NotFittedError:
-            return False
-        return True
-
-    def current_lr(e: int) -> float:
-        if lr is not None:
-            return float(lr(e)) if callable(lr) else float(lr)
-        if mode == "sgd":
-            return _sgd_lr(final, n)
-        if mode == "mlp" and final.solver == "sgd":
-            opt = getattr(final, "_optimizer", None)
-            return float(getattr(opt, "learning_rate", final.learning_rate_init))
-        return math.nan
-
-    rows: dict[str, list[Any]] = {k: [] for k in
-                                  ("epoch", "step", "lr", "train_loss", "test_loss", "recorded")}
-    step = int(start_step)
-
-    def checkpoint(e: int, grads: bool) -> None:
-        lr_e = current_lr(e)
-        if grads:
-            kw = dict(batch_size=batch_size, lr=lr_e, epoch=e, include_penalty=include_penalty,
-                      progress=progress)
-            tr = record(writer, final, Xtr, y_train, step=step, split="train", **kw).mean_loss
-            te = record(writer, final, Xte, y_test, step=step, split="test", **kw).mean_loss
-        else:
-            tr = float(per_sample_loss(final, Xtr, y_train).mean())
-            te = float(per_sample_loss(final, Xte, y_test).mean())
-        writer.write_trajectory(step, lr_e, tr, te, epoch=e)
-        for k, v in zip(rows, (e, step, lr_e, tr, te, grads), strict=True):
-            rows[k].append(v)
-
-    if fitted():
-        checkpoint(0, True)
-    saved = (final.warm_start, final.max_iter) if mode == "lr" else None
-    try:
-        if mode == "lr":
-            final.set_params(warm_start=True, max_iter=1)
-        for e in range(1, epochs + 1):
-            if mode == "lr":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    final.fit(Xtr, y_train)
-                step += int(np.max(final.n_iter_))
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    if isinstance(final, SGDClassifier | MLPClassifier) and not fitted():
-                        final.partial_fit(Xtr, y_train, classes=_classes(classes, y_train,
-                                                                         y_test))
-                    else:
-                        final.partial_fit(Xtr, y_train)
-                step += n if mode == "sgd" else _mlp_batches(final, n)
-            checkpoint(e, e % every == 0 or e == epochs)
-    finally:
-        if saved is not None:
-            final.set_params(warm_start=saved[0], max_iter=saved[1])
-    return {
-        "epoch": np.asarray(rows["epoch"], dtype=np.int64),
-        "step": np.asarray(rows["step"], dtype=np.int64),
-        "lr": np.asarray(rows["lr"], dtype=np.float64),
-        "train_loss": np.asarray(rows["train_loss"], dtype=np.float64),
-        "test_loss": np.asarray(rows["test_loss"], dtype=np.float64),
-        "recorded": np.asarray(rows["recorded"], dtype=bool),
-    }
+    args = trajectory_args((writer, estimator, X_train, y_train, X_test, y_test))
+    return _record_trajectory(*args, epochs=epochs, every=every, batch_size=batch_size,
+                              lr=lr, include_penalty=include_penalty, classes=classes,
+                              start_step=start_step, progress=progress)
 
 
 # -- OSGR probe ----------------------------------------------------------------------------

@@ -535,17 +535,19 @@ def test_trajectory_sgd(tmp_path) -> None:
     est = SGDClassifier(loss="log_loss", alpha=1e-3, random_state=0)
     path = tmp_path / "traj.h5"
     with gs.GradientWriter(path, [("coef", (3, D)), ("intercept", (3,))]) as w:
-        out = gk.record_trajectory(est, X_TR, Y3_TR, X_HO, Y3_HO, w, epochs=3, every=2)
+        out = gk.record_trajectory(w, est, X_TR, Y3_TR, X_HO, Y3_HO, epochs=3, every=2)
     n = len(X_TR)
-    np.testing.assert_array_equal(out["epoch"], [1, 2, 3])
-    np.testing.assert_array_equal(out["step"], [n, 2 * n, 3 * n])
-    np.testing.assert_array_equal(out["recorded"], [False, True, True])
+    # issue 12: an unfitted estimator is recorded at its initialisation (step 0) too
+    np.testing.assert_array_equal(out["epoch"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(out["step"], [0, n, 2 * n, 3 * n])
+    np.testing.assert_array_equal(out["recorded"], [True, False, True, True])
     assert est.t_ - 1 == 3 * n  # step counts sklearn's own updates
     assert np.all(np.isfinite(out["lr"])) and np.all(np.diff(out["lr"]) < 0)  # 'optimal' decays
     assert math.isclose(out["train_loss"][-1], gk.per_sample_loss(est, X_TR, Y3_TR).mean())
     with gs.open_store(path) as store:
         assert sorted((r.step, r.split) for r in store.records) == [
-            (2 * n, "test"), (2 * n, "train"), (3 * n, "test"), (3 * n, "train")]
+            (0, "test"), (0, "train"), (2 * n, "test"), (2 * n, "train"), (3 * n, "test"),
+            (3 * n, "train")]
         traj = store.trajectory()
         np.testing.assert_array_equal(traj["step"], out["step"])
         np.testing.assert_allclose(traj["test_loss"], out["test_loss"])
@@ -574,13 +576,15 @@ def test_trajectory_mlp_and_logreg(tmp_path) -> None:
                         batch_size=30, random_state=0)
     with gs.GradientWriter(tmp_path / "m.h5", [("coefs_0", (D, 4)), ("intercepts_0", (4,)),
                                                ("coefs_1", (4, 3)), ("intercepts_1", (3,))]) as w:
-        out = gk.record_trajectory(mlp, X_TR, Y3_TR, X_HO, Y3_HO, w, epochs=2)
-    np.testing.assert_array_equal(out["step"], [3, 6])  # ceil(80 / 30) updates per epoch
+        with pytest.warns(DeprecationWarning, match="writer comes first"):  # the old order
+            out = gk.record_trajectory(mlp, X_TR, Y3_TR, X_HO, Y3_HO, w, epochs=2)
+    # ceil(80 / 30) updates per epoch; step 0 is the initialisation (issue 12)
+    np.testing.assert_array_equal(out["step"], [0, 3, 6])
     np.testing.assert_allclose(out["lr"], 0.1)
 
     lr = _fit(LogisticRegression(max_iter=2), X_TR, Y3_TR)
     with gk.open_writer(tmp_path / "l.h5", lr) as w:
-        out = gk.record_trajectory(lr, X_TR, Y3_TR, X_HO, Y3_HO, w, epochs=3, every=3)
+        out = gk.record_trajectory(w, lr, X_TR, Y3_TR, X_HO, Y3_HO, epochs=3, every=3)
     np.testing.assert_array_equal(out["epoch"], [0, 1, 2, 3])
     np.testing.assert_array_equal(out["recorded"], [True, False, False, True])
     assert np.all(np.diff(out["step"]) >= 0) and np.all(np.isnan(out["lr"]))
