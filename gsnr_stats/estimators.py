@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import _reasons
 from ._dsutil import _ONE, _n_coord, _n_grid, _select_splits
 from .kernels import subset_sums
 from .store import check_same_layout, expand_paths, open_store
@@ -38,6 +39,14 @@ def _theory_at(
     us = np.unique(steps)
     R = R.reindex(step=us, method=method)
     return R
+
+
+def _theory_reasons(why: _reasons.Reasons, T: np.ndarray, nan_reason: str) -> None:
+    """Reasons for the attached theory column (negative: below noise; NaN: ``nan_reason``)."""
+    with np.errstate(invalid="ignore"):
+        why.add("osgr_theory", T < 0, _reasons.BELOW_NOISE + " (on the theory split; a fitted "
+                                      "training split: use a held-out one)", detail=False)
+    why.add("osgr_theory", np.isnan(T), nan_reason, detail=False)
 
 
 def osgr_trajectory(
@@ -117,7 +126,18 @@ def osgr_trajectory(
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update({"title": "measured OSGR along the training trajectory", "window": w,
                      "theory_split": split, "debias": int(debias)})
-    return ds
+    why = _reasons.Reasons({"osgr_measured": ("step",)}, {"step": step[:m]})
+    with np.errstate(invalid="ignore"):
+        why.add("osgr_measured", R < 0, "the held-out and the training loss moved in opposite "
+                                        "directions over the step (a memorising step, or "
+                                        "loss noise where the change is small)")
+        why.add("osgr_measured", np.isnan(R) & (dtr == 0), "training loss unchanged over the "
+                                                           "step (0/0)")
+        why.add("osgr_measured", np.isnan(R) & np.isnan(dtr - dte), "loss missing (NaN) in a "
+                                                                    "trajectory row")
+    if "osgr_theory" in data:
+        _theory_reasons(why, data["osgr_theory"][1], "before the first checkpoint")
+    return why.attach(ds)
 
 
 def osgr_probe(
@@ -196,7 +216,17 @@ def osgr_probe(
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update({"title": "measured OSGR from virtual-step probes", "theory_split": split,
                      "debias": int(debias)})
-    return ds
+    why = _reasons.Reasons({"osgr_measured": ("probe",)}, {})
+    with np.errstate(invalid="ignore"):
+        why.add("osgr_measured", R < 0, "sum_k dL[D'_k] < 0: the held-out loss rose after the "
+                                        "virtual steps (a memorised training set, or lr too "
+                                        "large for first order)")
+        why.add("osgr_measured", np.isnan(R), "sum_k dL[D_k] = 0: the virtual step did not "
+                                              "change the training loss")
+        why.add("osgr_se", np.isnan(se) & (cnt < 2), "a single probe: no jackknife over k")
+    if "osgr_theory" in data:
+        _theory_reasons(why, data["osgr_theory"][1], "no checkpoint at the probe's step")
+    return why.attach(ds)
 
 
 # -- first-order OSGR from stored gradients ------------------------------------------------
@@ -437,7 +467,17 @@ def osgr_first_order(
     ds.attrs.update({"title": "first-order OSGR from stored per-sample gradients",
                      "splits": f"{sa},{sb}", "n_subsets": K, "theory_split": tsplit,
                      "debias": int(debias)})
-    return ds
+    why = _reasons.Reasons({v: ("step", "n") for v in ("osgr_first_order", "osgr_se")},
+                           {"step": np.asarray(st_list), "n": ns})
+    with np.errstate(invalid="ignore"):
+        why.add("osgr_first_order", R < 0, f"sum_k g_D'.g_D < 0: the {sb!r} subsets' gradient "
+                                           f"points against the {sa!r} subsets' (a memorised "
+                                           "training set)")
+        why.add("osgr_first_order", np.isnan(R), "sum_k |g_D|^2 = 0 (all-zero gradients)")
+        why.add("osgr_se", np.isnan(se) & (K < 2), "n_subsets = 1: no jackknife over subsets")
+    if "osgr_theory" in data:
+        _theory_reasons(why, data["osgr_theory"][1], "no checkpoint at the step")
+    return why.attach(ds)
 
 
 # -- expectation of the measured estimators, given the two finite pools ---------------------
@@ -516,4 +556,16 @@ def osgr_pools(
         coords=coords,
     )
     ds.attrs.update({"title": "expected measured OSGR given finite pools", "splits": f"{a},{b}"})
-    return ds
+    why = _reasons.Reasons({v: ("step", "n") for v in ("osgr_pools", "pool_minus_theory")},
+                           {"step": st["step"].values, "n": ns})
+    with np.errstate(invalid="ignore"):
+        for v in ("osgr_pools", "pool_minus_theory"):
+            why.add(v, np.isnan(E) & (ns[None, :] > Na[:, None]),
+                    f"n larger than pool {a!r} (N_A): 1/n - 1/N_A < 0, no draw of n rows")
+            why.add(v, np.isnan(E) & (ns[None, :] <= Na[:, None]) & ok.any(-1)[:, None],
+                    "denominator sum (m_A^2 + (1/n - 1/N_A) s_A^2) <= 0")
+            why.add(v, np.isnan(E) & ~ok.any(-1)[:, None], _reasons.NO_PARAMS)
+        why.add("osgr_pools", E < 0, f"sum_j m_A m_B < 0: pool {b!r}'s mean gradient points "
+                                     f"against pool {a!r}'s")
+    _theory_reasons(why, T, "see osgr()")
+    return why.attach(ds)

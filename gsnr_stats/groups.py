@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import xarray as xr
 
+from . import _reasons
 from ._dsutil import _ONE, _base_coords, _count_per_param, _ddof, _select_splits
 
 __all__ = ["aggregate"]
@@ -187,4 +188,21 @@ def aggregate(
         ds[v] = ds[v].astype(np.int64)
     ds.attrs.update({"title": f"GSNR aggregates by {by}", "debias": int(debias),
                      "ddof": _ddof(stats), "group_by": by})
-    return ds
+    why = _reasons.Reasons({v: d for v in ("gsnr_mean", "gsnr_median", "gsnr_pooled")},
+                           {"step": st["step"].values, "split": st["split"].values,
+                            "group": groups.labels})
+    none = ~np.isfinite(med_r)
+    with np.errstate(invalid="ignore"):
+        for v in ("gsnr_mean", "gsnr_median", "gsnr_quantile"):
+            why.add(v, none, "no parameter of the group has a finite GSNR (all dead, s^2 = 0, "
+                             "or without data)", detail=v != "gsnr_quantile")
+            if debias:
+                why.add(v, ds[v].values < 0, "debiased r_j - 1/N < 0: the parameters' mean "
+                                             "gradient is below what N samples resolve",
+                        detail=v != "gsnr_quantile")
+        why.add("gsnr_pooled", np.isnan(pooled) & (n_ok > 0),
+                "sum m^2 = 0 and sum s^2 = 0 (all parameters dead)")
+        why.add("gsnr_pooled", n_ok == 0, _reasons.NO_PARAMS)
+        if debias:
+            why.add_below_noise("gsnr_pooled", pooled < 0, [str(s) for s in st["split"].values])
+    return why.attach(ds)

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from . import groups, theory
+from ._training import _lambda_rule, _lr_problem
 
 __all__ = [
     "gap_plot",
@@ -25,6 +26,7 @@ __all__ = [
     "gsnr_trajectories",
     "osgr_plot",
     "osgr_scatter",
+    "gap_or_reason",
     "save_all",
     "train_vs_test_gsnr",
 ]
@@ -253,11 +255,13 @@ def gap_plot(gap_ds: xr.Dataset, *, offset: bool = True) -> Figure:
     -------
     matplotlib.figure.Figure
         One axes: a line per ``n`` (and split) for the theory, one for the measurement.
+        A Dataset without a theory (:func:`~gsnr_stats.theory.measured_gap`, e.g. when no
+        learning rate is recorded) draws the measurement alone and says why in the title.
     """
     tv = "gap_theory_offset" if offset and "gap_theory_offset" in gap_ds else "gap_theory"
     fig, (ax,) = _figure()
-    lines = _lines_over_step(ax, gap_ds[tv], "theory")
-    if "gap_theory_se" in gap_ds:
+    lines = _lines_over_step(ax, gap_ds[tv], "theory") if tv in gap_ds else []
+    if tv in gap_ds and "gap_theory_se" in gap_ds:
         se = gap_ds["gap_theory_se"].transpose(*gap_ds[tv].dims)
         mid = gap_ds[tv]
         lo = (mid - 2 * se).transpose("step", ...).values.reshape(mid.sizes["step"], -1)
@@ -271,8 +275,12 @@ def gap_plot(gap_ds: xr.Dataset, *, offset: bool = True) -> Figure:
     ax.set_xlabel("step")
     ax.set_ylabel("generalization gap (loss)")
     split = gap_ds.attrs.get("v_split")
-    ax.set_title("generalization gap" + (f", V from {split!r}" if split else ""))
-    ax.legend(fontsize="small")
+    title = "generalization gap" + (f", V from {split!r}" if split else "")
+    if tv not in gap_ds:
+        title += "\n" + gap_ds.attrs.get("theory_missing", "theory not computed")
+    ax.set_title(title, fontsize="medium")
+    if ax.get_lines():
+        ax.legend(fontsize="small")
     return fig
 
 
@@ -341,6 +349,32 @@ def train_vs_test_gsnr(
     return fig
 
 
+def gap_or_reason(
+    stats: xr.Dataset,
+    n: int | Sequence[int],
+    *,
+    split: str = "test",
+    steps_per_checkpoint: int | Sequence[int] | None = None,
+    lr: float | None = None,
+    lr_rule: str = "nominal",
+    hint: str = "pass lr=",
+) -> xr.Dataset:
+    """:func:`~gsnr_stats.theory.accumulated_gap`, or the measured gap alone with
+    ``attrs["theory_missing"]`` saying why the theory cannot be computed (no learning rate:
+    not recorded, or several optimizer groups with different ones)."""
+    problem = _lr_problem(stats, hint) if lr is None else None
+    if problem is None:
+        try:
+            return theory.accumulated_gap(stats, n, split=split, lr=lr, lr_rule=lr_rule,
+                                          steps_per_checkpoint=steps_per_checkpoint)
+        except ValueError as e:  # e.g. lr_rule="momentum" for Adam: a sentence, not a crash
+            problem = str(e)
+    gap = theory.measured_gap(stats)
+    gap.attrs["theory_missing"] = f"theoretical gap: not computed — {problem}"
+    gap.attrs["lambda_note"] = _lambda_rule(stats, "nominal")[1]
+    return gap
+
+
 def save_all(
     stats: xr.Dataset,
     outdir: str | os.PathLike[str],
@@ -350,14 +384,18 @@ def save_all(
     gap: xr.Dataset | None = None,
     measured: xr.Dataset | Sequence[xr.Dataset] | None = None,
     dpi: int = 110,
+    steps_per_checkpoint: int | Sequence[int] | None = None,
+    lr: float | None = None,
+    lr_rule: str = "nominal",
 ) -> list[Path]:
     """Write the standard figures as PNG files into ``outdir``.
 
     Written when the data allow: ``gsnr_trajectories.png``, ``gsnr_histogram.png``,
     ``osgr.png``, ``train_vs_test_gsnr.png`` (``train`` and ``test`` splits),
     ``gap.png`` (``gap`` given, or computed by
-    :func:`~gsnr_stats.theory.accumulated_gap` when ``train``/``test`` losses and a
-    learning rate are recorded), ``osgr_scatter[_i].png`` (one per ``measured``).
+    :func:`~gsnr_stats.theory.accumulated_gap` when ``train``/``test`` losses are recorded;
+    the measured gap alone, saying why, without a learning rate), ``osgr_scatter[_i].png``
+    (one per ``measured``).
 
     Parameters
     ----------
@@ -373,6 +411,11 @@ def save_all(
     measured : Dataset or list of them, optional
         Measured-OSGR Datasets carrying ``osgr_theory``.
     dpi : int
+    steps_per_checkpoint, lr, lr_rule
+        For the computed gap, as in :func:`~gsnr_stats.theory.accumulated_gap`: the
+        optimizer steps between checkpoints come from the ``optimizer_step`` coordinate,
+        else ``steps_per_checkpoint``, else the ``step`` labels (with a
+        :class:`~gsnr_stats.errors.StepSpacingWarning`).
 
     Returns
     -------
@@ -394,12 +437,10 @@ def save_all(
     both = {"train", "test"} <= set(splits)
     if both:
         figs.append(("train_vs_test_gsnr", train_vs_test_gsnr(stats)))
-    if gap is None and both and np.isfinite(stats["loss_mean"]).any():
-        try:
-            gap = theory.accumulated_gap(stats, n)
-        except ValueError:  # no learning rate recorded
-            gap = None
-    if gap is not None:
+    if gap is None and both and "loss_mean" in stats and np.isfinite(stats["loss_mean"]).any():
+        gap = gap_or_reason(stats, n, steps_per_checkpoint=steps_per_checkpoint, lr=lr,
+                            lr_rule=lr_rule)
+    if gap is not None and ("gap_theory" in gap or np.isfinite(gap["gap_measured"]).any()):
         figs.append(("gap", gap_plot(gap)))
     if measured is not None:
         ms = [measured] if isinstance(measured, xr.Dataset) else list(measured)

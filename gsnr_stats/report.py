@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from . import estimators, groups, plot, theory, uncertainty
-from .errors import GSNRError, StoreError
+from .errors import GSNRError, SignalBelowNoiseWarning, StoreError
 
 __all__ = ["fmt", "report_numbers", "write_report"]
 
@@ -84,14 +84,39 @@ def _held_out(splits: list[str]) -> str:
     return others[0] if others else splits[0]
 
 
+_LR_HINT = "pass lr= (CLI: --lr)"
+
+
+def _gap_missing(stats: xr.Dataset) -> str | None:
+    """Why the gap section cannot be computed at all (None when it can)."""
+    splits = {str(s) for s in stats["split"].values}
+    if not {"train", "test"} <= splits:
+        return ("generalization gap: not computed — needs a 'train' and a 'test' split "
+                f"(splits here: {', '.join(sorted(splits))})")
+    if "loss_mean" not in stats or not np.isfinite(stats["loss_mean"]).any():
+        return ("generalization gap: not computed — the records hold no per-sample losses "
+                "(moments-only records, keep='moments', or written without loss=)")
+    return None
+
+
 def report_numbers(
     stats: xr.Dataset,
     n: Sequence[int],
     *,
     split: str | None = None,
     by: str = "layer",
+    lr: float | None = None,
+    lr_rule: str = "nominal",
+    steps_per_checkpoint: int | Sequence[int] | None = None,
 ) -> dict[str, xr.Dataset]:
     """The Datasets behind the page (exposed so that tests and scripts can check it).
+
+    Parameters
+    ----------
+    stats, n, split, by
+        As in :func:`write_report`.
+    lr, lr_rule, steps_per_checkpoint
+        For the gap, as in :func:`gsnr_stats.theory.accumulated_gap`.
 
     Returns
     -------
@@ -100,7 +125,8 @@ def report_numbers(
         (:func:`theory.osgr_ci` on ``split`` when per-block moments exist, else
         :func:`theory.osgr`), ``noise_scale`` (every split), and when ``train``/``test``
         losses exist ``gap`` (:func:`theory.accumulated_gap` at the largest ``n``, V from
-        ``split``; without a recorded learning rate only the measured gap).
+        ``split``; without a learning rate the measured gap alone, whose
+        ``attrs["theory_missing"]`` says why).
     """
     splits = [str(s) for s in stats["split"].values]
     split = split or _held_out(splits)
@@ -112,13 +138,34 @@ def report_numbers(
         out["osgr"] = uncertainty.osgr_ci(stats, list(n), split=split)
     else:
         out["osgr"] = theory.osgr(stats, list(n), split=split)
-    if {"train", "test"} <= set(splits) and "loss_mean" in stats \
-            and np.isfinite(stats["loss_mean"]).any():
-        try:
-            out["gap"] = theory.accumulated_gap(stats, max(n), split=split)
-        except ValueError:
-            out["gap"] = theory.measured_gap(stats)
+    if _gap_missing(stats) is None:
+        out["gap"] = plot.gap_or_reason(stats, max(n), split=split, lr=lr, lr_rule=lr_rule,
+                                        steps_per_checkpoint=steps_per_checkpoint,
+                                        hint=_LR_HINT)
     return out
+
+
+def _why(ds: xr.Dataset, names: Sequence[str]) -> list[str]:
+    """The page's line per variable that carries a reason for negative / NaN values."""
+    out = []
+    for v in names:
+        r = ds[v].attrs.get("reason") if v in ds else None
+        if r:
+            out += [f"Why some `{v}` values are negative or NaN: {r}.", ""]
+    return out
+
+
+def _spacing_sentence(gp: xr.Dataset) -> str:
+    src = gp.attrs.get("step_spacing")
+    if src == "optimizer_step":
+        return ("Optimizer steps between checkpoints: from the recorded `optimizer_step` "
+                f"({', '.join(str(int(v)) for v in gp['optimizer_step'].values)}).")
+    if src == "steps_per_checkpoint":
+        return "Optimizer steps between checkpoints: from steps_per_checkpoint given."
+    return ("Optimizer steps between checkpoints: unknown, so the step labels are taken as "
+            "optimizer steps — if they count epochs, the theory is too small by the steps per "
+            "epoch; record `optimizer_step` or pass steps_per_checkpoint "
+            "(CLI: --steps-per-checkpoint).")
 
 
 def write_report(
@@ -131,6 +178,9 @@ def write_report(
     by: str = "layer",
     title: str | None = None,
     dpi: int = 100,
+    lr: float | None = None,
+    lr_rule: str = "nominal",
+    steps_per_checkpoint: int | Sequence[int] | None = None,
 ) -> Path:
     """Write a one-page Markdown report of a run: tables of the headline numbers and figures.
 
@@ -159,6 +209,20 @@ def write_report(
         Grouping of the GSNR table and trajectory figure (``layer``, ``tensor``, ``model``).
     title : str, optional
     dpi : int
+    lr : float, optional
+        λ for the theoretical gap when none is recorded (or to override the recorded one).
+    lr_rule : {"nominal", "momentum"}
+        Which λ the gap uses (:func:`gsnr_stats.theory.accumulated_gap`); the page names
+        the optimizer (``attrs["optimizer"]``) and the λ next to the gap.
+    steps_per_checkpoint : int or sequence of int, optional
+        Optimizer steps between checkpoints when the stores hold no ``optimizer_step``
+        (which wins when present); without either the ``step`` labels are taken as
+        optimizer steps, with a :class:`~gsnr_stats.errors.StepSpacingWarning` and a line
+        on the page.
+
+    Sections that cannot be computed (the theoretical gap without a learning rate, the gap
+    without losses or a test split, probes never recorded) are replaced by one sentence
+    saying why; values that are negative or NaN for a known reason get a line saying it.
 
     Returns
     -------
@@ -178,7 +242,10 @@ def write_report(
         sp = "train" if "train" in splits else splits[0]
         n = [max(int(stats["count"].sel(split=sp).max()), 1)]
     ns = [int(v) for v in np.atleast_1d(n)]
-    nums = report_numbers(stats, ns, split=split, by=by)
+    if "optimizer" not in stats.attrs and attrs.get("optimizer"):
+        stats.attrs["optimizer"] = attrs["optimizer"]  # stores older than the reduce attrs
+    nums = report_numbers(stats, ns, split=split, by=by, lr=lr, lr_rule=lr_rule,
+                          steps_per_checkpoint=steps_per_checkpoint)
     stats_nc = out / "stats.nc"
     stats.to_netcdf(stats_nc)
 
@@ -194,8 +261,11 @@ def write_report(
         if len(pr["step"]):
             probe_ds = estimators.osgr_probe(pr, stats, split=split)
             measured.append(probe_ds)
-    figs = plot.save_all(stats, out, n=ns, by=by, gap=nums.get("gap"),
-                         measured=measured or None, dpi=dpi)
+    with warnings.catch_warnings():
+        # said once already (noise scale, OSGR) and on the page: the figures repeat the numbers
+        warnings.simplefilter("ignore", SignalBelowNoiseWarning)
+        figs = plot.save_all(stats, out, n=ns, by=by, gap=nums.get("gap"),
+                             measured=measured or None, dpi=dpi)  # the page's gap: same λ, Δ
 
     steps = [int(s) for s in stats["step"].values]
     L: list[str] = [f"# {title or 'gsnr-stats report'}", ""]
@@ -215,16 +285,19 @@ def write_report(
 
     L += ["## Records", ""]
     rows = []
+    has_opt = "optimizer_step" in stats.variables and stats["optimizer_step"].dims == ("step",)
     for st in steps:
         for sp in splits:
             c = int(stats["count"].sel(step=st, split=sp))
             if c == 0:
                 continue
             g = stats.sel(step=st, split=sp)
-            rows.append([st, sp, c, float(g["lr"]) if "lr" in g else math.nan,
+            rows.append([st, *([int(g["optimizer_step"])] if has_opt else []), sp, c,
+                         float(g["lr"]) if "lr" in g else math.nan,
                          float(g["epoch"]) if "epoch" in g else math.nan,
                          float(g["loss_mean"]) if "loss_mean" in g else math.nan])
-    L += [_table(["step", "split", "N", "lr", "epoch", "mean loss"], rows), ""]
+    L += [_table(["step", *(["optimizer step"] if has_opt else []), "split", "N", "lr", "epoch",
+                  "mean loss"], rows), ""]
 
     ag = nums["aggregate"]
     L += [f"## Median GSNR per {by}", "",
@@ -239,6 +312,7 @@ def write_report(
             rows.append([st, sp, *[float(a["gsnr_median"].sel(group=g)) for g in groups],
                          *[float(a["gsnr_pooled"].sel(group=g)) for g in groups]])
     L += [_table(hdr, rows), ""]
+    L += _why(ag, ["gsnr_median", "gsnr_pooled"])
 
     R = nums["osgr"]
     has_ci = "osgr_se" in R
@@ -255,29 +329,46 @@ def write_report(
                 row += [float(r["osgr_se"]), float(r["osgr_lo"]), float(r["osgr_hi"])]
             rows.append(row)
     L += [_table(["step", "n", "R(n)"] + (["SE", "lo", "hi"] if has_ci else []), rows), ""]
+    L += _why(R, ["osgr", "osgr_se", "osgr_lo"])
 
-    if "gap" in nums:
+    L += ["## Generalization gap", ""]
+    if "gap" not in nums:
+        L += [_gap_missing(stats) + ".", ""]
+    else:
         gp = nums["gap"]
-        L += ["## Generalization gap", "",
-              "Measured: mean test loss - mean train loss. Theory: accumulated "
-              f"`sum_u lr_u sum_j V_j(u) / n` at n = {max(ns)}, V from `{split}`, plus the "
-              "measured gap at the first checkpoint (first order; see docs/theory.md for "
-              "where it parts from the measurement).", ""]
+        th_ok = "gap_theory" in gp
+        L += ["Measured: mean test loss - mean train loss. Theory: accumulated "
+              f"`sum_u lambda_u sum_j V_j(u) / n` at n = {max(ns)}, V from `{split}`, plus the "
+              "measured gap at the first checkpoint (first order; the theory over-predicts "
+              "a fixed training set's gap as it is fitted).", ""]
+        if th_ok:
+            L += [gp.attrs.get("lambda_note", ""), "", _spacing_sentence(gp), ""]
+        else:
+            cls = theory._optimizer(stats)
+            L += [gp.attrs["theory_missing"] + " ("
+                  + (f"optimizer: {cls['class']}" if cls else "optimizer unknown") + ").", ""]
         rows = []
         for st in steps:
             g = gp.sel(step=st)
-            th_v = float(g["gap_theory_offset"].sel(n=max(ns))) if "gap_theory_offset" in g \
-                else math.nan
-            rows.append([st, float(g["gap_measured"]), th_v])
+            rows.append([st, float(g["gap_measured"]),
+                         float(g["gap_theory_offset"].sel(n=max(ns))) if th_ok else "—"])
         L += [_table(["step", "measured gap", "theory gap"], rows), ""]
+        L += _why(gp, ["gap_measured", "gap_theory_offset"])
 
     B = nums["noise_scale"]
     L += ["## Gradient noise scale", "", "`B_simple = sum s^2 / sum G` (samples; negative "
           "where the debiased signal is below the noise).", ""]
     rows = [[st, *[float(B["b_simple"].sel(step=st, split=sp)) for sp in splits]] for st in steps]
     L += [_table(["step", *[f"B_simple {sp}" for sp in splits]], rows), ""]
+    L += _why(B, ["b_simple"])
 
-    if probe_ds is not None:
+    if probe_ds is None:
+        L += ["## OSGR, measured by probes", "",
+              "Measured OSGR by probes: not computed — "
+              + ("the input is a stats netCDF, which holds no probe rows; pass the stores."
+                 if not paths else "the stores hold no probe rows (record them with the "
+                 "adapters' probe_osgr)."), ""]
+    else:
         L += ["## OSGR, measured by probes", "",
               "`R = sum dL[D'] / sum dL[D]` over virtual steps, jackknife SE over probes; "
               f"theory on `{split}`.", ""]
@@ -286,6 +377,7 @@ def write_report(
                  float(probe_ds["osgr_theory"][i]) if "osgr_theory" in probe_ds else math.nan]
                 for i in range(probe_ds.sizes["probe"])]
         L += [_table(["step", "n", "lr", "R measured", "SE", "R theory"], rows), ""]
+        L += _why(probe_ds, ["osgr_measured", "osgr_theory"])
 
     L += ["## Figures", ""]
     for f in figs:

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import _reasons
 from ._dsutil import _ddof
 from .groups import aggregate
 from .kernels import finalize_moments
-from .theory import osgr
+from .theory import _osgr
 
 __all__ = ["aggregate_ci", "jackknife", "leave_one_block_out", "osgr_ci"]
 
@@ -180,6 +181,30 @@ def jackknife(
     out.attrs["jackknife_blocks"] = K
     if level is not None:
         out.attrs["ci_level"] = level
+    return _se_reasons(out, est, stack, names, stats)
+
+
+def _se_reasons(out: xr.Dataset, est: xr.Dataset, stack: xr.Dataset, names: Sequence[str],
+                stats: xr.Dataset) -> xr.Dataset:
+    """``attrs["reason"]`` on ``<v>_se`` (and the bounds) where they are NaN."""
+    bc = stats["block_count"].values
+    per = bc[bc > 0]
+    small = (f" (records hold {int(stats['count'].values.min())}..."
+             f"{int(stats['count'].values.max())} samples in {bc.shape[-1]} blocks, "
+             f"{int(per.min()) if per.size else 0} in the smallest non-empty one: too few to "
+             "drop a block)")
+    for v in names:
+        e = np.isnan(est[v].values)
+        rep = stack[v].isnull().any("_jk").transpose(*est[v].dims).values & ~e
+        for suffix in ("_se", "_lo", "_hi"):
+            if f"{v}{suffix}" not in out:
+                continue
+            why = _reasons.Reasons()
+            why.add(f"{v}{suffix}", e, f"{v} itself is NaN there (see its reason)")
+            why.add(f"{v}{suffix}", rep,
+                    "NaN in at least one leave-one-block-out replicate" + small)
+            for var, texts in why.by_var.items():
+                out[var].attrs["reason"] = "; ".join(texts)
     return out
 
 
@@ -188,9 +213,24 @@ def osgr_ci(
 ) -> xr.Dataset:
     """:func:`osgr` with jackknife ``osgr_se``, ``osgr_lo``, ``osgr_hi`` over blocks.
 
-    Keyword arguments go to :func:`osgr`. Needs ``reduce(..., blocks=K)``.
+    Keyword arguments go to :func:`osgr`. Needs ``reduce(..., blocks=K)``. Warns once (not
+    per replicate) when the debiased signal is below the noise; ``osgr_se``/``osgr_lo``
+    carry ``attrs["reason"]`` where they are NaN or the lower bound is negative for a
+    positive R (an SE large beside R: few samples per block).
     """
-    return jackknife(stats, lambda s: osgr(s, n, **kw), variables=["osgr"], level=level)
+    out = jackknife(stats, lambda s: _osgr(s, n, **kw), variables=["osgr"], level=level)
+    _reasons.warn_below_noise(out, "osgr", "osgr_ci")
+    with np.errstate(invalid="ignore"):
+        wide = (out["osgr_lo"].values < 0) & (out["osgr"].values > 0)
+    if wide.any():
+        bc = stats["block_count"].values
+        per = bc[bc > 0]
+        clause = ("normal interval R - z SE reaches below 0 for a positive R: the jackknife SE "
+                  f"is large beside R (smallest non-empty block: {int(per.min())} samples; more "
+                  "samples per block narrow it)")
+        prev = out["osgr_lo"].attrs.get("reason")
+        out["osgr_lo"].attrs["reason"] = f"{prev}; {clause}" if prev else clause
+    return out
 
 
 def aggregate_ci(
