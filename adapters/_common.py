@@ -53,6 +53,8 @@ class RecordSummary:
         Mean of the per-sample losses written, :math:`\\frac{1}{N}\\sum_i \\ell_i`.
     lr, epoch : float
         Learning rate and epoch stored with the record (NaN if unknown).
+    optimizer_step : int or None
+        The optimizer's update count stored with the record (None if unknown).
     """
 
     step: int
@@ -61,6 +63,7 @@ class RecordSummary:
     mean_loss: float
     lr: float = math.nan
     epoch: float = math.nan
+    optimizer_step: int | None = None
 
 
 @dataclass

@@ -119,7 +119,8 @@ def _plan(model: nn.Module, train_batchnorm: str, dropout: str) -> tuple[str, st
     if bn and train_batchnorm == "error":
         raise AdapterError(
             f"torch adapter: BatchNorm layers {bn} use batch statistics (training mode or no "
-            "running stats), which mix the samples of a batch. Call model.eval(), or pass "
+            "running stats), which mix the samples of a batch. Call model.eval() (a Recorder "
+            "with mode='eval', its default, does so for each record), or pass "
             "train_batchnorm='batch' for gradients of each sample's loss under its batch's "
             f"statistics; supported: {SUPPORTED}"
         )
@@ -127,7 +128,8 @@ def _plan(model: nn.Module, train_batchnorm: str, dropout: str) -> tuple[str, st
     if drop and dropout == "error":
         raise AdapterError(
             f"torch adapter: Dropout layers {drop} are in training mode (random). Call "
-            "model.eval(), or pass dropout='different' (each sample its own mask, like a "
+            "model.eval() (a Recorder with mode='eval' does so for each record), or pass "
+            "dropout='different' (each sample its own mask, like a "
             f"training step); supported: {SUPPORTED}"
         )
     return ("batch" if bn else "vmap"), ("error" if not drop else dropout)
@@ -146,8 +148,11 @@ def _to(t: Any, device: torch.device) -> Any:
     def move(a: Any) -> Any:
         if isinstance(a, np.ndarray):
             a = torch.from_numpy(a)
-        if isinstance(a, torch.Tensor) and a.device != device:
-            return a.to(device, non_blocking=True)
+        if isinstance(a, torch.Tensor):
+            if a.device != device:
+                a = a.to(device, non_blocking=True)
+            if a.is_inference():  # made under a caller's inference_mode: autograd refuses it
+                a = a.clone()
         return a
 
     return tree_map(move, t)
@@ -192,12 +197,21 @@ class _Engine:
         sel = _selected(model, include_frozen, param_filter)
         self.names = [n for n, _ in sel]
         self.shapes = [tuple(p.shape) for _, p in sel]
+        self._policy = (train_batchnorm, dropout)
         self.route, self.randomness = _plan(model, train_batchnorm, dropout)
         self.chunk_size = chunk_size
         p0 = sel[0][1]
         self.device, self.dtype = p0.device, p0.dtype
         self.P = sum(math.prod(s) for s in self.shapes)
         self._checked_loss = False
+
+    def replan(self) -> bool:
+        """Re-check the model's modes (they change in a training loop); True if the route
+        or randomness changed. Raises :class:`AdapterError` for a mode the policy refuses."""
+        plan = _plan(self.model, *self._policy)
+        changed = plan != (self.route, self.randomness)
+        self.route, self.randomness = plan
+        return changed
 
     def state(self) -> tuple[dict[str, torch.Tensor], tuple[dict[str, torch.Tensor], ...]]:
         """(selected params, (other params, buffer copies)), all detached."""
@@ -209,44 +223,44 @@ class _Engine:
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         return params, (rest, buffers)
 
-    def _fail(self, e: Exception) -> AdapterError:
-        hint = ""
-        msg = str(e)
-        if "random" in msg and "vmap" in msg:
-            hint = " (a random operation in forward: pass dropout='different' or call eval())"
-        elif ".item()" in msg or "data-dependent" in msg:
-            hint = " (data-dependent Python control flow or .item() in forward/loss)"
-        elif "setup_context" in msg:
-            hint = " (a custom autograd.Function without setup_context/vmap support)"
-        return AdapterError(
-            f"torch adapter: torch.func could not compute per-sample gradients of "
-            f"{type(self.model).__name__}{hint}: {type(e).__name__}: {msg.splitlines()[0]}; "
-            f"supported: {SUPPORTED}"
-        )
+    def _fail(self, e: Exception, what: str = "per-sample gradients") -> AdapterError:
+        return fail(e, self.model, self.device, what)
 
     def check_loss(self, x: Any, y: Any, frozen: tuple[dict[str, Any], ...],
                    params: dict[str, Any]) -> None:
-        """``loss_fn`` must return one loss per sample (catches reduction='mean')."""
+        """On the first batch: ``loss_fn`` must return one loss per sample (catches
+        ``reduction='mean'``), and forward and loss must run (errors say which failed)."""
         if self._checked_loss:
             return
         n = _batch_len(x)
-        m = min(n, 2)
+        m = min(n, 2)  # two samples: a mean over them is () and cannot pass for (m,)
         head = tree_map(lambda a: a[:m] if isinstance(a, torch.Tensor) else a, (x, y))
         try:
             with torch.no_grad():
                 out = _call(self.model, (params, *frozen), head[0])
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as e:
+            raise self._fail(e, "the forward pass") from e
+        try:
+            with torch.no_grad():
                 loss = self.loss_fn(out, head[1])
-        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-            raise self._fail(e) from e
-        if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (m,):
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as e:
+            hint = _hint(str(e), self.device) if "device" in str(e) else (
+                " Check the targets' shape/dtype, or pass unpack= if the batch is not "
+                "(inputs, targets)")
             raise AdapterError(
-                f"torch adapter: loss_fn returned {shape} for a batch of {m} samples; it must "
-                f"return per-sample losses of shape ({m},), e.g. nn.CrossEntropyLoss("
-                "reduction='none'); a mean-reduced loss would scale gradients by 1/batch. "
-                f"Supported: {SUPPORTED}"
-            )
+                f"torch adapter: loss_fn(outputs, targets) failed on the first batch with "
+                f"outputs {_shape_of(out)} and targets {_shape_of(head[1])} ({m} samples): "
+                f"{type(e).__name__}: {str(e).splitlines()[0]}. loss_fn takes the model's "
+                f"outputs and the batch's targets and returns per-sample losses of shape (n,)."
+                f"{hint}") from e
+        check_loss_shape(loss, m, n)
         self._checked_loss = True
+
+    def check_first(self, x: Any, y: Any) -> None:
+        """:meth:`check_loss` on a whole (first) batch, before any route touches it."""
+        if not self._checked_loss:
+            params, frozen = self.state()
+            self.check_loss(_to(x, self.device), _to(y, self.device), frozen, params)
 
     def compute(self, x: Any, y: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample gradients ``{name: (n, *shape)}`` and losses ``(n,)`` on the device."""
@@ -300,6 +314,71 @@ class _Engine:
         if out is None:
             return torch.cat(parts, dim=1)
         return torch.cat(parts, dim=1, out=out)
+
+
+def _shape_of(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+    leaves = [a for a in _leaves(t) if isinstance(a, torch.Tensor)]
+    return f"{type(t).__name__} of {[tuple(a.shape) for a in leaves][:4]}"
+
+
+def check_loss_shape(loss: Any, m: int, n: int) -> None:
+    """``loss`` (computed for ``m`` samples of a first batch of ``n``) must be ``(m,)``."""
+    if isinstance(loss, torch.Tensor) and tuple(loss.shape) == (m,):
+        return
+    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+    of = f"the first {m} samples of the first batch ({n} samples)" if m < n else \
+        f"the first batch ({n} samples)"
+    hint = ("a scalar: the loss is mean- or sum-reduced; use reduction='none', e.g. "
+            "nn.CrossEntropyLoss(reduction='none')") if shape == () else (
+            "reduce the other dimensions per sample, e.g. loss.reshape(n, -1).mean(1)")
+    raise AdapterError(
+        f"torch adapter: loss_fn returned shape {shape} for {of}; it must return "
+        f"per-sample losses of shape ({m},) here: loss_fn(outputs, targets) returns shape "
+        f"(n,), one loss per sample, not reduced over the batch (a mean would scale every "
+        f"gradient by 1/n). It returned {hint}. Supported: {SUPPORTED}")
+
+
+def fail(e: Exception, model: nn.Module, device: torch.device,
+         what: str = "per-sample gradients") -> AdapterError:
+    """A torch error of computing ``what`` as an :class:`AdapterError` that says what to do."""
+    msg = str(e)
+    return AdapterError(
+        f"torch adapter: could not compute {what} of {type(model).__name__}"
+        f"{_hint(msg, device)}: {type(e).__name__}: {msg.splitlines()[0] if msg else ''}; "
+        f"supported: {SUPPORTED}"
+    )
+
+
+def _hint(msg: str, device: torch.device) -> str:
+    """What to do about a foreseeable torch error message (empty if none is known)."""
+    hint = ""
+    if "captured" in msg and ("in-place" in msg or "inplace" in msg):
+        hint = (" (the forward changes a tensor in place, e.g. a train-mode BatchNorm "
+                "updating its running statistics or a module writing to a buffer; record "
+                "with mode='eval' (the default), or pass train_batchnorm='batch' for "
+                "train-mode BatchNorm)")
+    elif "does not require grad" in msg or "Inference tensors" in msg \
+            or "inference tensor" in msg:
+        hint = (" (gradients are off for these tensors: call record() outside "
+                "torch.inference_mode(), and do not set requires_grad=False on the recorded "
+                "parameters)")
+    elif "same device" in msg or "expected device" in msg or (
+            "device" in msg and "Expected" in msg):
+        hint = (f" (tensors on different devices: inputs and targets are moved to the "
+                f"parameters' device {device}; keep the whole model and any tensor held by "
+                "loss_fn, e.g. a class weight, on that device)")
+    elif "random" in msg and "vmap" in msg:
+        hint = " (a random operation in forward: pass dropout='different' or call eval())"
+    elif ".item()" in msg or "data-dependent" in msg:
+        hint = " (data-dependent Python control flow or .item() in forward/loss)"
+    elif "setup_context" in msg:
+        hint = " (a custom autograd.Function without setup_context/vmap support)"
+    elif "shape" in msg or "size" in msg:
+        hint = (" (a shape mismatch: check that each batch is (inputs, targets) with the "
+                "batch in the first dimension, or pass unpack=)")
+    return hint
 
 
 def _restricted(eng: _Engine, kw: dict[str, Any], names: set[str]) -> _Engine:

@@ -50,7 +50,7 @@ from torch import nn
 
 from gsnr_stats.errors import AdapterError
 
-from ._torch_engine import _batch_len, _call, _to
+from ._torch_engine import _batch_len, _call, _to, check_loss_shape, fail
 
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHUNK_BYTES = 64 << 20
@@ -264,11 +264,15 @@ class FastPath:
                       for k, v in params.items()}
             with torch.enable_grad():
                 losses = eng.loss_fn(_call(eng.model, (leaves, *frozen), x), y)
+                nx = _batch_len(x)
+                check_loss_shape(losses, nx, nx)  # the whole batch, not only the checked head
                 outs = [c[1] for cs in calls.values() for c in cs]
                 if outs:
                     gs = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
                 else:
                     gs = []
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as e:
+            raise fail(e, eng.model, eng.device) from e
         finally:
             for h in handles:
                 h.remove()
@@ -333,6 +337,7 @@ class FastPath:
         chunks and copied; the rest come from ``vmap`` over those parameters only.
         """
         if not self._checked:
+            self.eng.check_first(x, y)  # the loss contract on the whole first batch
             self._check(x, y)
         offs = self._offsets
         losses = None
@@ -373,6 +378,7 @@ class FastPath:
     def moments(self, x: Any, y: Any, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``(mean (P,), M2 (P,), losses (n,))`` of one batch, float64, in layout order."""
         if not self._checked:
+            self.eng.check_first(x, y)
             self._check(x, y)
         parts, losses = self._fast_part(x, y, n) if self.modules else ({}, None)
         if self.fallback is not None:

@@ -4,7 +4,9 @@ Owns the training-loop side of the torch adapter: iterating a ``DataLoader`` (or
 arrays), computing each batch through the engine (``_torch_engine.py``) or the Linear/Conv
 fast path (``_torch_fast.py``), and overlapping host copies and HDF5 writes with the next
 batch; ``keep="moments"``, parameter subsets and JL projections go through
-``_moments.py``. Re-exported by ``adapters/torch.py``, which it never imports.
+``_moments.py``; the training-loop side (mode, random state, optimizer step count and
+hyper-parameters) is ``_torch_loop.py``. Re-exported by ``adapters/torch.py``, which it
+never imports.
 """
 
 from __future__ import annotations
@@ -28,15 +30,35 @@ from ._common import (
     AsyncWriter,
     BufferPool,
     RecordSummary,
+    Unpack,
     abort_record,
     as_float,
     check_layout_matches,
     iter_data,
     limited_batches,
+    preserved_host_rng,
     progress_bar,
 )
-from ._torch_engine import ParamFilter, _batch_len, _Engine, _restricted, _to_numpy
+from ._torch_engine import (
+    ParamFilter,
+    _batch_len,
+    _check_module,
+    _Engine,
+    _restricted,
+    _to_numpy,
+)
 from ._torch_fast import FastPath
+from ._torch_loop import (
+    StepCounter,
+    actual_mode,
+    check_params_usable,
+    grad_context,
+    model_mode,
+    optimizer_meta,
+    record_lr,
+    resolve_mode,
+    torch_rng_savers,
+)
 
 
 def _labels(y: Any, n: int) -> np.ndarray | None:
@@ -47,26 +69,42 @@ def _labels(y: Any, n: int) -> np.ndarray | None:
     return None
 
 
-def _current_lr(optimizer: Any) -> float:
-    if optimizer is None:
-        return math.nan
-    lrs = {float(g["lr"]) for g in optimizer.param_groups}
-    return float(optimizer.param_groups[0]["lr"]) if len(lrs) >= 1 else math.nan
+def _current_lr(optimizer: Any, params: Any = None) -> float:
+    """The optimizer's learning rate for a record (see ``_torch_loop.record_lr``)."""
+    return record_lr(optimizer, params)
 
 
-def _limited(batches: Iterable[Any], max_samples: int | None,
-             where: str) -> Iterator[tuple[Any, Any, Any, int]]:
+def _limited(batches: Iterable[Any], max_samples: int | None, where: str,
+             unpack: Unpack | None = None) -> Iterator[tuple[Any, Any, Any, int]]:
     """``(x, y, sample_id, n)`` of each non-empty batch, the last cut at ``max_samples``."""
 
     def cut(x: Any, y: Any, sid: Any, n: int) -> tuple[Any, Any, Any]:
         return tree_map(lambda a: a[:n] if isinstance(a, torch.Tensor | np.ndarray) else a,
                         (x, y, sid))
 
-    return limited_batches(batches, max_samples, where, _batch_len, cut)
+    return limited_batches(batches, max_samples, where, _batch_len, cut, unpack)
 
 
 class Recorder:
     """Write per-sample gradient records of a model, batch by batch, into a ``GradientWriter``.
+
+    Made to be called from a training loop (``docs/adapters.md``, "Recording from a
+    training loop (PyTorch)")::
+
+        rec = Recorder(writer, model, nn.CrossEntropyLoss(reduction="none"), optimizer=opt)
+        for epoch in range(E):
+            for x, y in train_loader:            # model.train() as usual
+                ...; opt.step()
+            rec.record(eval_train_loader, step=epoch, split="train", epoch=epoch)
+            rec.record(test_loader, step=epoch, split="test", epoch=epoch)
+        rec.close()
+
+    Each :meth:`record` (by default) switches the model to eval mode and restores every
+    submodule's mode afterwards, leaves torch's, numpy's and Python's global random state
+    as it found it (so the training run is the same with or without recording), and
+    stores the optimizer's step count, learning rate and hyper-parameters with the record.
+    Record ``"train"`` from an un-augmented loader of the training set: gradients of
+    augmented samples are not the training set's.
 
     Writing overlaps computing: each batch's gradients are flattened into one of a few
     reusable host buffers (pinned memory for CUDA, copied on a side stream), and a
@@ -77,12 +115,37 @@ class Recorder:
     writer : GradientWriter
         Open writer whose layout is :func:`layout` of the model (same filter).
     model, loss_fn :
-        As in :func:`per_sample_gradients`.
+        As in :func:`per_sample_gradients`; the model may be in train or eval mode (see
+        ``mode``).
     optimizer : torch.optim.Optimizer, optional
-        When given, the learning rate of its first parameter group is stored with each
-        record (unless ``lr`` is passed to :meth:`record`).
+        The training optimizer. Each record then stores: ``optimizer_step``, the number of
+        ``optimizer.step()`` calls so far (counted by a step post-hook registered here, plus
+        ``state[p]["step"]`` of Adam-like optimizers at construction; an SGD that already
+        stepped starts at 0 with a warning -- build the Recorder before training); the
+        learning rate (the common ``lr`` of the parameter groups holding the recorded
+        parameters; NaN and a warning if they differ: pass ``lr=``); and in the record's
+        meta ``{"optimizer": {"class", "module", "groups": [{lr, momentum, weight_decay,
+        betas, ..., "params": [names]}]}, "framework": "torch <version>", "mode":
+        "eval"|"train"}`` (read back with ``GradientStore.record_meta``). Call
+        :meth:`close` (or use the Recorder as a context manager) to remove the hook.
     chunk_size, include_frozen, param_filter, train_batchnorm, dropout :
         As in :func:`per_sample_gradients`.
+    mode : {"eval", "train", "as_is"}, optional
+        The model's mode during each :meth:`record`. ``"eval"`` (the default; what a
+        training loop wants: BatchNorm with its running statistics, no Dropout, per-sample
+        gradients of the model as it predicts): the model is switched to eval mode for the
+        record and each submodule's ``training`` flag is restored afterwards, also on
+        error; BatchNorm statistics and ``.grad`` are never changed. ``"train"``: the same
+        with train mode, for gradients under training-time semantics (needs
+        ``train_batchnorm="batch"`` with BatchNorm, ``dropout="different"``/``"same"``
+        with Dropout). ``"as_is"``: the modes the model has when :meth:`record` is
+        called, checked at every call. Default: ``"eval"``, or ``"as_is"`` when
+        ``train_batchnorm``/``dropout`` opt into train-mode semantics.
+    unpack : callable batch -> (inputs, targets) or (inputs, targets, sample_id), optional
+        How to read a batch; default rule: ``_common.split_batch`` (a 2-sequence is
+        ``(inputs, targets)``; a 3-sequence only if its third element is 1-D integer
+        sample ids; a dict with keys ``inputs``/``x``, ``targets``/``y``/``labels``
+        ``[, sample_id]``; anything else is an error). :meth:`record` takes it too.
     progress : bool or dict
         Show a tqdm progress bar (a dict is passed to tqdm as keyword arguments).
     max_pending : int
@@ -131,6 +194,8 @@ class Recorder:
         param_filter: ParamFilter | None = None,
         train_batchnorm: str = "error",
         dropout: str = "error",
+        mode: str | None = None,
+        unpack: Unpack | None = None,
         progress: bool | dict[str, Any] = False,
         max_pending: int = 2,
         store_labels: bool = True,
@@ -141,14 +206,27 @@ class Recorder:
         seed: int = 0,
         block_size: int | None = None,
     ) -> None:
+        self._steps: StepCounter | None = None  # first: __del__ may run after a failed init
+        self._closed = False
         self.writer = writer
         self.optimizer = optimizer
         self.progress = progress
         self.max_pending = int(max_pending)
         self.store_labels = store_labels
-        self._eng = _Engine(model, loss_fn, include_frozen=include_frozen,
-                            param_filter=param_filter, chunk_size=chunk_size,
-                            train_batchnorm=train_batchnorm, dropout=dropout)
+        self.unpack = unpack
+        self.mode = resolve_mode(mode, train_batchnorm, dropout)
+        _check_module(model)
+        # Built in the mode of the records ("as_is": eval, checked again at each record), so
+        # that a model in train mode inside its loop is accepted here.
+        with model_mode(model, "train" if self.mode == "train" else "eval"):
+            self._eng = _Engine(model, loss_fn, include_frozen=include_frozen,
+                                param_filter=param_filter, chunk_size=chunk_size,
+                                train_batchnorm=train_batchnorm, dropout=dropout)
+        named = dict(model.named_parameters())
+        self._params = [named[k] for k in self._eng.names]
+        check_params_usable(list(zip(self._eng.names, self._params, strict=True)),
+                            "torch Recorder")
+        self._names = {id(p): k for k, p in zip(self._eng.names, self._params, strict=True)}
         # keep="moments", params_subset, project: see _record_small and adapters/_moments.py
         self._keep = _moments.check_keep(keep, "torch Recorder")
         self._tf = _moments.make_transform(
@@ -166,6 +244,32 @@ class Recorder:
         self._host: dict[int, np.ndarray] = {}  # data_ptr -> writer.alloc_rows buffer
         self._rows = 0
         self._copy_stream = torch.cuda.Stream(self._eng.device) if self._cuda else None
+        if optimizer is not None:
+            self._steps = StepCounter(optimizer, self._params)
+
+    # -- lifetime: the optimizer hook --------------------------------------------------
+
+    @property
+    def optimizer_step(self) -> int | None:
+        """``optimizer.step()`` calls counted so far (None without an optimizer)."""
+        return None if self._steps is None else self._steps.count
+
+    def close(self) -> None:
+        """Remove the optimizer step hook (idempotent); the writer stays open. A closed
+        Recorder records no more."""
+        self._closed = True
+        if self._steps is not None:
+            self._steps.remove()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _sub_engine(self, names: set[str]) -> _Engine:
         """A vmap engine over the selected parameters in ``names`` only."""
@@ -184,8 +288,8 @@ class Recorder:
         return self._fast
 
     def _record_small(self, data: Any, step: int, split: str, *, batch_size: int | None,
-                      lr: float | None, epoch: float | None, max_samples: int | None
-                      ) -> RecordSummary:
+                      lr_v: float, epoch: float | None, max_samples: int | None,
+                      unpack: Unpack | None, attrs: dict[str, Any]) -> RecordSummary:
         """:meth:`record` for ``keep="moments"`` and/or ``params_subset``/``project``.
 
         Per batch: moments from the Linear/Conv fast path (``adapters/_torch_fast.py``) or
@@ -195,10 +299,9 @@ class Recorder:
         """
         eng, tf = self._eng, self._tf
         where = "torch Recorder.record"
-        batches, total = iter_data(data, batch_size, where)
+        batches, total = iter_data(data, batch_size, where, unpack)
         if max_samples is not None:
             total = max_samples if total is None else min(total, max_samples)
-        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
         ep = as_float(epoch)
         fast = self._fast_path() if self._uses_fast() and self._keep == "moments" else None
         out_layout = tf.layout
@@ -211,7 +314,7 @@ class Recorder:
         bg = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         pending: concurrent.futures.Future[Any] | None = None
         try:
-            for x, y, sid, n in _limited(batches, max_samples, where):
+            for x, y, sid, n in _limited(batches, max_samples, where, unpack):
                 if fast is not None:
                     mean, m2, losses = fast.moments(x, y, n)
                     if tf.subset is not None:
@@ -255,9 +358,8 @@ class Recorder:
                 raise AdapterError(
                     f"{where}: no samples in data for record (step={step}, split={split!r})")
             if mom is not None:
-                mom.finish()
-            else:
-                self.writer.end_record(step, split)
+                mom.flush()  # the last block; then complete with the record's attributes
+            self.writer.end_record(step, split, **attrs)
         except BaseException:
             if pending is not None:  # let the worker finish before marking the record aborted
                 with contextlib.suppress(BaseException):
@@ -267,7 +369,8 @@ class Recorder:
         finally:
             bg.shutdown(wait=True)
             bar.close()
-        return RecordSummary(int(step), split, seen, loss_sum / seen, lr_v, ep)
+        return RecordSummary(int(step), split, seen, loss_sum / seen, lr_v, ep,
+                             attrs.get("optimizer_step"))
 
     def _pool(self, rows: int) -> BufferPool:
         P, dtype = self._eng.P, self._eng.dtype
@@ -296,36 +399,84 @@ class Recorder:
         lr: float | None = None,
         epoch: float | None = None,
         max_samples: int | None = None,
+        unpack: Unpack | None = None,
+        optimizer_step: int | None = None,
     ) -> RecordSummary:
         """Compute and write the record ``(step, split)`` from ``data``; complete it.
+
+        The training run is left as it was: the model's modes (see ``mode``), parameters,
+        buffers and ``.grad``, and the global random state of torch (CPU, and CUDA where
+        initialised), numpy and Python's ``random``, plus a ``DataLoader``'s own
+        ``generator``, are restored when the record ends, also on error. Works under
+        ``torch.no_grad()`` and ``torch.inference_mode()`` (gradients are enabled inside).
 
         Parameters
         ----------
         data : DataLoader, iterable of batches, or tuple of arrays
-            Batches ``(inputs, targets)`` or ``(inputs, targets, sample_id)``. With
-            ``batch_size``, a tuple ``(inputs, targets[, sample_id])`` of tensors/arrays that
-            is sliced into batches.
+            Batches, unpacked by ``unpack`` or the default rule (see the class): ``(inputs,
+            targets)``, or ``(inputs, targets, sample_id)`` with integer ids. With
+            ``batch_size``, a tuple ``(inputs, targets[, sample_id])`` of tensors/arrays of
+            the whole set, sliced into batches. Record ``"train"`` from an un-augmented
+            loader of the training set.
         step, split : int, str
-            The record's key.
+            The record's key (keywords or positional). ``step`` may be the epoch: the
+            spacing in optimizer updates is stored separately (``optimizer_step``).
         batch_size : int, optional
             See ``data``.
         lr, epoch : float, optional
-            Stored with the record; ``lr`` defaults to the optimizer's.
+            Stored with the record; ``lr`` defaults to the optimizer's (see the class).
         max_samples : int, optional
             Stop after this many samples (the last batch is truncated).
+        unpack : callable, optional
+            Overrides the Recorder's ``unpack`` for this record.
+        optimizer_step : int, optional
+            The optimizer's update count to store; default: the Recorder's count (None
+            without an optimizer).
 
         Returns
         -------
         RecordSummary
         """
-        if self._keep == "moments" or self._tf.active:
-            return self._record_small(data, step, split, batch_size=batch_size, lr=lr,
-                                      epoch=epoch, max_samples=max_samples)
+        if self._closed:
+            raise AdapterError("torch Recorder.record: the Recorder is closed (its optimizer "
+                               "step hook is removed); make a new Recorder")
+        unpack = unpack if unpack is not None else self.unpack
+        model = self._eng.model
+        check_params_usable(list(zip(self._eng.names, self._params, strict=True)),
+                            "torch Recorder.record")
+        with (preserved_host_rng(*torch_rng_savers(data)), model_mode(model, self.mode),
+              grad_context()):
+            if self._eng.replan():  # the model's modes changed since the last record
+                self._fast = None
+            lr_v = as_float(lr) if lr is not None else record_lr(self.optimizer, self._params)
+            attrs = self._attrs(optimizer_step, actual_mode(model))
+            kw = {"batch_size": batch_size, "lr_v": lr_v, "epoch": epoch,
+                  "max_samples": max_samples, "unpack": unpack, "attrs": attrs}
+            if self._keep == "moments" or self._tf.active:
+                return self._record_small(data, step, split, **kw)
+            return self._record_full(data, step, split, **kw)
+
+    def _attrs(self, optimizer_step: int | None, mode: str) -> dict[str, Any]:
+        """``end_record`` keyword arguments: ``optimizer_step`` (if known) and ``meta``."""
+        meta: dict[str, Any] = {}
+        if self.optimizer is not None:
+            meta["optimizer"] = optimizer_meta(self.optimizer, self._names)
+        meta["framework"] = f"torch {torch.__version__}"
+        meta["mode"] = mode
+        out: dict[str, Any] = {"meta": meta}
+        o_step = optimizer_step if optimizer_step is not None else self.optimizer_step
+        if o_step is not None:
+            out["optimizer_step"] = int(o_step)
+        return out
+
+    def _record_full(self, data: Any, step: int, split: str, *, batch_size: int | None,
+                     lr_v: float, epoch: float | None, max_samples: int | None,
+                     unpack: Unpack | None, attrs: dict[str, Any]) -> RecordSummary:
+        """:meth:`record` of full per-sample gradient dumps (fast path or ``vmap``)."""
         eng = self._eng
-        batches, total = iter_data(data, batch_size, "torch Recorder.record")
+        batches, total = iter_data(data, batch_size, "torch Recorder.record", unpack)
         if max_samples is not None:
             total = max_samples if total is None else min(total, max_samples)
-        lr_v = as_float(lr) if lr is not None else _current_lr(self.optimizer)
         ep = as_float(epoch)
         bar = progress_bar(self.progress, total, f"step {step} {split}")
         seen = 0
@@ -334,7 +485,8 @@ class Recorder:
         fast = self._fast_path() if self._uses_fast() else None
         try:
             with aw:
-                for x, y, sid, n in _limited(batches, max_samples, "torch Recorder.record"):
+                for x, y, sid, n in _limited(batches, max_samples, "torch Recorder.record",
+                                             unpack):
                     grads: dict[str, torch.Tensor] | None = None
                     if fast is None:
                         grads, losses = eng.compute(x, y)
@@ -397,10 +549,11 @@ class Recorder:
                         f"torch Recorder.record: no samples in data for record "
                         f"(step={step}, split={split!r})"
                     )
-                aw.end_record(step, split)
+                aw.end_record(step, split, **attrs)
         except BaseException:
             abort_record(self.writer, step, split)
             raise
         finally:
             bar.close()
-        return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep)
+        return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep,
+                             attrs.get("optimizer_step"))

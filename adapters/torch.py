@@ -28,10 +28,17 @@ This module is the public API. The engine (parameter selection, train-mode polic
 ``vmap``/Jacobian routes) is ``adapters/_torch_engine.py``, the :class:`Recorder`
 ``adapters/_torch_record.py``, the Linear/Conv route ``adapters/_torch_fast.py``.
 
+Modes. The :class:`Recorder` switches the model to eval mode for each record by default
+(``mode="eval"``) and restores every submodule's mode afterwards, so it can be called
+from inside a training loop; its records also leave the global random state untouched
+and store the optimizer's step count and hyper-parameters (``docs/adapters.md``,
+"Recording from a training loop (PyTorch)"). The other functions take the model's modes
+as they are.
+
 Train-mode layers. BatchNorm in training mode (or without running statistics) mixes the
 samples of a batch, and so has no per-sample gradient in the usual sense; Dropout in
 training mode is random. Both are refused with :class:`~gsnr_stats.errors.AdapterError`
-unless you opt in:
+unless you opt in (with the Recorder: ``mode="train"`` or ``"as_is"``):
 
 * ``train_batchnorm="batch"``: :math:`g_i = \\nabla_\\theta \\ell_i(\\theta; B)` where the
   BatchNorm statistics come from the whole batch ``B`` (and are differentiated through), so
@@ -58,7 +65,15 @@ from torch.utils._pytree import tree_map
 from gsnr_stats.errors import AdapterError
 
 from . import _moments
-from ._common import ProbeResult, RecordSummary, as_float, iter_data, run_probe, split_batch
+from ._common import (
+    ProbeResult,
+    RecordSummary,
+    Unpack,
+    as_float,
+    iter_data,
+    run_probe,
+    split_batch,
+)
 from ._moments import JLProjection, ParamSubset
 from ._torch_engine import (
     SUPPORTED,
@@ -280,11 +295,20 @@ def record(
     lr: float | None = None,
     epoch: float | None = None,
     max_samples: int | None = None,
+    unpack: Unpack | None = None,
+    optimizer_step: int | None = None,
     **recorder_kwargs: Any,
 ) -> RecordSummary:
-    """One record ``(step, split)`` through a fresh :class:`Recorder` (see there)."""
-    return Recorder(writer, model, loss_fn, **recorder_kwargs).record(
-        data, step, split, batch_size=batch_size, lr=lr, epoch=epoch, max_samples=max_samples)
+    """One record ``(step, split)`` through a fresh :class:`Recorder` (see there).
+
+    In a training loop keep one :class:`Recorder` instead: a fresh one given
+    ``optimizer=`` counts optimizer steps only from its construction (Adam-like
+    optimizers excepted), so pass ``optimizer_step=`` here.
+    """
+    with Recorder(writer, model, loss_fn, **recorder_kwargs) as rec:
+        return rec.record(data, step, split, batch_size=batch_size, lr=lr, epoch=epoch,
+                          max_samples=max_samples, unpack=unpack,
+                          optimizer_step=optimizer_step)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,19 +343,21 @@ def mean_loss(
     data: Iterable[Any] | Sequence[Any],
     *,
     batch_size: int | None = None,
+    unpack: Unpack | None = None,
 ) -> float:
     """Mean per-sample loss :math:`\\frac{1}{N}\\sum_i \\ell_i(\\theta)` over ``data``.
 
     Runs without gradients on copies of the buffers (running statistics never change); the
-    model's train/eval mode is used as is. ``data`` as in :meth:`Recorder.record`.
+    model's train/eval mode is used as is. ``data`` and ``unpack`` as in
+    :meth:`Recorder.record`.
     """
     _check_module(model)
     device = next(model.parameters()).device
     state = _eval_state(model)
-    batches, _ = iter_data(data, batch_size, "torch mean_loss")
+    batches, _ = iter_data(data, batch_size, "torch mean_loss", unpack)
     total, count = 0.0, 0
     for batch in batches:
-        x, y, _ = split_batch(batch, "torch mean_loss")
+        x, y, _ = split_batch(batch, "torch mean_loss", unpack, _batch_len)
         x, y = _to(x, device), _to(y, device)
         loss = _eval_losses(model, loss_fn, state, x, y)
         total += float(loss.double().sum())
