@@ -68,7 +68,7 @@ class RecordSummary:
 
 @dataclass
 class ProbeResult:
-    """OSGR probe rows at one checkpoint (DESIGN.md section 1, "OSGR, measured", 2).
+    """OSGR probe rows at one checkpoint (docs/theory.md, "Measured OSGR", 2).
 
     For each draw ``k`` the mean loss on ``D_k`` (pool A, "train") and ``D'_k`` (pool B,
     "test") before and after the virtual step :math:`\\theta' = \\theta - \\lambda

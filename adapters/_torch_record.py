@@ -380,7 +380,8 @@ class Recorder:
 
         def make() -> torch.Tensor:
             if alloc is not None and same and not self._cuda:
-                # rows laid out as the store's chunks: written without a copy (store.py)
+                # rows laid out as the store's chunks: written without a copy
+                # (GradientWriter.alloc_rows, gsnr_stats/store/writer.py)
                 host = alloc(rows)
                 t = torch.from_numpy(host)
                 self._host[t.data_ptr()] = host

@@ -383,7 +383,7 @@ def record_trajectory(
     """Write one loss-trajectory row: mean train and test loss at :math:`\\theta_t`.
 
     Call it before each real optimizer step ``t`` (and once after the last): the stored
-    rows give the trajectory OSGR of DESIGN.md,
+    rows give the trajectory OSGR (docs/theory.md, "Measured OSGR", 1),
 
     .. math:: R_t = \\frac{L_{test}(\\theta_t) - L_{test}(\\theta_{t+1})}
                          {L_{train}(\\theta_t) - L_{train}(\\theta_{t+1})}.
