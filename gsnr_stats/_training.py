@@ -35,11 +35,24 @@ def _lr_by_step(stats: xr.Dataset) -> np.ndarray:
     return out
 
 
+_ADAPTIVE = ("adam", "rmsprop", "adagrad", "adadelta", "adafactor", "lamb", "lion", "lars",
+             "yogi", "novograd", "sophia", "shampoo")
+
+
 def _optimizer(stats: xr.Dataset | dict[str, Any]) -> dict[str, Any] | None:
-    """``attrs["optimizer"]`` parsed: ``{"class", "groups": [...]}``; None if absent or unreadable.
+    """``attrs["optimizer"]`` read into one shape, whichever recorder wrote it.
 
     The stores hold it as a JSON string (``""`` when the recorder did not know the
-    optimizer); a dict is taken as is.
+    optimizer; a dict is taken as is). Returns None if absent or unreadable, else
+    ``{"class": label, "kind": "sgd" | "adaptive" | "other", "groups": [{"lr", "momentum",
+    "dampening", "weight_decay", "betas", ...}], "raw": the recorded dict}`` from
+
+    * torch: ``{"class": "SGD", "groups": [param_group hyper-parameters]}``;
+    * scikit-learn: ``{"class": "MLPClassifier", "solver": "sgd" | "adam" | ..., "momentum",
+      "learning_rate_init" | "eta0", "alpha"}`` (the solver is the update rule; ``alpha``
+      is a penalty, i.e. weight decay);
+    * optax: ``{"class": "optax", "states": [...], "hyperparams": {...}}`` (Adam-like
+      states make it adaptive; a ``TraceState`` is momentum).
     """
     attrs = stats.attrs if isinstance(stats, xr.Dataset) else stats
     raw = attrs.get("optimizer", "")
@@ -54,9 +67,40 @@ def _optimizer(stats: xr.Dataset | dict[str, Any]) -> dict[str, Any] | None:
             return None
     if not isinstance(raw, dict) or not raw.get("class"):
         return None
-    groups = raw.get("groups") or []
-    return {**raw, "class": str(raw["class"]),
-            "groups": [g for g in groups if isinstance(g, dict)]}
+    cls = str(raw["class"])
+    if isinstance(raw.get("groups"), list):  # torch-like: one dict per parameter group
+        groups = [g for g in raw["groups"] if isinstance(g, dict)]
+        name = cls.lower()
+        label = cls
+    elif "solver" in raw:  # scikit-learn: the solver is the update rule
+        solver = str(raw["solver"])
+        name = solver.lower()
+        g = {"lr": raw.get("learning_rate_init", raw.get("eta0")), "weight_decay": raw.get("alpha")}
+        if name == "sgd":
+            g["momentum"] = raw.get("momentum", 0.0) if "momentum" in raw else 0.0
+        if name == "adam":
+            g["betas"] = [raw.get("beta_1"), raw.get("beta_2")]
+        groups = [g]
+        label = f"{cls} (solver {solver!r})"
+    else:  # optax: chain of states and injected hyper-parameters
+        hp = raw.get("hyperparams") if isinstance(raw.get("hyperparams"), dict) else {}
+        states = [str(x) for x in raw.get("states", []) if x]
+        name = " ".join([cls, *states]).lower()
+        g = {"lr": hp.get("learning_rate"), "momentum": hp.get("momentum"),
+             "weight_decay": hp.get("weight_decay")}
+        if "trace" in name and g["momentum"] is None:
+            g["momentum_unknown"] = True
+        if "trace" in name or cls.lower() == "sgd":
+            name += " sgd"
+        groups = [g]
+        label = cls + (f" ({', '.join(states)})" if states else "")
+    if any(k in name for k in _ADAPTIVE) or any(g.get("betas") for g in groups):
+        kind = "adaptive"
+    elif "sgd" in name:
+        kind = "sgd"
+    else:
+        kind = "other"
+    return {"class": label, "kind": kind, "groups": groups, "raw": raw}
 
 
 def _group_values(opt: dict[str, Any] | None, key: str) -> list[Any]:
@@ -71,20 +115,17 @@ def _group_values(opt: dict[str, Any] | None, key: str) -> list[Any]:
     return out
 
 
+def _numbers(opt: dict[str, Any] | None, key: str) -> list[float]:
+    """The numeric distinct values of ``key`` over the groups (bools and strings left out)."""
+    return [float(v) for v in _group_values(opt, key)
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
 def _kind(opt: dict[str, Any] | None) -> str:
     """``"unknown"``, ``"sgd"``, ``"adaptive"`` (Adam and kin: per-parameter steps) or ``"other"``."""
-    if opt is None:
-        return "unknown"
-    name = opt["class"].lower()
-    if any(k in name for k in _ADAPTIVE) or _group_values(opt, "betas"):
-        return "adaptive"
-    if "sgd" in name:
-        return "sgd"
-    return "other"
+    return "unknown" if opt is None else str(opt["kind"])
 
 
-_ADAPTIVE = ("adam", "rmsprop", "adagrad", "adadelta", "adafactor", "lamb", "lion", "lars",
-             "yogi", "novograd", "sophia", "shampoo")
 LR_RULES = ("nominal", "momentum")
 
 
@@ -94,7 +135,7 @@ def _lr_problem(stats: xr.Dataset, hint: str = "pass lr=") -> str | None:
     if np.isfinite(_lr_by_step(stats)).any():
         return None
     opt = _optimizer(stats)
-    lrs = _group_values(opt, "lr")
+    lrs = _numbers(opt, "lr")
     if opt is not None and len(lrs) > 1:
         return (f"the optimizer ({opt['class']}) has {len(opt['groups'])} parameter groups with "
                 f"different learning rates ({', '.join(f'{v:g}' for v in lrs)}), so no single "
@@ -108,12 +149,13 @@ def _lambda_rule(stats: xr.Dataset, lr_rule: str) -> tuple[float, str]:
         raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
     opt = _optimizer(stats)
     kind = _kind(opt)
-    mus = [float(v) for v in _group_values(opt, "momentum")]
-    damp = [float(v) for v in _group_values(opt, "dampening")] or [0.0]
-    wd = [float(v) for v in _group_values(opt, "weight_decay") if float(v) != 0.0]
+    mus = _numbers(opt, "momentum")
+    damp = _numbers(opt, "dampening") or [0.0]
+    wd = [v for v in _numbers(opt, "weight_decay") if v != 0.0]
     cls = opt["class"] if opt else ""
-    wd_note = (f" Weight decay ({', '.join(f'{v:g}' for v in wd)}) adds a deterministic shrink "
-               "with no noise, so it is not in the gap's variance term." if wd else "")
+    wd_note = (f" Weight decay / penalty ({', '.join(f'{v:g}' for v in wd)}) adds a "
+               "deterministic shrink with no noise, so it is not in the gap's variance term."
+               if wd else "")
     if lr_rule == "momentum":
         if kind != "sgd":
             what = ("the optimizer is unknown (no attrs['optimizer'] recorded)" if opt is None
@@ -124,6 +166,9 @@ def _lambda_rule(stats: xr.Dataset, lr_rule: str) -> tuple[float, str]:
             raise ValueError(f"lr_rule='momentum': the {cls} parameter groups differ in momentum "
                              f"{mus} / dampening {damp}; no single effective λ, use "
                              "lr_rule='nominal' or pass lr=")
+        if _group_values(opt, "momentum_unknown"):
+            raise ValueError(f"lr_rule='momentum': {cls} has momentum but its decay μ was not "
+                             "recorded; use lr_rule='nominal' or pass lr= with λ_eff")
         mu = mus[0] if mus else 0.0
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"lr_rule='momentum': momentum {mu} is outside [0, 1)")
@@ -133,8 +178,11 @@ def _lambda_rule(stats: xr.Dataset, lr_rule: str) -> tuple[float, str]:
     if kind == "unknown":
         return 1.0, "λ = the nominal learning rate (optimizer unknown: none recorded)."
     if kind == "sgd":
-        mu = max((float(v) for v in mus), default=0.0)
-        if mu > 0:
+        mu = max(mus, default=0.0)
+        if _group_values(opt, "momentum_unknown"):
+            note = (f"λ = the nominal learning rate of {cls} with momentum (μ not recorded; "
+                    "the effective long-run step lr/(1 − μ) is larger).")
+        elif mu > 0:
             note = (f"λ = the nominal learning rate of {cls} with momentum {mu:g}; its effective "
                     f"long-run step lr/(1 − μ) would give a {1.0 / (1.0 - mu):.4g}× larger gap "
                     "(lr_rule='momentum').")

@@ -560,9 +560,10 @@ def osgr_pools(
                            {"step": st["step"].values, "n": ns})
     with np.errstate(invalid="ignore"):
         for v in ("osgr_pools", "pool_minus_theory"):
-            why.add(v, np.isnan(E) & (ns[None, :] > Na[:, None]),
-                    f"n larger than pool {a!r} (N_A): 1/n - 1/N_A < 0, no draw of n rows")
-            why.add(v, np.isnan(E) & (ns[None, :] <= Na[:, None]) & ok.any(-1)[:, None],
+            why.add(v, np.broadcast_to(ns[None, :] > Na[:, None], E.shape),
+                    f"n larger than pool {a!r} (N_A): no draw of n rows without replacement, "
+                    "1/n - 1/N_A < 0 extrapolates")
+            why.add(v, np.isnan(E) & ok.any(-1)[:, None],
                     "denominator sum (m_A^2 + (1/n - 1/N_A) s_A^2) <= 0")
             why.add(v, np.isnan(E) & ~ok.any(-1)[:, None], _reasons.NO_PARAMS)
         why.add("osgr_pools", E < 0, f"sum_j m_A m_B < 0: pool {b!r}'s mean gradient points "

@@ -793,3 +793,122 @@ def test_with_real_reduce(tmp_path):
     with gs.open_store(path) as store:
         c = th.osgr_first_order(store, [10], n=8, n_subsets=5, seed=1)
         assert c.sizes["step"] == 1
+
+
+# --------------------------------------------------------------------------------------
+# Which λ: the optimizer of attrs["optimizer"] (issue 12), closed forms per rule
+# --------------------------------------------------------------------------------------
+
+SPC = [10, 10, 20]  # optimizer steps between the checkpoints 0, 10, 20, 40 (no warning)
+
+
+def _lam_stats(opt, lr=0.2):
+    import json
+
+    stats, raw, _ = make_stats(seed=9, steps=(0, 10, 20, 40), lr=lr)
+    sV = np.array([_moments(raw[(s, "test")], 1)[3].sum() for s in (0, 10, 20, 40)])
+    if opt is not None:
+        stats = stats.assign_attrs(optimizer=json.dumps(opt))
+    return stats, sV, raw
+
+
+def _closed(sV, lam, n=100):
+    return np.concatenate([[0], np.cumsum(lam * np.array(SPC) * sV[:-1] / n)])
+
+
+TORCH_SGD = {"class": "SGD", "module": "torch.optim.sgd", "groups": [
+    {"lr": 0.2, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4, "nesterov": False,
+     "params": ["fc1.weight", "fc1.bias"]},
+    {"lr": 0.2, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4, "nesterov": False,
+     "params": ["fc2.weight", "fc2.bias"]}]}
+
+
+def test_lambda_nominal_by_default_and_momentum_rule():
+    stats, sV, raw = _lam_stats(TORCH_SGD)
+    nom = th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC)
+    np.testing.assert_allclose(nom["gap_theory"].sel(n=100).values, _closed(sV, 0.2), rtol=1e-12)
+    note = nom.attrs["lambda_note"]
+    assert "nominal learning rate of SGD with momentum 0.9" in note and "10× larger" in note
+    assert "Weight decay / penalty (0.0005)" in note and "not in the gap's variance term" in note
+    assert nom.attrs["optimizer_class"] == "SGD" and nom.attrs["lr_rule"] == "nominal"
+    mom = th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+    np.testing.assert_allclose(mom["gap_theory"].sel(n=100).values, _closed(sV, 0.2 / 0.1),
+                               rtol=1e-12)
+    assert "effective step" in mom.attrs["lambda_note"] and mom.attrs["lambda_factor"] == \
+        pytest.approx(10.0, rel=1e-15)
+    one = th.one_step_gap(stats, 50, lr_rule="momentum", split="test", steps_per_checkpoint=SPC)
+    v = _moments(raw[(10, "test")], 1)[3].sum()
+    np.testing.assert_allclose(float(one["gap_theory"].sel(step=10, split="test", n=50)),
+                               0.2 / (1 - 0.9) * v / 50, rtol=1e-12)
+    # dampening d: (1 - d) / (1 - mu)
+    damp = {"class": "SGD", "groups": [{"lr": 0.2, "momentum": 0.8, "dampening": 0.5}]}
+    st2, _, _ = _lam_stats(damp)
+    d = th.accumulated_gap(st2, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+    np.testing.assert_allclose(d["gap_theory"].sel(n=100).values, _closed(sV, 0.2 * 0.5 / 0.2),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("opt, label, kind", [
+    ({"class": "Adam", "groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                   "weight_decay": 0.0}]}, "Adam", "adaptive"),
+    ({"class": "MLPClassifier", "module": "sklearn.neural_network", "solver": "adam",
+      "learning_rate_init": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "alpha": 1e-4},
+     "MLPClassifier (solver 'adam')", "adaptive"),
+    ({"class": "optax", "states": ["ScaleByAdamState", "EmptyState"],
+      "hyperparams": {"learning_rate": 1e-3}}, "optax (ScaleByAdamState, EmptyState)",
+     "adaptive"),
+    ({"class": "LogisticRegression", "solver": "lbfgs", "C": 1.0},
+     "LogisticRegression (solver 'lbfgs')", "other"),
+    (None, None, "unknown"),
+])
+def test_lambda_nominal_for_adaptive_and_unknown(opt, label, kind):
+    stats, sV, _ = _lam_stats(opt)
+    g = th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC)
+    np.testing.assert_allclose(g["gap_theory"].sel(n=100).values, _closed(sV, 0.2), rtol=1e-12)
+    note = g.attrs["lambda_note"]
+    if kind == "unknown":
+        assert note == "λ = the nominal learning rate (optimizer unknown: none recorded)."
+        assert g.attrs["optimizer_class"] == "unknown"
+        match = "optimizer is unknown"
+    else:
+        assert f"nominal learning rate of {label}" in note
+        assert ("no single λ" in note) == (kind == "adaptive")
+        match = "is not SGD with momentum"
+    with pytest.raises(ValueError, match=match):
+        th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+
+
+@pytest.mark.parametrize("opt, factor", [
+    ({"class": "MLPClassifier", "solver": "sgd", "momentum": 0.9, "nesterovs_momentum": True,
+      "learning_rate_init": 0.2, "alpha": 1e-4}, 10.0),
+    ({"class": "SGDClassifier", "solver": "sgd", "eta0": 0.2, "alpha": 1e-4}, 1.0),
+    ({"class": "optax", "states": ["TraceState", "EmptyState"],
+      "hyperparams": {"learning_rate": 0.2, "momentum": 0.5}}, 2.0),
+])
+def test_momentum_rule_across_recorders(opt, factor):
+    stats, sV, _ = _lam_stats(opt)
+    g = th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+    np.testing.assert_allclose(g["gap_theory"].sel(n=100).values, _closed(sV, 0.2 * factor),
+                               rtol=1e-12)
+
+
+def test_lambda_refusals_and_groups_with_different_lrs():
+    stats, _, _ = _lam_stats({"class": "SGD", "groups": [{"lr": 0.1, "momentum": 0.9},
+                                                        {"lr": 0.1, "momentum": 0.5}]})
+    with pytest.raises(ValueError, match="differ in momentum"):
+        th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+    with pytest.raises(ValueError, match="lr_rule must be one of"):
+        th.accumulated_gap(stats, 100, steps_per_checkpoint=SPC, lr_rule="adam")
+    trace = {"class": "optax", "states": ["TraceState"], "hyperparams": {"learning_rate": 0.1}}
+    st, _, _ = _lam_stats(trace)
+    with pytest.raises(ValueError, match="decay μ was not recorded"):
+        th.accumulated_gap(st, 100, steps_per_checkpoint=SPC, lr_rule="momentum")
+    # several groups with different learning rates: no single lr recorded (NaN) -> say so
+    two = {"class": "SGD", "groups": [{"lr": 0.1, "momentum": 0.0}, {"lr": 0.01}]}
+    st, sV, _ = _lam_stats(two, lr=None)
+    with pytest.raises(ValueError, match=r"SGD\) has 2 parameter groups with different "
+                                         r"learning rates \(0\.1, 0\.01\)"):
+        th.accumulated_gap(st, 100, steps_per_checkpoint=SPC)
+    g = th.accumulated_gap(st, 100, steps_per_checkpoint=SPC, lr=0.05)
+    np.testing.assert_allclose(g["gap_theory"].sel(n=100).values, _closed(sV, 0.05), rtol=1e-12)
+    assert g.attrs["lr_source"] == "lr= given"
