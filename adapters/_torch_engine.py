@@ -359,11 +359,15 @@ def _hint(msg: str, device: torch.device) -> str:
                 "updating its running statistics or a module writing to a buffer; record "
                 "with mode='eval' (the default), or pass train_batchnorm='batch' for "
                 "train-mode BatchNorm)")
-    elif "does not require grad" in msg or "Inference tensors" in msg \
-            or "inference tensor" in msg:
-        hint = (" (gradients are off for these tensors: call record() outside "
-                "torch.inference_mode(), and do not set requires_grad=False on the recorded "
-                "parameters)")
+    elif "Inference tensors" in msg or "inference tensor" in msg:
+        hint = (" (tensors created under torch.inference_mode() cannot get gradients: call "
+                "record() outside torch.inference_mode(), and build or load the model "
+                "outside it)")
+    elif "does not require grad" in msg:
+        hint = (" (no gradient reaches the loss: forward or loss_fn detaches its result "
+                "(.detach(), torch.no_grad() inside forward), or the recorded parameters "
+                "were set requires_grad=False after the Recorder was built; record() itself "
+                "turns gradients on, also under torch.no_grad()/inference_mode())")
     elif "same device" in msg or "expected device" in msg or (
             "device" in msg and "Expected" in msg):
         hint = (f" (tensors on different devices: inputs and targets are moved to the "

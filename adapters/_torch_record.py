@@ -405,11 +405,12 @@ class Recorder:
     ) -> RecordSummary:
         """Compute and write the record ``(step, split)`` from ``data``; complete it.
 
-        The training run is left as it was: the model's modes (see ``mode``), parameters,
-        buffers and ``.grad``, and the global random state of torch (CPU, and CUDA where
-        initialised), numpy and Python's ``random``, plus a ``DataLoader``'s own
-        ``generator``, are restored when the record ends, also on error. Works under
-        ``torch.no_grad()`` and ``torch.inference_mode()`` (gradients are enabled inside).
+        The training run is left as it was: parameters, buffers and ``.grad`` are never
+        changed; the model's modes (see ``mode``) and the global random state of torch
+        (CPU, and CUDA where initialised), numpy and Python's ``random``, plus a
+        ``DataLoader``'s own ``generator``, are restored when the record ends, also on
+        error. Works under ``torch.no_grad()`` and ``torch.inference_mode()`` (gradients
+        are enabled inside).
 
         Parameters
         ----------

@@ -261,6 +261,17 @@ def test_inference_mode_model_and_foreseeable_torch_errors_are_adapter_errors(tm
             self.calls.add_(1)
             return self.fc(x.flatten(1))
 
+    class Detaches(nn.Module):  # no gradient reaches the loss
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).detach()
+
+    with gt.open_writer(tmp_path / "n.h5", Detaches()) as w:
+        with pytest.raises(AdapterError, match="no gradient reaches the loss"):
+            gt.Recorder(w, Detaches(), CE, fast=True).record((x, y), 0, "train", batch_size=3)
     model = resnet()
     with gt.open_writer(tmp_path / "e.h5", Counts()) as w:
         with pytest.raises(AdapterError, match="changes a tensor in place"):
