@@ -385,21 +385,28 @@ def optimizer_meta(final: Any, n: int) -> dict[str, Any]:
 
     ``{"optimizer": {"class", "module", "solver", "batch_size", ...}, "framework":
     "scikit-learn <version>"}`` with the parameters that define one update: SGD's ``loss``,
-    ``penalty``, ``alpha``, ``l1_ratio``, ``learning_rate`` schedule, ``eta0``, ``power_t``,
-    ``average`` (one sample per update); the MLP's ``solver``, ``learning_rate``,
-    ``learning_rate_init``, ``power_t``, ``momentum``, ``nesterovs_momentum``, ``beta_1``,
-    ``beta_2``, ``epsilon``, ``alpha`` and minibatch size; LogisticRegression's
-    ``solver``, ``C``, ``l1_ratio`` (full batch: one solver iteration per update).
+    ``penalty``, ``alpha``, ``l1_ratio``, ``learning_rate`` schedule, ``eta0`` (not under
+    ``"optimal"``, which ignores it), ``power_t`` (``"invscaling"`` only), ``average`` (one
+    sample per update); the MLP's ``learning_rate``, ``learning_rate_init``, ``power_t``,
+    ``momentum``, ``nesterovs_momentum`` (sgd) or ``beta_1``, ``beta_2``, ``epsilon``
+    (adam), ``alpha`` and minibatch size; LogisticRegression's ``solver``, ``C``,
+    ``l1_ratio`` (full batch: one solver iteration per update). The per-record learning
+    rate actually used is the record's ``lr``.
     """
     mode = _mode(final)
     p = final.get_params(deep=False)
+    # only the parameters the update uses: sklearn ignores eta0 under the "optimal"
+    # schedule and power_t outside "invscaling" (a stored eta0 would read as the rate)
+    sched = {"optimal": (), "invscaling": ("eta0", "power_t")}.get(p.get("learning_rate"),
+                                                                   ("eta0",))
     if mode == "sgd":
-        keys = ("loss", "penalty", "alpha", "l1_ratio", "learning_rate", "eta0", "power_t",
-                "average", "fit_intercept")
+        keys = ("loss", "penalty", "alpha", "l1_ratio", "learning_rate", *sched, "average",
+                "fit_intercept")
         opt: dict[str, Any] = {"solver": "sgd", "batch_size": 1}
     elif mode == "mlp":
-        keys = ("learning_rate", "learning_rate_init", "power_t", "momentum",
-                "nesterovs_momentum", "beta_1", "beta_2", "epsilon", "alpha", "shuffle")
+        keys = ("learning_rate", "learning_rate_init",
+                *(("power_t",) if "power_t" in sched else ()), "momentum",
+                "nesterovs_momentum", "alpha", "shuffle")
         if final.solver == "adam":
             keys = ("learning_rate_init", "beta_1", "beta_2", "epsilon", "alpha", "shuffle")
         opt = {"solver": final.solver, "batch_size": mlp_batch_size(final, n)}

@@ -210,8 +210,8 @@ def test_trajectory_fits_an_unfitted_sgd_from_zero(tmp_path, random_state) -> No
     assert meta["framework"] == f"scikit-learn {SKLEARN_VERSION}"
     opt = meta["optimizer"]
     assert (opt["class"], opt["solver"], opt["batch_size"]) == ("SGDClassifier", "sgd", 1)
-    assert (opt["learning_rate"], opt["alpha"], opt["eta0"]) == (
-        est.learning_rate, est.alpha, est.eta0)
+    assert (opt["learning_rate"], opt["alpha"]) == ("optimal", est.alpha)
+    assert "eta0" not in opt  # the "optimal" schedule ignores eta0: not a rate to read
     assert opt["module"] == type(est).__module__
 
 
