@@ -120,3 +120,21 @@ def test_save_all(stats, tmp_path):
     paths = plot.save_all(only, tmp_path / "only", n=64)
     assert sorted(p.name for p in paths) == ["gsnr_histogram.png", "gsnr_trajectories.png",
                                              "osgr.png"]
+
+
+def test_gap_plot_without_theory_draws_the_measurement_and_says_why(tmp_path):
+    # issue 13: no learning rate recorded -> gap_plot raised KeyError 'gap_theory'
+    only, _, losses = make_stats(lr=None)
+    gap = plot.gap_or_reason(only, 100)
+    assert "gap_theory" not in gap
+    assert gap.attrs["theory_missing"] == ("theoretical gap: not computed — no learning rate "
+                                           "recorded; record with lr= or pass lr=")
+    fig = plot.gap_plot(gap)
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()
+    assert line.get_label() == "measured"
+    want = [np.mean(losses[(s, "test")]) - np.mean(losses[(s, "train")]) for s in (0, 10, 30)]
+    np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+    assert "not computed — no learning rate recorded" in ax.get_title()
+    fig.savefig(tmp_path / "g.png", dpi=40)
+    assert _is_png(tmp_path / "g.png")

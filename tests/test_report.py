@@ -135,3 +135,150 @@ def test_report_bad_options(run_store, tmp_path, capsys):
     assert "split 'nope' is not in the data" in capsys.readouterr().err
     assert main(["report", str(run_store), "-o", str(tmp_path / "o"), "--by", "nope"]) == 1
     assert "cannot group by 'nope'" in capsys.readouterr().err
+
+
+# -- sections that cannot be computed say why (issue 13); λ and spacing named (issue 12) ----
+
+
+@pytest.fixture
+def no_render(monkeypatch):
+    """Figures are built but not drawn (the page's text is under test, drawing is not)."""
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: open(path, "wb").close())
+
+
+@pytest.fixture(scope="module")
+def no_lr_store(tmp_path_factory):
+    """sklearn's default path: records written without lr=; mean log losses kept aside."""
+    from sklearn.metrics import log_loss
+
+    X, y = load_digits(n_class=2, return_X_y=True)  # binary: one log loss per sample
+    X = X / 16.0
+    Xtr, ytr, Xte, yte = X[:300], y[:300], X[300:], y[300:]
+    est = SGDClassifier(loss="log_loss", learning_rate="constant", eta0=0.01, alpha=1e-4,
+                        random_state=0)
+    est.partial_fit(Xtr[:30], ytr[:30], classes=[0, 1])
+    path = tmp_path_factory.mktemp("nolr") / "run.h5"
+    gaps = {}
+    with gk.open_writer(path, est) as w:
+        for step in (30, 330):
+            if step > 30:
+                est.partial_fit(Xtr, ytr)
+            gk.record(w, est, Xtr, ytr, step=step, split="train")
+            gk.record(w, est, Xte, yte, step=step, split="test")
+            gaps[step] = (log_loss(yte, est.predict_proba(Xte), labels=[0, 1])
+                          - log_loss(ytr, est.predict_proba(Xtr), labels=[0, 1]))
+    return path, gaps
+
+
+def test_report_without_learning_rate(no_lr_store, tmp_path, capsys, no_render):
+    # the original crash: KeyError "No variable named 'gap_theory'" from the gap figure
+    path, gaps = no_lr_store
+    assert main(["report", str(path), "-o", str(tmp_path / "cli")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    text = write_report(path, tmp_path / "r").read_text()
+    assert ("theoretical gap: not computed — no learning rate recorded; record with lr= or pass "
+            "lr= (CLI: --lr) (optimizer") in text
+    rows = _rows(text, "Generalization gap")
+    assert [r[0] for r in rows] == ["30", "330"] and all(r[2] == "—" for r in rows)
+    for r in rows:  # the measured gap, against sklearn's own log loss
+        assert float(r[1]) == pytest.approx(gaps[int(r[0])], rel=1e-5, abs=1e-6)
+    assert (tmp_path / "r" / "gap.png").is_file()  # the measured gap alone (test_plot draws it)
+    assert "Measured OSGR by probes: not computed — the stores hold no probe rows" in text
+    # given lr=, the theory is there: sum_u lr sum_j V_j / n over the 300 updates
+    text = write_report(path, tmp_path / "r2", n=300, lr=0.01).read_text()
+    stats = gs.reduce(path)
+    sV = float(stats["var"].sel(step=30, split="test").sum())
+    th_col = [float(r[2]) for r in _rows(text, "Generalization gap")]
+    assert th_col[1] - th_col[0] == pytest.approx(0.01 * 300 * sV / 300, rel=1e-5)
+
+
+def _nc(stats: xr.Dataset, tmp_path, name: str):
+    p = tmp_path / f"{name}.nc"
+    stats.to_netcdf(p)
+    return p
+
+
+def _stats_with(run_store, optimizer: dict | None, lr_nan: bool = False) -> xr.Dataset:
+    import json
+
+    stats = gs.reduce(run_store)
+    if lr_nan:
+        stats["lr"][:] = np.nan
+    if optimizer is not None:
+        stats.attrs["optimizer"] = json.dumps(optimizer)
+    return stats.assign_coords(optimizer_step=("step", stats["step"].values))
+
+
+def test_report_several_groups_with_different_lrs(run_store, tmp_path, no_render):
+    two = {"class": "SGD", "module": "torch.optim.sgd",
+           "groups": [{"lr": 0.1, "momentum": 0.0, "params": ["linear.weight"]},
+                      {"lr": 0.01, "momentum": 0.0, "params": ["linear.bias"]}]}
+    nc = _nc(_stats_with(run_store, two, lr_nan=True), tmp_path, "two")
+    text = write_report(nc, tmp_path / "o").read_text()
+    assert ("theoretical gap: not computed — the optimizer (SGD) has 2 parameter groups with "
+            "different learning rates (0.1, 0.01), so no single learning rate was recorded; "
+            "pass lr= (CLI: --lr) with the λ to use (optimizer: SGD).") in text
+
+
+def test_report_names_optimizer_and_lambda(run_store, tmp_path, no_render):
+    sgd = {"class": "SGD", "groups": [{"lr": 0.01, "momentum": 0.9, "dampening": 0.0,
+                                       "weight_decay": 0.0}]}
+    stats = _stats_with(run_store, sgd)
+    nc = _nc(stats, tmp_path, "sgd")
+    nominal = write_report(nc, tmp_path / "a", n=300).read_text()
+    assert ("λ = the nominal learning rate of SGD with momentum 0.9; its effective long-run "
+            "step lr/(1 − μ) would give a 10× larger gap (lr_rule='momentum').") in nominal
+    assert "from the recorded `optimizer_step` (30, 330, 630)" in nominal
+    mom = write_report(nc, tmp_path / "b", n=300, lr_rule="momentum").read_text()
+    assert "λ = effective step lr·(1 − dampening)/(1 − μ) = 10 × lr of SGD" in mom
+    # increments of the theory: lr/(1 - mu) * 300 updates * sum V(test) / n, by hand
+    sV = stats["var"].sel(split="test").sum("param").values
+    want = 0.01 / (1 - 0.9) * 300 * sV[:2] / 300
+    got = np.diff([float(r[2]) for r in _rows(mom, "Generalization gap")])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got_nom = np.diff([float(r[2]) for r in _rows(nominal, "Generalization gap")])
+    np.testing.assert_allclose(got_nom, want / 10, rtol=1e-5)
+    adam = _nc(_stats_with(run_store, {"class": "Adam", "groups": [{"lr": 1e-3,
+                                                                    "betas": [0.9, 0.999]}]}),
+               tmp_path, "adam")
+    assert "nominal learning rate of Adam: its per-parameter step" in \
+        write_report(adam, tmp_path / "c", n=300).read_text()
+    unknown = write_report(_nc(_stats_with(run_store, None), tmp_path, "unk"), tmp_path / "d",
+                           n=300).read_text()
+    assert "λ = the nominal learning rate (optimizer unknown: none recorded)." in unknown
+
+
+def test_report_gap_section_without_test_split_or_losses(run_store, tmp_path, no_render):
+    stats = gs.reduce(run_store)
+    only = _nc(stats.sel(split=["train"]), tmp_path, "train")
+    text = write_report(only, tmp_path / "a", split="train").read_text()
+    assert ("generalization gap: not computed — needs a 'train' and a 'test' split (splits "
+            "here: train).") in text
+    no_loss = _nc(stats.drop_vars("loss_mean"), tmp_path, "noloss")
+    text = write_report(no_loss, tmp_path / "b").read_text()
+    assert "generalization gap: not computed — the records hold no per-sample losses" in text
+    assert "the input is a stats netCDF, which holds no probe rows" in text
+
+
+def test_report_says_why_values_are_negative(tmp_path, no_render):
+    # breast_cancer, LogisticRegression fitted on the train split (issue 12's observation)
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    est = LogisticRegression(max_iter=1000).fit(X[:400], y[:400])
+    path = tmp_path / "bc.h5"
+    with gk.open_writer(path, est) as w:
+        gk.record(w, est, X[:400], y[:400], step=0, split="train")
+        gk.record(w, est, X[400:], y[400:], step=0, split="test")
+    with pytest.warns(gs.errors.SignalBelowNoiseWarning, match="split 'train'"):
+        text = write_report(path, tmp_path / "r", split="train").read_text()
+    r = [row for row in _rows(text, "OSGR, theory")]
+    assert float(r[0][2]) < 0
+    assert ("Why some `osgr` values are negative or NaN: debiased signal below noise: the "
+            "training split is fitted (its per-sample gradients sum to ~0 at an optimum)") in text
+    assert "Why some `b_simple` values are negative or NaN: debiased signal below noise" in text
