@@ -285,7 +285,8 @@ def write_report(
 
     L += ["## Records", ""]
     rows = []
-    has_opt = "optimizer_step" in stats.variables and stats["optimizer_step"].dims == ("step",)
+    has_opt = ("optimizer_step" in stats.variables and stats["optimizer_step"].dims == ("step",)
+               and bool((stats["optimizer_step"].values >= 0).any()))
     for st in steps:
         for sp in splits:
             c = int(stats["count"].sel(step=st, split=sp))

@@ -5,7 +5,7 @@ Pure functions on the moments Dataset built by :func:`gsnr_stats.reduce` (dims `
 Group aggregates live in :mod:`.groups`, jackknife intervals in :mod:`.uncertainty`, and
 the measured OSGR estimators (the only analytics that read stores) in :mod:`.estimators`.
 
-Notation (``docs/theory.md``, DESIGN §1). Per parameter ``j`` of a record of ``N``
+Notation (``docs/theory.md``, section 1). Per parameter ``j`` of a record of ``N``
 samples: mean ``m_j``, variance ``s_j²`` (``ddof`` from ``stats.attrs``), and
 
 .. math::
@@ -20,6 +20,12 @@ batch) of the optimizer step being modelled, never ``N``.
 Parameters with non-finite moments (``s²=0, m=0`` dead parameters come out as ``G=V=0``;
 records or parameters without data as NaN) are excluded from sums and counted in the
 outputs (``n_used``, ``n_excluded``, ``n_dead``, ``n_inf``); nothing is dropped silently.
+
+The gaps count optimizer steps between checkpoints (:func:`step_spacing`: the recorded
+``optimizer_step``, else ``steps_per_checkpoint=``, else the ``step`` labels with a
+:class:`~gsnr_stats.errors.StepSpacingWarning`) and say which λ they use for the recorded
+optimizer (``attrs["lambda_note"]``). Every output that can be negative or NaN for a known
+reason carries it in ``attrs["reason"]`` (``docs/theory.md``, "Negative and NaN outputs").
 """
 
 from __future__ import annotations
@@ -434,7 +440,7 @@ def one_step_gap(
     has_loss = "loss_mean" in stats and {"train", "test"} <= {str(s) for s in stats["split"].values}
     need = steps.size > 1 and (has_loss or callable(lr))
     pos, src = step_spacing(st, steps_per_checkpoint, warn=need, what="one_step_gap",
-                            stacklevel=3) if need else (steps, None)
+                            stacklevel=3)
     lam = _resolve_lr(stats, lr, pos)
     _, V, _ = _signal_noise(st, False)
     sV = np.nansum(V, axis=-1)
