@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .compare import compare, compare_figure
 from .errors import (
     AdapterError,
     GSNRError,
@@ -18,6 +19,7 @@ from .errors import (
 )
 from .estimators import osgr_first_order, osgr_pools, osgr_probe, osgr_trajectory
 from .groups import aggregate
+from .inmemory import gsnr
 from .reduce import SkippedShardWarning, reduce
 from .store import (
     GradientStore,
@@ -54,6 +56,9 @@ __all__ = [
     "accumulated_gap",
     "aggregate",
     "aggregate_ci",
+    "compare",
+    "compare_figure",
+    "gsnr",
     "jackknife",
     "measured_gap",
     "noise_scale",
