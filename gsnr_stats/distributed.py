@@ -446,7 +446,7 @@ def concat_columns(parts: Sequence[Partial]) -> Partial:
         np.concatenate([p.m2 for p in parts], axis=1),
         np.concatenate([p.n_omit for p in parts]),
         p0.n_samples, p0.loss, p0.lr, p0.epoch,
-        _sum_checks(parts),
+        _sum_checks(parts), p0.optimizer_step, p0.optimizer, p0.source,
     )
 
 

@@ -13,6 +13,7 @@ Memory is O(P) plus a few chunk rows, whatever N.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -51,6 +52,11 @@ class Partial:
     # number of columns seen). Set when a task covered only a column block (Dask); verified
     # once the blocks of a shard add up to all P columns (:meth:`verify`).
     checks: dict[str, tuple[np.ndarray, np.ndarray, int, str]] | None = None
+    # the optimizer's update count at the checkpoint (-1: not recorded), the JSON of the
+    # record's meta["optimizer"] ("" if none), and which record of which shard they are from
+    optimizer_step: int = -1
+    optimizer: str = ""
+    source: str = ""
 
     def verify(self, n_params: int) -> None:
         """Raise :class:`StoreError` if a shard's data failed its checksums."""
@@ -67,12 +73,17 @@ class Partial:
             (self.count, self.mean, self.m2), (other.count, other.mean, other.m2)
         )
         lc, lm, lq = kernels.merge_moments(self.loss, other.loss)
+        a, b = self.optimizer_step, other.optimizer_step
+        if a >= 0 and b >= 0 and a != b:
+            raise StoreError(f"{self.source} has optimizer_step {a}, {other.source} has {b}: "
+                             "shards of one record must come from the same checkpoint")
         return Partial(
             c, m, q, self.n_omit + other.n_omit, self.n_samples + other.n_samples,
             (float(lc), float(lm), float(lq)),
             self.lr if not math.isnan(self.lr) else other.lr,
             self.epoch if not math.isnan(self.epoch) else other.epoch,
             {**(self.checks or {}), **(other.checks or {})} or None,
+            a if a >= 0 else b, self.optimizer or other.optimizer, self.source or other.source,
         )
 
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,8 +171,15 @@ def record_partial(
     # the store's one door for this record: metadata, per-sample values, chunk-row views
     with store.view(step, split, cols=cols) as view:
         if view.info.kind == "moments":
-            return _moments_partial(view, K, nonfinite)
-        return _gradients_partial(view, K, nonfinite, progress)
+            part = _moments_partial(view, K, nonfinite)
+        else:
+            part = _gradients_partial(view, K, nonfinite, progress)
+        ostep = view.info.optimizer_step
+    part.optimizer_step = -1 if ostep is None else int(ostep)
+    opt = store.record_meta(step, split).get("optimizer")
+    part.optimizer = "" if opt is None else json.dumps(opt, sort_keys=True)
+    part.source = f"{store.path}: record (step={step}, split={split!r})"
+    return part
 
 
 def _moments_partial(view: RecordView, K: int, nonfinite: str) -> Partial:
@@ -342,6 +360,32 @@ def filter_keys(
     return sorted(keys)
 
 
+def _optimizer_coords(parts: dict[tuple[int, str], Partial], steps: list[int],
+                      splits: list[str]) -> tuple[np.ndarray, str]:
+    """``optimizer_step`` per step (-1: none) and the JSON of the last step's optimizer.
+
+    Records of one step (its splits) must agree on the optimizer step: :class:`StoreError`
+    naming both otherwise. The optimizer is ``meta["optimizer"]`` of the last step that
+    has one (its first split that has one), ``""`` if no record has one.
+    """
+    out = np.full(len(steps), -1, dtype=np.int64)
+    optimizer = ""
+    for i, st in enumerate(steps):
+        here = [parts[(st, sp)] for sp in splits if (st, sp) in parts]
+        optimizer = next((p.optimizer for p in here if p.optimizer), optimizer)
+        known = [p for p in here if p.optimizer_step >= 0]
+        for p in known[1:]:
+            if p.optimizer_step != known[0].optimizer_step:
+                raise StoreError(
+                    f"{known[0].source} has optimizer_step {known[0].optimizer_step}, "
+                    f"{p.source} has {p.optimizer_step}: records of one step must share the "
+                    "checkpoint (record every split at the same optimizer step)"
+                )
+        if known:
+            out[i] = known[0].optimizer_step
+    return out, optimizer
+
+
 def build_dataset(
     parts: dict[tuple[int, str], Partial],
     layout: Layout,
@@ -387,10 +431,14 @@ def build_dataset(
             b_count[i, j] = p.count[:, 0] if P else 0
             b_mean[i, j] = p.mean
             b_m2[i, j] = p.m2
+    opt_step, optimizer = _optimizer_coords(parts, steps, split_names)
     fin = kernels.finalize_moments(cnt_p, mean, m2, ddof)
     one = {"units": "1"}
     coords = {
         "step": ("step", np.array(steps, dtype=np.int64), {"long_name": "optimizer step"}),
+        "optimizer_step": ("step", opt_step,
+                           {"long_name": "optimizer update count at the checkpoint (-1: not "
+                                         "recorded)"}),
         "split": ("split", np.array(split_names, dtype=str), {"long_name": "data split"}),
         "param": ("param", np.arange(P, dtype=np.int64),
                   {"long_name": "flat parameter index"}),
@@ -441,6 +489,7 @@ def build_dataset(
             "library": "gsnr-stats",
             "library_version": __version__,
             "Conventions": "CF-1.8",
+            "optimizer": optimizer,
             **(attrs or {}),
         }
     )

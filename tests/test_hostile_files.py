@@ -149,7 +149,7 @@ def damaged_copies(src: Path, out: Path, rng: np.random.Generator, n_flip: int,
 # One interpreter judges a batch of files: reference from the undamaged file first, then
 # open_store + reduce (+ trajectory) of each damaged file under the per-file hang guard.
 JUDGE = r"""
-import faulthandler, json, re, sys, warnings
+import faulthandler, json, re, sys, warnings, zlib
 import numpy as np
 import gsnr_stats as gs
 from gsnr_stats.store import IncompleteRecordWarning
@@ -162,6 +162,10 @@ def records(path):
         warnings.simplefilter("always")
         with gs.open_store(path) as s:
             traj = s.trajectory()
+            # v3 record metadata, compared as a CRC of its JSON (a silent change is caught)
+            meta = {f"{r.step}|{r.split}": float(zlib.crc32(json.dumps(
+                [r.optimizer_step, s.record_meta(r.step, r.split)]).encode()))
+                for r in s.records}
         ds = gs.reduce(path)
     warned = sorted({int(m) for w in ws if issubclass(w.category, IncompleteRecordWarning)
                      for m in re.findall(r"step=(\d+)", str(w.message))})
@@ -169,7 +173,9 @@ def records(path):
     for i, st in enumerate(ds["step"].values):
         for j, sp in enumerate(ds["split"].values):
             if ds["count"].values[i, j] > 0:
-                out[f"{int(st)}|{sp}"] = [np.asarray(ds[v].values[i, j]) for v in VARS]
+                key = f"{int(st)}|{sp}"
+                out[key] = [np.asarray(ds[v].values[i, j]) for v in VARS] + [
+                    np.asarray(ds["optimizer_step"].values[i]), np.asarray(meta[key])]
     return out, traj, warned
 
 ref, ref_traj, _ = records(job["ref"])
@@ -255,7 +261,8 @@ for step in range(3):
     for lo in range(0, 40, 15):
         w.write(step, "train", g[lo:lo + 15], loss=np.arange(lo, min(lo + 15, 40)) * 0.5)
         w.flush()
-    w.end_record(step, "train")
+    w.end_record(step, "train", optimizer_step=20 * step,
+                 meta={"optimizer": {"class": "SGD", "groups": [{"lr": 0.1, "step": step}]}})
 w.write_moments(3, "test", 7, np.full(108, 0.25), np.full(108, 2.0))
 w.write_moments(3, "test", 5, np.full(108, -0.5), np.full(108, 1.0))
 w.end_record(3, "test")
@@ -317,7 +324,8 @@ def clean_file(tmp_path_factory) -> Path:
         for step in range(3):
             g = grads_of(step)
             w.write(step, "train", g[:25], loss=np.arange(25.0), lr=0.1)
-            w.write(step, "train", g[25:], loss=np.arange(15.0))
+            w.write(step, "train", g[25:], loss=np.arange(15.0), optimizer_step=20 * step,
+                    meta={"optimizer": {"class": "SGD", "groups": [{"lr": 0.1, "k": step}]}})
         w.write_moments(3, "test", 7, np.full(P, 0.25), np.full(P, 2.0))
         w.write_trajectory(0, 0.1, 1.0, 1.25)
         w.write_trajectory(1, 0.1, 0.9, 1.5)
