@@ -1,0 +1,256 @@
+"""PyTorch Lightning: record per-sample gradients from ``Trainer.fit`` with one callback.
+
+.. code-block:: python
+
+    from gsnr_stats.adapters.lightning import GradientCallback
+
+    cb = GradientCallback("run.h5", nn.CrossEntropyLoss(reduction="none"),
+                          train_data=eval_train_loader)      # un-augmented, not shuffled
+    trainer = L.Trainer(max_epochs=20, callbacks=[cb])
+    trainer.fit(model, train_loader, [val_loader, ood_loader])
+    stats = gs.reduce("run.h5")          # splits "train", "val", "val_1"
+
+Install with the ``lightning`` extra (``pip install gsnr-stats[lightning]``); importing this
+module imports ``lightning``, nothing else of the package does. Each record goes through the
+torch :class:`~gsnr_stats.adapters.torch.Recorder` (eval mode for the record and every
+submodule's mode restored afterwards, global random state untouched, the optimizer's
+hyper-parameters in the record's meta). What is recorded when, and the rules under DDP,
+are in :class:`GradientCallback` and ``docs/adapters.md`` ("Lightning").
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from gsnr_stats.errors import AdapterError
+
+from ._callbacks import RecordingSession, check_reiterable, named_splits
+from ._common import RecordSummary, Unpack
+
+__all__ = ["GradientCallback"]
+
+_WHERE = "lightning GradientCallback"
+
+
+def _has_distributed_sampler(loader: Any) -> bool:
+    from torch.utils.data.distributed import DistributedSampler
+
+    bs = getattr(loader, "batch_sampler", None)
+    return any(isinstance(s, DistributedSampler)
+               for s in (getattr(loader, "sampler", None), getattr(bs, "sampler", None)))
+
+
+class GradientCallback(pl.Callback):
+    """Record per-sample gradients of the training and held-out splits during ``fit``.
+
+    At each due checkpoint the callback writes one record per split, with
+    ``step = trainer.global_step`` (the optimizer update count, also stored as the record's
+    ``optimizer_step``: the analytics' step spacing) and ``epoch`` = the number of epochs
+    completed (0 before training; fractional with ``every_n_steps``).
+
+    Parameters
+    ----------
+    writer : path-like or GradientWriter
+        A path: the store is opened on global rank zero when fitting starts
+        (``adapters.torch.open_writer(path, model, ...)``, ``writer_kwargs`` passed on) and
+        closed on ``teardown``, and on an exception (``on_exception``) closed so that an
+        interrupted record stays incomplete (readers skip it; ``docs/format.md``). An open
+        writer is used as is and left open (its owner closes it).
+    loss_fn : callable (outputs, targets) -> Tensor (n,)
+        Per-sample losses of the LightningModule's ``forward`` outputs,
+        ``reduction="none"`` style (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+    train_data : DataLoader or iterable of batches, optional
+        The training set without augmentation and without shuffling, recorded as split
+        ``"train"``. Default None: no training split -- the trainer's own training loader
+        usually augments and shuffles, so it is never used (augmented samples are not the
+        training set's gradients).
+    val_data : None, False, a loader, a list of loaders or ``{split: loader}``
+        Held-out splits. None (default): the trainer's validation dataloaders, as they are
+        when the record is taken (``trainer.val_dataloaders``; loaded if validation has not
+        run yet), every batch of them (``limit_val_batches`` does not apply). False: no
+        held-out split. Loaders given here are used instead.
+    val_names : sequence of str, optional
+        Split names of the held-out loaders, one per loader. Default: ``"val"`` for one
+        loader; ``"val", "val_1", "val_2", ...`` for several (a mapping's keys for a dict
+        of loaders).
+    every_n_epochs, every_n_steps : int, optional
+        Record after every n-th epoch (``on_train_epoch_end``; an epoch cut short by
+        ``max_steps`` counts) or after every n-th optimizer step (``on_train_batch_end``
+        once ``trainer.global_step`` reaches a multiple of n; with gradient accumulation a
+        step is an optimizer update, not a batch). One of them; default
+        ``every_n_epochs=1``. A step is never recorded twice.
+    record_at_start : bool
+        Also record once before the first update (``on_train_start``, after the sanity
+        check; step ``trainer.global_step``, 0 unless resuming).
+    keep : {"grads", "moments"}
+        Full per-sample gradients or per-parameter moments (``Recorder(keep=)``).
+    max_samples : int, optional
+        At most this many samples per split and record.
+    batch_size : int, optional
+        Only for data given as whole-set ``(inputs, targets)`` tensors (``Recorder.record``).
+    unpack : callable batch -> (inputs, targets[, sample_id]), optional
+        How to read a batch (``Recorder(unpack=)``; default: its documented rule).
+    writer_kwargs : dict, optional
+        ``GradientWriter`` options (``overwrite``, ``dtype``, ``chunks``, ...) when
+        ``writer`` is a path.
+    **recorder_kwargs :
+        Other :class:`~gsnr_stats.adapters.torch.Recorder` options (``mode``, ``fast``,
+        ``progress``, ``params_subset``, ``project``, ``seed``, ``param_filter``,
+        ``include_frozen``, ``chunk_size``, ``block_size``, ...); the layout options also
+        shape the writer opened from a path.
+
+    Notes
+    -----
+    * Never records during the sanity check (``trainer.sanity_checking``), nor in
+      ``validate``/``test``/``predict``.
+    * The optimizer: with one optimizer (``trainer.optimizers``) its learning rate and
+      hyper-parameters are stored with each record (``Recorder(optimizer=)``); the rate is
+      the one in its parameter groups when the record is taken (the next update's, once
+      a scheduler has stepped). With several optimizers none is passed: lr is NaN.
+    * DDP and other multi-process strategies: only global rank zero records (and opens
+      the store); the other ranks do nothing and wait at their next collective, so a
+      long record counts against the process group's timeout. Under DDP the trainer's
+      validation loaders carry a ``DistributedSampler``: rank zero would record only its
+      shard, so a warning says so -- pass ``val_data=`` with plain loaders to record whole
+      splits. Strategies that shard parameters (FSDP, DeepSpeed stage 3) are not
+      supported: the Recorder needs the whole model on rank zero.
+    * The model is the LightningModule itself (its ``forward``); it stays on its device
+      and batches are moved there.
+
+    Attributes
+    ----------
+    records : list of RecordSummary
+        What was written, in order.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        train_data: Any = None,
+        val_data: Any = None,
+        val_names: Sequence[str] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        record_at_start: bool = False,
+        keep: str = "grads",
+        max_samples: int | None = None,
+        batch_size: int | None = None,
+        unpack: Unpack | None = None,
+        writer_kwargs: Mapping[str, Any] | None = None,
+        **recorder_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self._session = RecordingSession(
+            writer, loss_fn, where=_WHERE, every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps, record_at_start=record_at_start, keep=keep,
+            max_samples=max_samples, batch_size=batch_size, unpack=unpack,
+            writer_kwargs=writer_kwargs, recorder_kwargs=recorder_kwargs,
+            attrs={"recorded_by": "gsnr_stats.adapters.lightning.GradientCallback",
+                   "lightning_version": pl.__version__})
+        if batch_size is None:
+            check_reiterable(train_data, "train_data", _WHERE)
+        self.train_data = train_data
+        if val_data is not None and val_data is not False:
+            # the given loaders: checked and named now, not at the first record
+            for _, d in named_splits(val_data, val_names, "val", "val_data", _WHERE):
+                check_reiterable(d, "val_data", _WHERE)
+        self.val_data = val_data
+        self.val_names = None if val_names is None else [str(n) for n in val_names]
+        self._warned_sharded = False
+
+    @property
+    def records(self) -> list[RecordSummary]:
+        return self._session.records
+
+    # -- what to record ----------------------------------------------------------------
+
+    def _held_out(self, trainer: pl.Trainer) -> list[tuple[str, Any]]:
+        if self.val_data is False:
+            return []
+        if self.val_data is not None:
+            return named_splits(self.val_data, self.val_names, "val", "val_data", _WHERE)
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            # validation has not run yet (no sanity check): load the loaders as the
+            # validation loop would; nothing to load without validation_step
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        if loaders is None:
+            return []
+        if isinstance(loaders, Mapping) and self.val_names is not None:
+            loaders = list(loaders.values())
+        out = named_splits(loaders, self.val_names, "val", "the trainer's validation", _WHERE)
+        if (trainer.world_size > 1 and not self._warned_sharded
+                and any(_has_distributed_sampler(d) for _, d in out)):
+            self._warned_sharded = True
+            warnings.warn(
+                f"{_WHERE}: the trainer's validation loaders use a DistributedSampler, so "
+                f"rank zero records only its 1/{trainer.world_size} of each held-out split; "
+                "pass val_data= with non-distributed loaders to record whole splits",
+                UserWarning, stacklevel=3)
+        return out
+
+    def _splits(self, trainer: pl.Trainer) -> list[tuple[str, Any]]:
+        out = [("train", self.train_data)] if self.train_data is not None else []
+        out += self._held_out(trainer)
+        names = [n for n, _ in out]
+        if len(set(names)) != len(names):
+            raise AdapterError(f"{_WHERE}: split names {names} repeat; give distinct val_names")
+        if not out:
+            raise AdapterError(
+                f"{_WHERE}: nothing to record: no train_data and no held-out split (the "
+                "trainer has no validation dataloader, or val_data=False); pass train_data= "
+                "(an un-augmented loader of the training set) and/or val_data=")
+        return out
+
+    def _record(self, trainer: pl.Trainer, epoch: float) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        s = self._session
+        if not s.started or s.recorded(trainer.global_step):
+            return
+        s.record(trainer.global_step, epoch, self._splits(trainer))
+
+    # -- Lightning hooks ---------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        # before restore_training_state: a resumed SGD's state is not yet loaded
+        opts = list(trainer.optimizers)
+        self._session.start(pl_module, opts[0] if len(opts) == 1 else None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._splits(trainer)  # configuration errors now, not after the first epoch
+        if self._session.record_at_start:
+            self._record(trainer, float(trainer.current_epoch))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._session.due_step(trainer.global_step):
+            nb = trainer.num_training_batches
+            frac = (batch_idx + 1) / nb if isinstance(nb, int | float) and math.isfinite(nb) \
+                and nb > 0 else 0.0
+            self._record(trainer, trainer.current_epoch + min(frac, 1.0))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = trainer.current_epoch + 1  # current_epoch advances after this hook
+        if self._session.due_epoch(done):
+            self._record(trainer, float(done))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._session.close(exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._session.close()
