@@ -72,6 +72,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             for r in store.records:
                 extra = f" lr={r.lr:g}" if r.lr == r.lr else ""
                 extra += f" epoch={r.epoch:g}" if r.epoch == r.epoch else ""
+                extra += f" optimizer_step={r.optimizer_step}" if r.optimizer_step is not None else ""
+                try:  # v3 metadata: the optimizer's class, as the recorder stored it
+                    opt = store.record_meta(r.step, r.split).get("optimizer")
+                    if isinstance(opt, dict) and "class" in opt:
+                        extra += f" optimizer={opt['class']}"
+                except StoreError as e:  # damaged metadata: say so, list the rest
+                    extra += f" METADATA UNREADABLE ({e})"
                 print(f"    step {r.step:>8}  {r.split:<12} {r.kind:<10} n={r.n_samples}{extra}")
             if store.incomplete:
                 print(f"  INCOMPLETE records (skipped by every reader): {len(store.incomplete)}")

@@ -490,6 +490,30 @@ def test_distributed_partials_carry_optimizer_step_across_column_blocks(tmp_path
     np.testing.assert_array_equal(ds["mean"].values, ref["mean"].values)
 
 
+# -- gsnr-stats info ------------------------------------------------------------------------
+
+def test_info_shows_optimizer_step_and_class_and_survives_damaged_metadata(meta_file, tmp_path,
+                                                                           capsys):
+    from gsnr_stats.cli import main
+
+    assert main(["info", str(meta_file)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("step")]
+    assert [x.split()[1] for x in lines] == ["0", "1", "2"]
+    for k, line in enumerate(lines):
+        assert line.endswith(f"optimizer_step={20 * k} optimizer=SGD"), line
+    with GradientWriter(tmp_path / "plain.h5", PARAMS) as w:
+        w.write(0, "train", grads(0))
+    assert main(["info", str(tmp_path / "plain.h5")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("step")]
+    assert lines[0].endswith(" n=6")  # nothing invented for a record without
+    bad = _craft(meta_file, tmp_path / "bad.h5",
+                 lambda f: f["record_meta"].__setitem__(_extent(f, 1)[0] + 3, 0))
+    assert main(["info", str(bad)]) == 0  # info lists a damaged store, it does not fail
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("step")]
+    assert "METADATA UNREADABLE" in lines[1] and "fail their checksum" in lines[1]
+    assert lines[0].endswith("optimizer=SGD") and lines[2].endswith("optimizer=SGD")
+
+
 # -- crash safety: a kill or an exception at every write step --------------------------------
 
 def campaign_meta(step: int) -> dict:
