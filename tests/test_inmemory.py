@@ -348,3 +348,33 @@ def test_compare_misuse() -> None:
         gs.compare({"x": object()}, (X_TR, Y_TR), (X_TE, Y_TE))
     with pytest.raises(AdapterError, match=r"\(X, y\)"):
         gs.compare({"lr": LogisticRegression()}, X_TR, (X_TE, Y_TE))
+
+
+@pytest.mark.slow  # end to end: trains the docs' models (a few seconds once torch is warm)
+def test_the_scikit_learn_section_of_docs_adapters_runs(tmp_path, monkeypatch) -> None:
+    """docs/adapters.md's scikit-learn examples run as printed (in a scratch directory)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "adapters.md").read_text()
+    section = text[text.index("\n## scikit-learn"):]
+    section = section[: section.find("\n## ", 5)] if "\n## " in section[5:] else section
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+              if not b.lstrip().startswith("{")]  # the meta example is a value, not code
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence of the small fits; negative OSGR
+        for b in blocks:
+            exec(compile(b, "docs/adapters.md", "exec"), ns)  # noqa: S102 - our own docs
+    assert ns["out"]["step"][:3].tolist() == [0, len(ns["y_tr"]), 2 * len(ns["y_tr"])]
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert list(ns["table"].index)[-1] == "torch MLP"
+    with gs.open_store(tmp_path / "traj.h5") as store:
+        meta = store.record_meta(0, "train")
+    shown = re.search(r'\{"optimizer".*?"framework": "scikit-learn [\d.]+"\}', section, re.S)
+    for key in ("class", "module", "solver", "batch_size", "loss", "penalty", "alpha",
+                "l1_ratio", "learning_rate"):
+        assert f'"{key}": ' in shown.group(0) and key in meta["optimizer"], key
+    assert "eta0" not in meta["optimizer"] and meta["optimizer"]["alpha"] == 0.001
