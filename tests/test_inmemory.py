@@ -356,7 +356,7 @@ def test_the_scikit_learn_section_of_docs_adapters_runs(tmp_path, monkeypatch) -
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "adapters.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs/adapters.md").read_text()
     section = text[text.index("\n## scikit-learn"):]
     section = section[: section.find("\n## ", 5)] if "\n## " in section[5:] else section
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
