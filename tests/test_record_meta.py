@@ -392,6 +392,25 @@ def test_every_flipped_meta_byte_is_detected(meta_file, tmp_path):
             s.record_meta(2, "train")
 
 
+def test_netcdf_c_still_opens_a_v3_store(meta_file):
+    """No compound or variable-length types in v3 either: netCDF-C (netCDF4) opens the file
+    and reads the metadata bytes and the new records columns."""
+    netCDF4 = pytest.importorskip("netCDF4")
+    with _open(meta_file) as s:
+        want = [s.record_meta(k, "train") for k in range(3)]
+    d = netCDF4.Dataset(meta_file)
+    try:
+        raw = np.asarray(d["record_meta"][:]).tobytes()
+        rec = d.groups["records"]
+        extents = list(zip(rec["meta_start"][:].tolist(), rec["meta_stop"][:].tolist(),
+                           strict=True))
+        assert rec["optimizer_step"][:].tolist() == [0, 20, 40]
+    finally:
+        d.close()
+    assert [json.loads(raw[a:b]) for a, b in extents] == want == [
+        torch_meta(0.1 * (k + 1)) for k in range(3)]
+
+
 # -- reduce: the optimizer_step coordinate and the optimizer attribute -----------------------
 
 def test_reduce_carries_optimizer_step_and_optimizer_into_the_dataset(tmp_path):
