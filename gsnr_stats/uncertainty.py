@@ -225,9 +225,11 @@ def osgr_ci(
     if wide.any():
         bc = stats["block_count"].values
         per = bc[bc > 0]
+        dims = out["osgr_lo"].dims
+        loc = _reasons.where(wide, dims, {d: out[d].values for d in dims if d in out.coords})
         clause = ("normal interval R - z SE reaches below 0 for a positive R: the jackknife SE "
                   f"is large beside R (smallest non-empty block: {int(per.min())} samples; more "
-                  "samples per block narrow it)")
+                  f"samples per block narrow it) [{int(wide.sum())} of {wide.size} values; {loc}]")
         prev = out["osgr_lo"].attrs.get("reason")
         out["osgr_lo"].attrs["reason"] = f"{prev}; {clause}" if prev else clause
     return out

@@ -192,6 +192,16 @@ def test_osgr_ci_tiny_pools():
     r = ci["osgr_se"].attrs["reason"]
     assert "NaN in at least one leave-one-block-out replicate" in r and "step" not in r
     assert "1 in the smallest non-empty one" in r
+    # a weak signal, 16 samples in 4 blocks: the normal interval reaches below 0 for R > 0
+    from statistics import NormalDist
+
+    x = np.random.default_rng(5).normal(loc=0.2, size=(16, 15))
+    ci = th.osgr_ci(moments_dataset({(0, "test"): x}, blocks=4), 4, split="test")
+    R, se, lo = (float(ci[v].squeeze()) for v in ("osgr", "osgr_se", "osgr_lo"))
+    assert lo == pytest.approx(R - NormalDist().inv_cdf(0.975) * se, rel=1e-12)
+    assert R > 0 > lo
+    assert ("reaches below 0 for a positive R" in ci["osgr_lo"].attrs["reason"]
+            and "4 samples" in ci["osgr_lo"].attrs["reason"])
 
 
 def test_measured_estimators_reasons():
