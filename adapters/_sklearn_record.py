@@ -221,7 +221,8 @@ class Recorder:
         Returns
         -------
         RecordSummary
-            Step, split, number of samples and mean per-sample loss.
+            Step, split, number of samples, mean per-sample loss, lr, epoch and
+            optimizer_step.
         """
         where = f"sklearn Recorder.record(step={step}, split={split!r})"
         X, y, sid = _unpack(data, sample_id, where)
@@ -280,7 +281,9 @@ class Recorder:
             bar.close()
         return RecordSummary(step=int(step), split=split, n_samples=N, mean_loss=total / N,
                              lr=math.nan if lr is None else float(lr),
-                             epoch=math.nan if epoch is None else float(epoch))
+                             epoch=math.nan if epoch is None else float(epoch),
+                             optimizer_step=None if optimizer_step is None
+                             else int(optimizer_step))
 
 
 # --------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_recorder_in_a_partial_fit_loop(tmp_path) -> None:
             meta = {"optimizer": {"class": "SGDClassifier", "alpha": 1e-3}}
             s = rec.record((X_TR, Y_TR), epoch, "train", epoch=epoch,
                            optimizer_step=epoch * n, meta=meta)
-            assert s.n_samples == n
+            assert (s.n_samples, s.optimizer_step) == (n, epoch * n)
             rec.record((X_HO, Y_HO, np.arange(100, 131)), epoch, "test", max_samples=20,
                        optimizer_step=epoch * n, meta=meta)
     with gs.open_store(path) as store:
