@@ -285,3 +285,24 @@ def test_trajectory_continues_a_fitted_estimator(tmp_path) -> None:
     with gs.open_store(path) as store:
         ref = logistic_rows(X_TR, Y_TR, before.coef_.ravel(), float(before.intercept_[0]))
         assert_within(store.read_grads(500, "train"), ref, stored_bound(ref), "fitted start")
+
+
+def test_moments_records_carry_optimizer_step_and_meta(tmp_path) -> None:
+    """keep='moments' writes through the moments blocks: optimizer_step and meta too."""
+    est = LogisticRegression().fit(X_TR, Y_TR)
+    path = tmp_path / "mom.h5"
+    with gk.open_writer(path, est) as w:
+        gk.Recorder(w, est, keep="moments", batch_size=30).record(
+            (X_TR, Y_TR), 0, "train", optimizer_step=12, meta={"optimizer": {"class": "X"}})
+    with gs.open_store(path) as store:
+        (rec,) = store.records
+        assert (rec.kind, rec.optimizer_step, rec.n_samples) == ("moments", 12, 80)
+        assert store.record_meta(0, "train") == {"optimizer": {"class": "X"}}
+    ref = logistic_rows(X_TR, Y_TR, est.coef_.ravel(), float(est.intercept_[0]))
+    m, v = ref.mean(axis=0), ref.var(axis=0, ddof=1)
+    stats = gs.reduce(path)
+    # float64 on both routes (moments records are float64): summation order only, at most
+    # N u64 max|g| in the mean, the DESIGN's 1e-10 relative in the variance
+    assert_within(stats["mean"].sel(step=0, split="train"), m,
+                  len(ref) * U64 * np.abs(ref).max(axis=0), "mean")
+    np.testing.assert_allclose(stats["var"].sel(step=0, split="train"), v, rtol=1e-10)
