@@ -52,7 +52,8 @@ class GradientCallback(pl.Callback):
     At each due checkpoint the callback writes one record per split, with
     ``step = trainer.global_step`` (the optimizer update count, also stored as the record's
     ``optimizer_step``: the analytics' step spacing) and ``epoch`` = the number of epochs
-    completed (0 before training; fractional with ``every_n_steps``).
+    completed (0 before training; fractional with ``every_n_steps`` and for an epoch cut
+    short by ``max_steps``).
 
     Parameters
     ----------
@@ -165,6 +166,7 @@ class GradientCallback(pl.Callback):
         self.val_data = val_data
         self.val_names = None if val_names is None else [str(n) for n in val_names]
         self._warned_sharded = False
+        self._batches = 0  # batches run in the current epoch (for the epoch label)
 
     @property
     def records(self) -> list[RecordSummary]:
@@ -235,18 +237,28 @@ class GradientCallback(pl.Callback):
         if self._session.record_at_start:
             self._record(trainer, float(trainer.current_epoch))
 
+    def _epoch(self, trainer: pl.Trainer, at_end: bool) -> float:
+        """Epochs completed: the current one counts by its share of batches run (an
+        epoch cut short by ``max_steps`` is a fraction); of unknown length, it counts
+        whole at its end and not at all before."""
+        nb = trainer.num_training_batches
+        if isinstance(nb, int | float) and math.isfinite(nb) and nb > 0:
+            return trainer.current_epoch + min(self._batches / nb, 1.0)
+        return float(trainer.current_epoch + int(at_end))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = 0
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batches = batch_idx + 1
         if self._session.due_step(trainer.global_step):
-            nb = trainer.num_training_batches
-            frac = (batch_idx + 1) / nb if isinstance(nb, int | float) and math.isfinite(nb) \
-                and nb > 0 else 0.0
-            self._record(trainer, trainer.current_epoch + min(frac, 1.0))
+            self._record(trainer, self._epoch(trainer, at_end=False))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        done = trainer.current_epoch + 1  # current_epoch advances after this hook
-        if self._session.due_epoch(done):
-            self._record(trainer, float(done))
+        # the k-th epoch end; current_epoch (k - 1) advances only after this hook
+        if self._session.due_epoch(trainer.current_epoch + 1):
+            self._record(trainer, self._epoch(trainer, at_end=True))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

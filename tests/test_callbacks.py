@@ -289,6 +289,53 @@ def test_lightning_error_closes_the_store_with_the_record_incomplete(tmp_path):
     assert s.record(0, "bad").n_samples == 48
 
 
+def test_an_epoch_cut_by_max_steps_is_recorded_as_a_fraction(tmp_path):
+    """max_steps=6 at 4 updates per epoch: the second epoch ends after 4 of its 8 batches;
+    it is recorded (every_n_epochs=1) at step 6 as epoch 1.5, in Lightning and in HF."""
+    cb = gl.GradientCallback(tmp_path / "l.h5", CE, train_data=DataLoader(TRAIN, batch_size=64),
+                             val_data=False)
+    _fit(cb, max_steps=6)
+    assert [(r.step, r.epoch) for r in cb.records] == [(4, 1.0), (6, 1.5)]
+    collate = transformers.default_data_collator
+    train = DictDS(TRAIN)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16,
+        gradient_accumulation_steps=2, max_steps=6, report_to=[], use_cpu=True,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
+        dataloader_pin_memory=False)
+    cb = ghf.GradientCallback(tmp_path / "h.h5",
+                              train_data=DataLoader(train, batch_size=64, collate_fn=collate))
+    transformers.Trainer(model=TinyClassifier(TinyConfig()), args=args, train_dataset=train,
+                         data_collator=collate, callbacks=[cb]).train()
+    assert [(r.step, r.epoch) for r in cb.records] == [(4, 1.0), (6, 1.5)]
+
+
+def test_docs_callback_examples_use_the_real_signatures():
+    """docs/adapters.md's Lightning and HF examples call GradientCallback with keyword
+    arguments it has, and import names the adapters export."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/adapters.md").read_text()
+    for title, mod in (("Lightning", gl), ("Hugging Face Trainer", ghf)):
+        sec = text[text.index(f"\n## {title}\n"):]
+        sec = sec[: sec.index("\n## ", 5)]
+        blocks = re.findall(r"```python\n(.*?)```", sec, flags=re.S)
+        assert blocks, title
+        params = set(inspect.signature(mod.GradientCallback).parameters)
+        calls = 0
+        for node in ast.walk(ast.parse("\n".join(blocks))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module == mod.__name__, title
+                assert all(a.name in mod.__all__ for a in node.names), title
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "GradientCallback":
+                calls += 1
+                assert {k.arg for k in node.keywords} <= params, title
+        assert calls == 1, title
+
+
 def test_lightning_configuration_errors(tmp_path):
     with pytest.raises(AdapterError, match="not both"):
         gl.GradientCallback(tmp_path / "a.h5", CE, every_n_epochs=1, every_n_steps=2)
