@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from gsnr_stats.errors import AdapterError
@@ -42,12 +42,11 @@ def check_reiterable(data: Any, name: str, where: str) -> None:
     """``data`` is read once per record: an iterator would be empty after the first."""
     if data is None:
         return
-    try:
-        it = iter(data)
-    except TypeError:
+    # checked on the type, never by calling iter(): that would start a DataLoader's workers
+    if not isinstance(data, Iterable):
         raise AdapterError(f"{where}: {name} must be a DataLoader or another iterable of "
-                           f"batches, got {type(data).__name__}") from None
-    if it is data:
+                           f"batches, got {type(data).__name__}")
+    if isinstance(data, Iterator):
         raise AdapterError(
             f"{where}: {name} is an iterator ({type(data).__name__}); it is read once per "
             "record and would be empty after the first. Pass a DataLoader or a list of batches")
