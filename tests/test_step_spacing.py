@@ -201,3 +201,60 @@ def test_report_uses_the_same_spacing(epoch_run, tmp_path, no_render):
         text, rows = _report_gap(stats, tmp_path, "labels")
     assert [r[2] for r in rows] == [fmt(v) for v in _closed_form(sV, 1) + first]
     assert "the step labels are taken as optimizer steps" in text
+
+
+def test_end_to_end_torch_loop_epoch_labels(tmp_path, no_render):
+    """A plain torch loop labelling checkpoints by epoch: the store's optimizer_step (20 per
+    epoch) reaches the gap, the report and the figures; nothing warns."""
+    torch = pytest.importorskip("torch")
+    from gsnr_stats.adapters import torch as gt
+
+    import gsnr_stats as gs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores; restored below
+    try:
+        _torch_loop(torch, gt, gs, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torch_loop(torch, gt, gs, tmp_path):
+    torch.manual_seed(0)
+    X, Xte = torch.randn(200, 5), torch.randn(100, 5)
+    w = torch.randn(5, 3)
+    y, yte = (X @ w).argmax(1), (Xte @ w).argmax(1)
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    path = tmp_path / "loop.h5"
+    counted = 0
+    with gt.open_writer(path, model) as wr, gt.Recorder(wr, model, loss_fn, optimizer=opt) as rec:
+        for epoch in EPOCHS:
+            rec.record((X, y), step=epoch, split="train", batch_size=100, epoch=epoch)
+            rec.record((Xte, yte), step=epoch, split="test", batch_size=100, epoch=epoch)
+            if epoch == EPOCHS[-1]:
+                break
+            for i in range(0, 200, 10):  # 20 optimizer steps per epoch
+                opt.zero_grad()
+                loss_fn(model(X[i:i + 10]), y[i:i + 10]).mean().backward()
+                opt.step()
+                counted += 1
+    assert counted == PER_EPOCH * (len(EPOCHS) - 1)
+    stats = gs.reduce(path)
+    np.testing.assert_array_equal(stats["optimizer_step"].values, np.array(EPOCHS) * PER_EPOCH)
+    # closed form from the stored gradients, numpy two-pass (not through reduce)
+    with gs.open_store(path) as s:
+        sV = np.array([s.read_grads(e, "test").astype(np.float64).var(0, ddof=1).sum()
+                       for e in EPOCHS])
+    want = _closed_form(sV, PER_EPOCH, lr=0.05)
+    g = _no_spacing_warning(lambda: th.accumulated_gap(stats, N_TRAIN))
+    np.testing.assert_allclose(g["gap_theory"].sel(n=N_TRAIN).values, want, rtol=1e-9)
+    assert g.attrs["step_spacing"] == "optimizer_step"
+    assert "nominal learning rate of SGD with momentum 0.9" in g.attrs["lambda_note"]
+    text = _no_spacing_warning(lambda: write_report(path, tmp_path / "rep", n=N_TRAIN,
+                                                    blocks=None).read_text())
+    assert "from the recorded `optimizer_step` (0, 20, 40, 60, 80)" in text
+    assert "λ = the nominal learning rate of SGD with momentum 0.9" in text
+    first = float(g["gap_measured"].values[0])
+    assert [r[2] for r in _rows(text, "Generalization gap")] == [fmt(v) for v in want + first]
