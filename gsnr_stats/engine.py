@@ -174,9 +174,8 @@ def record_partial(
             part = _moments_partial(view, K, nonfinite)
         else:
             part = _gradients_partial(view, K, nonfinite, progress)
-        ostep = view.info.optimizer_step
+        ostep, opt = view.info.optimizer_step, view.meta().get("optimizer")
     part.optimizer_step = -1 if ostep is None else int(ostep)
-    opt = store.record_meta(step, split).get("optimizer")
     part.optimizer = "" if opt is None else json.dumps(opt, sort_keys=True)
     part.source = f"{store.path}: record (step={step}, split={split!r})"
     return part

@@ -259,7 +259,7 @@ def test_reduce_enters_the_store_to_open_and_then_only_consumes_views(tmp_path, 
         # the one door per record, and consuming what it hands out
         "GradientStore.view", "RecordView.__init__", "RecordView.__enter__",
         "RecordView.__exit__", "RecordView.close", "RecordView.iter_rows", "RecordView.loss",
-        "ChunkRows.mapped", "data_checksum",
+        "RecordView.meta", "ChunkRows.mapped", "data_checksum",
     }
     assert entered <= allowed, sorted(entered - allowed)
     assert ("engine.py", "GradientStore.view") in calls  # the views path was the one taken

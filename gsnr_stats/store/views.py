@@ -23,7 +23,7 @@ import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -188,6 +188,10 @@ class RecordView:
     def sample_id(self) -> np.ndarray:
         """Sample ids, ``(n,)`` int64 (verified)."""
         return self.store.read_sample_id(self.step, self.split)
+
+    def meta(self) -> dict[str, Any]:
+        """The record's JSON metadata (see :meth:`GradientStore.record_meta`; ``{}`` if none)."""
+        return self.store.record_meta(self.step, self.split)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stored moment blocks of a moments-only record (see :meth:`GradientStore.read_moments`)."""
