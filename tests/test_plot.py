@@ -15,6 +15,11 @@ from test_theory import make_stats
 from gsnr_stats import plot
 from gsnr_stats import theory as th
 
+# Synthetic step labels here are optimizer steps and synthetic splits are noisy: the two
+# warnings are checked where they are the point (test_step_spacing.py, test_reasons.py).
+pytestmark = [pytest.mark.filterwarnings("ignore::gsnr_stats.errors.StepSpacingWarning"),
+              pytest.mark.filterwarnings("ignore::gsnr_stats.errors.SignalBelowNoiseWarning")]
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -10,6 +10,11 @@ import xarray as xr
 
 from gsnr_stats import theory as th
 
+# Synthetic step labels here are optimizer steps and synthetic splits are noisy: the two
+# warnings are checked where they are the point (test_step_spacing.py, test_reasons.py).
+pytestmark = [pytest.mark.filterwarnings("ignore::gsnr_stats.errors.StepSpacingWarning"),
+              pytest.mark.filterwarnings("ignore::gsnr_stats.errors.SignalBelowNoiseWarning")]
+
 LAYOUT = [("fc1.weight", 6), ("fc1.bias", 3), ("fc2.weight", 4), ("fc2.bias", 2)]
 
 
@@ -293,7 +298,10 @@ def test_negative_debiased_osgr_is_reported():
     # pure noise: the debiased signal is below zero about half the time; never clipped
     rng = np.random.default_rng(0)
     raw = {(s, "train"): rng.normal(size=(30, 15)) for s in range(20)}
-    R = th.osgr(moments_dataset(raw), 10)["osgr"].values
+    from gsnr_stats.errors import SignalBelowNoiseWarning
+
+    with pytest.warns(SignalBelowNoiseWarning, match="training split is fitted"):
+        R = th.osgr(moments_dataset(raw), 10)["osgr"].values
     assert (R < 0).any()
 
 
