@@ -138,9 +138,6 @@ def optimizer_info(*, optimizer_step: int | None = None, opt_state: Any = None,
         inner = src.opt_state
         if hasattr(src, "step"):
             wrapper_step = _int_scalar(src.step)
-        tx = getattr(src, "tx", None)
-        if tx is not None and getattr(type(tx), "__module__", "").startswith("optax"):
-            desc["transformation"] = type(tx).__name__
     states: list[str] = []
     counts: list[tuple[str, int]] = []
     hyper: dict[str, float] = {}

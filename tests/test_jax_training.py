@@ -622,3 +622,40 @@ def test_equinox_adam_loop(tmp_path):
             assert info[(epoch, "test")].optimizer_step == n_updates
         assert s.record_meta(1, "test")["optimizer"]["step_source"] == "ScaleByAdamState.count"
     assert not np.allclose(refs[0][0], refs[2][0])
+
+
+# ---------------------------------------------------------------------------------------
+# 8. docs/adapters.md
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # end to end: trains the docs' three small models
+def test_the_jax_section_of_docs_adapters_runs(tmp_path, monkeypatch):
+    """docs/adapters.md's JAX examples run as printed and say what they do."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/adapters.md").read_text()
+    section = text[text.index("\n## JAX (flax NNX / linen / equinox + optax)"):]
+    section = section[: section.find("\n## ", 5)] if "\n## " in section[5:] else section
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+              if not b.lstrip().startswith("{")]  # the meta example is a value, not code
+    assert len(blocks) == 4
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for b in blocks:
+        exec(compile(b, "docs/adapters.md", "exec"), ns)  # noqa: S102 - our own docs
+    with gs.open_store(tmp_path / "nnx.h5") as s:
+        assert [r.optimizer_step for r in s.records] == [3, 3, 6, 6, 9, 9]
+        assert s.layout.names == ("l1.kernel", "l1.bias", "bn.scale", "bn.bias", "l2.kernel",
+                                  "l2.bias")
+        meta = s.record_meta(2, "train")
+    shown = re.search(r'\{"optimizer".*?"framework": "jax [\d.]+"\}', section, re.S).group(0)
+    want = dict(meta, framework="jax 0.10.2")  # the docs show one version
+    assert eval(shown) == want  # noqa: S307 - our own docs
+    with gs.open_store(tmp_path / "eqx.h5") as s:
+        assert [r.optimizer_step for r in s.records] == [3, 3, 6, 6, 9, 9]
+    assert ns["names"] == ["Dense_0.kernel", "Dense_0.bias", "BatchNorm_0.scale",
+                           "BatchNorm_0.bias", "Dense_1.kernel", "Dense_1.bias"]
+    assert ns["G"].shape == (96, sum(int(np.prod(s)) for _, s in gj.layout(
+        (ns["net"], ns["variables"]))))
