@@ -15,6 +15,8 @@ from .errors import (
     LayoutMismatchError,
     NonFiniteError,
     SchemaError,
+    SignalBelowNoiseWarning,
+    StepSpacingWarning,
     StoreError,
 )
 from .estimators import osgr_first_order, osgr_pools, osgr_probe, osgr_trajectory
@@ -50,7 +52,9 @@ __all__ = [
     "NonFiniteError",
     "RecordInfo",
     "SchemaError",
+    "SignalBelowNoiseWarning",
     "SkippedShardWarning",
+    "StepSpacingWarning",
     "StoreError",
     "__version__",
     "accumulated_gap",

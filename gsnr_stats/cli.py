@@ -192,7 +192,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from . import plot
 
     stats = xr.load_dataset(args.stats)
-    paths = plot.save_all(stats, Path(args.output))
+    paths = plot.save_all(stats, Path(args.output), lr=args.lr, lr_rule=args.lr_rule,
+                          steps_per_checkpoint=args.steps_per_checkpoint)
     for p in paths:
         print(p)
     return 0
@@ -203,9 +204,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     blocks = None if args.blocks == 0 else args.blocks
     page = write_report(args.stores, Path(args.output), n=args.n, blocks=blocks,
-                        split=args.split, by=args.by)
+                        split=args.split, by=args.by, lr=args.lr, lr_rule=args.lr_rule,
+                        steps_per_checkpoint=args.steps_per_checkpoint)
     print(page)
     return 0
+
+
+def _gap_options(s: argparse.ArgumentParser) -> None:
+    """Options of the theoretical gap shared by ``plot`` and ``report`` (docs/theory.md)."""
+    s.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the theoretical gap (default: the recorded one)")
+    s.add_argument("--lr-rule", choices=("nominal", "momentum"), default="nominal",
+                   help="lambda of the gap: the nominal lr, or lr/(1-momentum) for SGD with "
+                        "momentum (docs/theory.md, 'Which λ')")
+    s.add_argument("--steps-per-checkpoint", type=int, nargs="+", default=None,
+                   help="optimizer steps between checkpoints (default: the recorded "
+                        "optimizer_step, else the step labels, with a warning)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -268,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plot", help="PNG figures from a stats netCDF")
     s.add_argument("stats")
     s.add_argument("-o", "--output", required=True, help="output directory")
+    _gap_options(s)
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("report", help="one-page summary (figures + Markdown) of stores")
@@ -281,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default=None,
                    help="split whose moments feed OSGR and gap (default: test)")
     s.add_argument("--by", default="layer", help="grouping: layer, tensor or model")
+    _gap_options(s)
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="end-to-end run on bundled data (netCDF + PNG figures)")

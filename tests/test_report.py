@@ -198,6 +198,25 @@ def test_report_without_learning_rate(no_lr_store, tmp_path, capsys, no_render):
     assert abs(got[0] - 0.01 * 300 * sV / 300) <= bound[0]
 
 
+def test_report_and_plot_cli_take_lr_and_step_spacing(no_lr_store, tmp_path, capsys, no_render):
+    # the report's sentences point at --lr / --steps-per-checkpoint: the flags must exist and
+    # give the same numbers as the Python API (300 updates between the two checkpoints)
+    path, _ = no_lr_store
+    out = tmp_path / "cli"
+    assert main(["report", str(path), "-o", str(out), "-n", "300", "--lr", "0.01",
+                 "--steps-per-checkpoint", "300"]) == 0
+    got, bound = _increments((out / "report.md").read_text())
+    stats = gs.reduce(path)
+    sV = float(stats["var"].sel(step=30, split="test").sum())
+    assert abs(got[0] - 0.01 * 300 * sV / 300) <= bound[0]
+    nc = tmp_path / "s.nc"
+    stats.to_netcdf(nc)
+    assert main(["plot", str(nc), "-o", str(tmp_path / "figs"), "--lr", "0.01",
+                 "--steps-per-checkpoint", "300", "--lr-rule", "nominal"]) == 0
+    assert (tmp_path / "figs" / "gap.png").is_file()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def _increments(page: str) -> tuple[np.ndarray, np.ndarray]:
     """Increments of the page's theory-gap column and their bound from its 6 significant
     digits (each printed value is within 5e-6 of itself, relatively)."""
