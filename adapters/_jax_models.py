@@ -276,6 +276,9 @@ def describe(model: Any, *, collections: Any = None, mode: str = "eval",
         return _describe_nnx(model, collections, mode, where, supported)
     if is_linen_pair(model):
         return _describe_linen(model[0], model[1], collections, where, supported)
+    if is_linen_module(model) and getattr(model, "scope", None) is not None:
+        mod, variables = model.unbind()  # a bound module: net.bind(variables)
+        return _describe_linen(mod, variables, collections, where, supported)
     if is_linen_module(model):
         raise AdapterError(
             f"{where}: a linen module holds no parameters; pass (module, variables), e.g. "

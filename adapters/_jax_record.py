@@ -148,7 +148,7 @@ class Recorder:
 
     Notes
     -----
-    ``Recorder(writer, loss_fn, params)`` (the order before 0.x) is still accepted, with a
+    ``Recorder(writer, loss_fn, params)`` (the order of earlier releases) is accepted, with a
     ``DeprecationWarning``: the second argument is a plain function and the third is not.
     """
 

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import assert_within, f32_chain_bound
+from conftest import U32, assert_within, f32_chain_bound
 
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
@@ -210,6 +210,7 @@ def test_linen_variables_params_collection_only():
     Gd = gj.per_sample_gradients(v, loss_vars, x, y)
     Rd = stack([{"params." + k: r[k] for k in r} for r in rows], lay_dict)
     assert_within(Gd, Rd, bound(Rd), "linen variables dict")
+    assert gj.layout(mod.bind(v)) == lay  # a bound module is its (module, variables) pair
     wide = gj.layout((mod, v), collections=("params", "batch_stats"))
     assert [n for n, _ in wide][-2:] == ["batch_stats.bn.mean", "batch_stats.bn.var"]
     with pytest.raises(AdapterError, match=r"\(module, variables\)"):
@@ -416,6 +417,12 @@ def test_nnx_model_is_read_at_each_record(tmp_path):
         rec.record((x, y), 1, "train", batch_size=4)
         R1 = nnx_reference(model, loss_module, x, y, lay)
     assert np.abs(R1 - R0).max() > 1e-3
+    # mean_loss of the module (eval mode) vs the loss of each example, one by one
+    model.eval()
+    want = np.mean([float(loss_module(model, x[i], y[i])) for i in range(len(x))])
+    model.train()
+    got = gj.mean_loss(model, loss_module, (x, y), batch_size=4)
+    assert abs(got - want) <= 2 * K32 * U32 * max(1.0, abs(want))  # two float32 routes
     with gs.open_store(tmp_path / "r.h5") as s:
         assert_within(s.read_grads(0, "train"), R0, bound(R0), "record 0")
         assert_within(s.read_grads(1, "train"), R1, bound(R1), "record 1")
