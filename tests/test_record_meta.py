@@ -134,6 +134,7 @@ def test_numpy_scalars_and_tuples_are_stored_as_json_numbers_and_lists(tmp_path)
                               "integer"),
     ({"optimizer_step": 2**63}, r"optimizer_step .* does not fit in int64"),
     ({"optimizer_step": "ten"}, r"optimizer_step 'ten' is not an integer"),
+    ({"optimizer_step": True}, r"optimizer_step True is a bool, not an update count"),
     ({"meta": {"optimizer": {"groups": [{"lr": math.nan}]}}},
      r"record \(step=0, split='train'\): meta\['optimizer'\]\['groups'\]\[0\]\['lr'\] is nan"),
     ({"meta": {"eps": math.inf}}, r"meta\['eps'\] is inf; JSON metadata holds finite numbers"),

@@ -75,6 +75,8 @@ def encode_meta(meta: Mapping[str, Any], where: str) -> bytes:
 
 def check_optimizer_step(x: Any, where: str) -> int:
     """``x`` as a non-negative int64 optimizer step; :class:`SchemaError` otherwise."""
+    if isinstance(x, bool | np.bool_):  # int(True) == 1: a flag passed by mistake
+        raise SchemaError(f"{where}: optimizer_step {x!r} is a bool, not an update count")
     v = _as_int64(x, "optimizer_step", where)
     if v < 0:
         raise SchemaError(f"{where}: optimizer_step {v} is negative; pass the optimizer's "
