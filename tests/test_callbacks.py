@@ -532,3 +532,41 @@ def test_hf_configuration_errors(tmp_path):
         ghf.GradientCallback(tmp_path / "a.h5", train_data=[1], eval_data={"train": [2]})
     with pytest.raises(AdapterError, match="positive int"):
         ghf.GradientCallback(tmp_path / "a.h5", train_data=[1], every_n_steps=0)
+
+
+def test_docs_one_api_table_matches_the_recorders():
+    """docs/adapters.md's "One API, three frameworks" table states each Recorder's and
+    record()'s signature as the code has it: the same parameters, in order where
+    positional, with the same defaults (JAX's deprecated ``Recorder(params=)`` left out)."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("jax")
+    from gsnr_stats.adapters import jax as gj
+    from gsnr_stats.adapters import sklearn as gk
+    from gsnr_stats.adapters import torch as gt
+
+    text = (Path(__file__).resolve().parents[1] / "docs/adapters.md").read_text()
+    table = text[text.index("\n## One API, three frameworks\n"):]
+    rows = {r.split("|")[1].strip(): r.split("|")[2:5] for r in table.splitlines()
+            if r.startswith("| `Recorder` |") or r.startswith("| `record()` |")}
+    deprecated = {(gj, "Recorder"): {"params"}}
+    P = inspect.Parameter
+    for col, mod in enumerate((gt, gj, gk)):
+        for row, fn in (("`Recorder`", mod.Recorder.__init__), ("`record()`", mod.Recorder.record)):
+            doc = re.match(r"\s*`(\w+)\((.*?)\)`", rows[row][col]).group(2)
+            a = ast.parse(f"def f({doc}): pass").body[0].args
+            doc_pos = [x.arg for x in a.args]
+            doc_kw = {x.arg: ast.literal_eval(d) for x, d in zip(a.kwonlyargs, a.kw_defaults,
+                                                               strict=True)}
+            params = list(inspect.signature(fn).parameters.values())[1:]  # without self
+            act_kw = {p.name: p.default for p in params if p.kind == P.KEYWORD_ONLY}
+            if any(p.kind == P.VAR_POSITIONAL for p in params):  # jax record(*args, step=, ...)
+                assert all(n in act_kw for n in doc_pos[1:]), (mod.__name__, row)
+            else:
+                assert doc_pos == [p.name for p in params if p.kind == P.POSITIONAL_OR_KEYWORD], \
+                    (mod.__name__, row)
+            skip = set(doc_pos) | deprecated.get((mod, row.strip("`()")), set())
+            assert doc_kw == {k: v for k, v in act_kw.items() if k not in skip}, (mod.__name__, row)
