@@ -11,13 +11,18 @@ from ._version import __version__
 from .compare import compare, compare_figure
 from .errors import (
     AdapterError,
+    ArgumentTypeError,
     GSNRError,
     LayoutMismatchError,
+    MissingDependencyError,
+    MissingSplitError,
     NonFiniteError,
     SchemaError,
+    ShardSetError,
     SignalBelowNoiseWarning,
     StepSpacingWarning,
     StoreError,
+    UsageError,
 )
 from .estimators import osgr_first_order, osgr_pools, osgr_probe, osgr_trajectory
 from .groups import aggregate
@@ -43,19 +48,24 @@ from .uncertainty import aggregate_ci, jackknife, osgr_ci
 
 __all__ = [
     "AdapterError",
+    "ArgumentTypeError",
     "GSNRError",
     "GradientStore",
     "GradientWriter",
     "IncompleteRecordWarning",
     "LayoutMismatchError",
     "Layout",
+    "MissingDependencyError",
+    "MissingSplitError",
     "NonFiniteError",
     "RecordInfo",
     "SchemaError",
+    "ShardSetError",
     "SignalBelowNoiseWarning",
     "SkippedShardWarning",
     "StepSpacingWarning",
     "StoreError",
+    "UsageError",
     "__version__",
     "accumulated_gap",
     "aggregate",

@@ -31,6 +31,32 @@ class AdapterError(GSNRError):
     """A model, loss or estimator that an adapter cannot handle."""
 
 
+class UsageError(GSNRError, ValueError):
+    """An argument a public function or a CLI option cannot use: out of range, an unknown
+    name, a file of the wrong kind, an output that cannot be written (the CLI exits 2)."""
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """A public function got an argument of the wrong kind, e.g. a path where the Dataset
+    of :func:`gsnr_stats.reduce` is expected; the message says what was expected and got."""
+
+
+class MissingSplitError(UsageError, KeyError):
+    """A split (or record) asked for is not in the data; the message lists what is."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShardSetError(UsageError):
+    """Files that must not be pooled: one shard listed twice (by path, link or content), or
+    shards of several runs without ``allow_mixed_runs=True``."""
+
+
+class MissingDependencyError(GSNRError, ImportError):
+    """An optional extra is not installed; the message names the ``pip install``."""
+
+
 class StepSpacingWarning(UserWarning):
     """Optimizer steps between checkpoints are unknown: the ``step`` labels are taken as
     optimizer steps (record ``optimizer_step`` or pass ``steps_per_checkpoint=``)."""
