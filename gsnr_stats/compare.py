@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .errors import AdapterError, SignalBelowNoiseWarning
+from ._dsutil import describe, require_int
+from .errors import AdapterError, ArgumentTypeError, SignalBelowNoiseWarning
 from .groups import aggregate
 from .inmemory import gsnr, is_sklearn, is_torch_module, sklearn_fitted, torch_ready
 from .theory import measured_gap, one_step_gap, osgr
@@ -153,6 +154,13 @@ def compare(
     for what, d in (("train", train), ("test", test)):
         if not isinstance(d, tuple | list) or len(d) != 2:
             raise AdapterError(f"compare: {what} must be a tuple (X, y)")
+    require_int(n, "n", "gs.compare", minimum=1, none=True)
+    for what, v in (("lr", lr), ("steps", steps)):
+        vals = v.values() if isinstance(v, Mapping) else [v]
+        if any(x is not None and (isinstance(x, bool) or not isinstance(x, int | float | np.number))
+               for x in vals):
+            raise ArgumentTypeError(f"gs.compare: {what} must be a number or a {{model name: "
+                                    f"number}} mapping, got {describe(v)}")
     rows = []
     for name, model in models.items():
         fitted_here = False

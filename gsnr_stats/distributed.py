@@ -54,13 +54,29 @@ from .engine import (
     numba_threads,
     record_partial,
 )
-from .errors import GSNRError, LayoutMismatchError, StoreError
+from .errors import GSNRError, LayoutMismatchError, MissingDependencyError, StoreError
 from .store import Layout, open_store
 
 #: Default target width (parameters) of a column block, rounded up to the chunk widths.
 DEFAULT_COLUMNS = 1 << 16
 
 _KERNEL_LOCK = threading.Lock()
+
+
+#: What to install for the Dask backend (the ``distributed`` extra of pyproject.toml).
+INSTALL_HINT = 'pip install "gsnr-stats[distributed]"'
+
+
+def require_dask(what: str = "a Dask scheduler (scheduler=, CLI --workers/--scheduler)") -> None:
+    """Raise :class:`MissingDependencyError` naming the extra unless Dask's distributed
+    scheduler can be imported (it is an optional extra)."""
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{what} needs Dask's distributed scheduler, which is not installed here "
+            f"({e}); install it with: {INSTALL_HINT}") from e
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,7 @@ def local_client(n_workers: int, *, memory_limit: str | int = "auto", **cluster_
     """
     import logging
 
+    require_dask("local_client (CLI --workers)")
     from distributed import Client, LocalCluster
 
     n = int(n_workers)
@@ -173,6 +190,7 @@ def scheduler_timeout(timeout: float | str | None = None) -> float:
 
 def _scheduler_address(address: str) -> str:
     """``address`` with its scheme (``tcp://`` by default), checked before any connection."""
+    require_dask()
     from distributed.comm import get_address_host_port, normalize_address
     from distributed.comm.addressing import parse_address
     from distributed.comm.registry import get_backend
@@ -306,6 +324,7 @@ def check_scheduler(address: str, timeout: float | str | None = None) -> str:
     """
     import asyncio
 
+    require_dask()
     from distributed.security import Security
 
     t = scheduler_timeout(timeout)
@@ -338,6 +357,7 @@ def check_scheduler(address: str, timeout: float | str | None = None) -> str:
 @contextlib.contextmanager
 def _client_for(scheduler: object, connect_timeout: float | str | None = None) -> Iterator[Any]:
     """Resolve ``scheduler`` to a Client; close what this function created."""
+    require_dask()
     from distributed import Client
 
     if isinstance(scheduler, Client):

@@ -26,8 +26,8 @@ import xarray as xr
 
 from . import kernels
 from ._version import __version__
-from .errors import LayoutMismatchError, NonFiniteError, StoreError
-from .store import GradientStore, Layout, open_store
+from .errors import LayoutMismatchError, NonFiniteError, ShardSetError, StoreError
+from .store import GradientStore, Layout, check_same_layout, open_store
 from .store.schema import data_checksum
 from .store.views import RecordView
 
@@ -282,14 +282,104 @@ def check_shard(store: GradientStore) -> None:
     store.check_chunks()
 
 
+def _file_id(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing file: the same for a path, a link or a hard link."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # opening it will say why
+    return (st.st_dev, st.st_ino)
+
+
+def same_files(files: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse a file listed twice, by its path or through a (symbolic or hard) link.
+
+    Raises
+    ------
+    ShardSetError
+        Naming both entries: the second would count its samples a second time.
+    """
+    seen: dict[tuple[int, int], str] = {}
+    for p in files:
+        fid = _file_id(p)
+        if fid is None:
+            continue
+        if fid in seen:
+            how = "listed twice" if os.path.abspath(p) == os.path.abspath(seen[fid]) else \
+                "the same file through a link"
+            raise ShardSetError(
+                f"{p} is {seen[fid]} again ({how}): its samples would be counted twice; "
+                "list each shard once")
+        seen[fid] = str(p)
+
+
+def shard_identity(store: GradientStore) -> tuple[object, ...]:
+    """What a copy of a shard shares with it: run id, creation time, every record and the
+    checksums of its data (format 2+; format 1 has none, so its losses and sample ids)."""
+    a = store.attrs
+    recs: list[tuple[object, ...]] = []
+    for r in store.records:
+        segs = store.segments(r.step, r.split)
+        # repr: NaN (no lr recorded) must equal itself here
+        key: list[object] = [r.step, r.split, r.kind, r.n_samples, repr(r.lr), repr(r.epoch),
+                             r.optimizer_step]
+        key += [(sg.stop - sg.start, sg.sum1, sg.sum2, sg.aux_crc) for sg in segs]
+        if r.kind == "gradients" and segs and segs[0].sum1 is None:
+            key += [store.read_loss(r.step, r.split).tobytes(),
+                    store.read_sample_id(r.step, r.split).tobytes()]
+        recs.append(tuple(key))
+    return (a["run_id"], a["created_at"], a["layout_hash"], tuple(recs))
+
+
+def shard_set_problems(
+    stores: Sequence[GradientStore], *, allow_mixed_runs: bool = False
+) -> list[str]:
+    """Why these (open, distinct) shards must not be pooled: copies of one shard, or several
+    runs without ``allow_mixed_runs``; ``[]`` when they may."""
+    out: list[str] = []
+    if len(stores) < 2:
+        return out
+    ids: dict[tuple[object, ...], str] = {}
+    for s in stores:
+        ident = shard_identity(s)
+        if ident in ids:
+            out.append(f"{s.path} holds the same records as {ids[ident]} (run {ident[0]!r}, "
+                       "identical data checksums): a copy of one shard, whose samples would be "
+                       "counted twice; list only one of them")
+        ids.setdefault(ident, str(s.path))
+    runs: dict[str, list[str]] = {}
+    for s in stores:
+        runs.setdefault(str(s.attrs["run_id"]), []).append(str(s.path))
+    if len(runs) > 1 and not allow_mixed_runs:
+        parts = "; ".join(f"run_id {r!r}: {', '.join(ps[:3])}{' ...' if len(ps) > 3 else ''}"
+                          for r, ps in runs.items())
+        out.append(f"shards of {len(runs)} different runs ({parts}); the shards of one run "
+                   "share a run_id (GradientWriter(run_id=...)); to pool different runs "
+                   "anyway pass allow_mixed_runs=True (CLI: --allow-mixed-runs)")
+    return out
+
+
+def check_shard_set(stores: Sequence[GradientStore], *, allow_mixed_runs: bool = False) -> None:
+    """:class:`ShardSetError` with the first of :func:`shard_set_problems`, if any (after
+    :class:`LayoutMismatchError` for shards whose layouts differ: the deeper mismatch)."""
+    check_same_layout(stores)
+    problems = shard_set_problems(stores, allow_mixed_runs=allow_mixed_runs)
+    if problems:
+        raise ShardSetError(problems[0])
+
+
 def open_shards(
-    files: Sequence[str | os.PathLike[str]], *, skip_bad: bool = False
+    files: Sequence[str | os.PathLike[str]], *, skip_bad: bool = False,
+    allow_mixed_runs: bool = False,
 ) -> list[GradientStore]:
     """Open and validate shards (:func:`open_store` + :func:`check_shard`).
 
     A shard raising :class:`StoreError` fails the call, or with ``skip_bad`` is skipped with a
-    :class:`SkippedShardWarning` naming it; :class:`StoreError` if no shard is left.
+    :class:`SkippedShardWarning` naming it; :class:`StoreError` if no shard is left. Shards
+    that would count samples twice or mix runs are refused (:func:`same_files`,
+    :func:`check_shard_set`), whatever ``skip_bad``.
     """
+    same_files(files)
     stores: list[GradientStore] = []
     bad: list[str] = []
     try:
@@ -312,12 +402,13 @@ def open_shards(
                 bad.append(f"{p}: {e}")
                 continue
             stores.append(s)
+        if not stores:
+            raise StoreError(f"no valid shard among {len(files)} file(s): " + "; ".join(bad))
+        check_shard_set(stores, allow_mixed_runs=allow_mixed_runs)
     except BaseException:
         for s in stores:
             s.close()
         raise
-    if not stores:
-        raise StoreError(f"no valid shard among {len(files)} file(s): " + "; ".join(bad))
     return stores
 
 

@@ -18,7 +18,18 @@ import numpy as np
 import xarray as xr
 
 from . import _reasons
-from ._dsutil import _ONE, _n_coord, _n_grid, _select_splits
+from ._dsutil import (
+    _ONE,
+    _n_coord,
+    _n_grid,
+    _select_splits,
+    describe,
+    require_int,
+    require_paths,
+    require_stats,
+)
+from .engine import check_shard_set, same_files
+from .errors import ArgumentTypeError, MissingSplitError, UsageError
 from .kernels import subset_sums
 from .store import check_same_layout, expand_paths, open_store
 from .theory import osgr
@@ -47,6 +58,18 @@ def _theory_reasons(why: _reasons.Reasons, T: np.ndarray, nan_reason: str) -> No
         why.add("osgr_theory", T < 0, _reasons.BELOW_NOISE + " (on the theory split; a fitted "
                                       "training split: use a held-out one)", detail=False)
     why.add("osgr_theory", np.isnan(T), nan_reason, detail=False)
+
+
+def _require_rows(obj: Any, where: str, what: str, source: str, keys: Sequence[str]) -> None:
+    """Table rows (a mapping of columns, e.g. ``store.probes()``) with ``keys``, else a clear
+    error naming what came instead."""
+    if not isinstance(obj, Mapping):
+        raise ArgumentTypeError(f"{where}: {what} must be the mapping of {source}, got "
+                                f"{describe(obj)}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UsageError(f"{where}: {what} lacks columns {missing}; pass {source} (got "
+                         f"{describe(obj)})")
 
 
 def osgr_trajectory(
@@ -91,6 +114,8 @@ def osgr_trajectory(
         ``osgr_measured``, ``delta_train``, ``delta_test``, ``n_steps``, ``lr`` (step)
         [, ``osgr_theory`` (step, n)].
     """
+    _require_rows(traj, "gs.osgr_trajectory", "traj", "store.trajectory()",
+                  ("step", "train_loss", "test_loss"))
     w = int(window)
     if w < 1:
         raise ValueError(f"window must be >= 1, got {window!r}")
@@ -115,8 +140,9 @@ def osgr_trajectory(
     }
     coords: dict[str, Any] = {"step": ("step", step[:m], {"long_name": "optimizer step"})}
     if stats is not None:
+        require_stats(stats, "gs.osgr_trajectory")
         if n is None:
-            raise ValueError("osgr_trajectory: pass n (training-set size) with stats")
+            raise UsageError("osgr_trajectory: pass n (training-set size) with stats")
         ns = _n_grid(n)
         th = _theory_at(stats, step[:m], ns, split, debias, "ffill")
         data["osgr_theory"] = (("step", "n"), th.sel(step=step[:m]).values,
@@ -175,6 +201,10 @@ def osgr_probe(
         over k) [, ``osgr_theory``]. ``ds.set_index(probe=["step", "n", "lr"]).unstack()``
         gives a grid.
     """
+    _require_rows(probes, "gs.osgr_probe", "probes", "store.probes()",
+                  ("step", "n", "lr", "train_before", "train_after", "test_before", "test_after"))
+    if stats is not None:
+        require_stats(stats, "gs.osgr_probe")
     step = np.asarray(probes["step"], dtype=np.int64)
     nn = np.asarray(probes["n"], dtype=np.int64)
     lr = np.asarray(probes["lr"], dtype=np.float64)
@@ -338,6 +368,7 @@ def osgr_first_order(
     debias: bool = True,
     chunk_rows: int = 4096,
     max_bytes: int = 1 << 30,
+    allow_mixed_runs: bool = False,
 ) -> xr.Dataset:
     """First-order OSGR from stored per-sample gradients: one streaming pass per record.
 
@@ -378,6 +409,9 @@ def osgr_first_order(
         For the theory.
     chunk_rows : int
         Rows per chunk handed to the kernel.
+    allow_mixed_runs : bool
+        Pool shards of different runs (refused by default, as in :func:`gsnr_stats.reduce`;
+        a shard given twice or a copy of one is always refused).
 
     Returns
     -------
@@ -385,10 +419,18 @@ def osgr_first_order(
         ``osgr_first_order``, ``osgr_se``, ``dot_mean`` (mean ``g_{D'}·g_D``), ``sqnorm_mean``
         (mean ``|g_D|²``) (step, n) [, ``osgr_theory``].
     """
+    where = "gs.osgr_first_order"
+    if not isinstance(source, Mapping) and not hasattr(source, "read_grads"):
+        require_paths(source, where, "source")
+    if stats is not None:
+        require_stats(stats, where)
+    if not (isinstance(splits, tuple | list) and len(splits) == 2
+            and all(isinstance(x, str) for x in splits)):
+        raise ArgumentTypeError(f"{where}: splits must be two split names (pool of D, pool of "
+                                f"D'), got {describe(splits)}")
     ns = _n_grid(n)
-    K = int(n_subsets)
-    if K < 1:
-        raise ValueError(f"n_subsets must be >= 1, got {n_subsets!r}")
+    K = require_int(n_subsets, "n_subsets", where, minimum=1)
+    require_int(chunk_rows, "chunk_rows", where, minimum=1)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     sa, sb = splits
     opened: list[Any] = []
@@ -399,20 +441,29 @@ def osgr_first_order(
             if hasattr(source, "read_grads"):
                 source = [source]
             else:
-                for path in expand_paths(source):
+                files = expand_paths(source)
+                same_files(files)
+                for path in files:
                     opened.append(open_store(path))
                 check_same_layout(opened)
+                check_shard_set(opened, allow_mixed_runs=allow_mixed_runs)
                 source = opened
             have = {(int(r.step), str(r.split)) for st in source for r in st.records
                     if r.kind == "gradients"}
         if steps is None:
             st_list = sorted({s for s, _ in have if (s, sa) in have and (s, sb) in have})
+            if not st_list:
+                raise MissingSplitError(
+                    f"{where}: no step holds per-sample gradient records of both {sa!r} and "
+                    f"{sb!r} (splits with gradient records: "
+                    f"{sorted({sp for _, sp in have})}); pass splits= (CLI: --pools) naming two")
         else:
             st_list = [int(s) for s in np.atleast_1d(steps)]
         for s in st_list:
             for sp in (sa, sb):
                 if (s, sp) not in have:
-                    raise KeyError(f"no per-sample gradient record (step={s}, split={sp!r})")
+                    raise MissingSplitError(f"no per-sample gradient record (step={s}, "
+                                            f"split={sp!r})")
         S = len(st_list)
         R = np.full((S, ns.size), np.nan)
         se = np.full((S, ns.size), np.nan)
@@ -431,7 +482,7 @@ def osgr_first_order(
                 for nv in ns[c0:c0 + per_pass]:
                     need = 2 * nv if same else nv
                     if need > Na or (not same and nv > Nb):
-                        raise ValueError(
+                        raise UsageError(
                             f"step {s}: subsets of size n={nv} need {need} rows of {sa!r} "
                             f"({Na} stored)" + ("" if same else f" and {nv} of {sb!r} ({Nb})"))
                     A, B = _draw_subsets(rng, Na, None if same else Nb, int(nv), K)
@@ -527,6 +578,11 @@ def osgr_pools(
         ``osgr_pools`` (step, n): the expectation above; ``osgr_theory`` (step, n): :func:`osgr`
         on pool A (debiased); ``pool_minus_theory`` their difference.
     """
+    require_stats(stats, "gs.osgr_pools")
+    if not (isinstance(splits, tuple | list) and len(splits) == 2
+            and all(isinstance(x, str) for x in splits)):
+        raise ArgumentTypeError(f"gs.osgr_pools: splits must be two split names (pools A, B), "
+                                f"got {describe(splits)}")
     a, b = splits
     st = _select_splits(stats, [a, b])
     ns = _n_grid(n)

@@ -15,7 +15,8 @@ import numpy as np
 import xarray as xr
 
 from . import _reasons
-from ._dsutil import _ONE, _base_coords, _count_per_param, _ddof, _select_splits
+from ._dsutil import _ONE, _base_coords, _count_per_param, _ddof, _select_splits, describe, require_stats
+from .errors import ArgumentTypeError
 
 __all__ = ["aggregate"]
 
@@ -122,7 +123,10 @@ def aggregate(
         ``gsnr_quantile``, ``gsnr_pooled``, ``n_params`` (finite r), ``n_dead``, ``n_inf``,
         ``n_excluded`` (non-finite moments, e.g. no data).
     """
-    st = _select_splits(stats, split)
+    st = _select_splits(require_stats(stats, "gs.aggregate"), split)
+    if not isinstance(by, str):
+        raise ArgumentTypeError(f"gs.aggregate: by must be 'model', 'tensor', 'layer' or a param "
+                                f"coordinate name, got {describe(by)}")
     q = np.asarray(quantiles, dtype=np.float64)
     if q.ndim != 1 or np.any((q < 0) | (q > 1)):
         raise ValueError(f"quantiles must be a 1-D sequence in [0, 1], got {quantiles!r}")

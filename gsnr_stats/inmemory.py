@@ -44,8 +44,9 @@ import numpy as np
 import xarray as xr
 
 from . import kernels
+from ._dsutil import describe, require_int
 from .engine import Partial, _block_bounds, build_dataset
-from .errors import AdapterError, NonFiniteError, SchemaError, StoreError
+from .errors import AdapterError, ArgumentTypeError, NonFiniteError, SchemaError, StoreError
 from .store import Layout, auto_chunks
 from .store._meta import encode_meta
 
@@ -531,6 +532,18 @@ def gsnr(
     >>> stats = gs.gsnr(net, X, y, loss_fn=nn.CrossEntropyLoss(reduction="none"))  # doctest: +SKIP
     >>> stats = gs.gsnr(G)                                             # doctest: +SKIP
     """
+    if isinstance(obj, str | bytes) or hasattr(obj, "__fspath__"):
+        raise ArgumentTypeError(
+            f"gs.gsnr: expected a model, an estimator or an (n, P) gradient array, got "
+            f"{describe(obj)} — for a store file use gs.reduce({obj!r})")
+    if isinstance(obj, xr.Dataset):
+        raise ArgumentTypeError(
+            f"gs.gsnr: expected a model, an estimator or an (n, P) gradient array, got "
+            f"{describe(obj)} — moments already: pass it to gs.osgr / gs.aggregate directly")
+    require_int(blocks, "blocks", "gs.gsnr", minimum=0, none=True)
+    require_int(step, "step", "gs.gsnr")
+    if not isinstance(split, str):
+        raise ArgumentTypeError(f"gs.gsnr: split must be a split name, got {describe(split)}")
     mw_kw = {"dtype": dtype, "blocks": blocks, "nonfinite": nonfinite}
     if is_sklearn(obj):
         _no(loss_fn, "loss_fn", "a scikit-learn estimator defines its own loss")

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from . import groups, theory
+from ._dsutil import default_n, output_dir, require_stats
 from ._training import _lambda_rule, _lr_problem
 
 __all__ = [
@@ -422,12 +423,11 @@ def save_all(
     list of pathlib.Path
         The files written.
     """
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    require_stats(stats, "gs.plot.save_all")
+    out = output_dir(outdir, "gs.plot.save_all: outdir")
     splits = [str(s) for s in stats["split"].values]
     if n is None:
-        sp = "train" if "train" in splits else splits[0]
-        n = max(int(stats["count"].sel(split=sp).max()), 1)
+        n = default_n(stats)
     figs: list[tuple[str, Figure]] = [
         ("gsnr_trajectories", gsnr_trajectories(stats, by=by, split=None)),
         ("gsnr_histogram", gsnr_histogram(stats, split="train" if "train" in splits

@@ -10,11 +10,13 @@ engine → store, kernels.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import xarray as xr
 
 from . import distributed
+from ._dsutil import describe, require_int, require_paths
 from .engine import (  # noqa: F401 - names of the single-module reduce (v1 code, tests)
     Partial,
     SkippedShardWarning,
@@ -22,13 +24,16 @@ from .engine import (  # noqa: F401 - names of the single-module reduce (v1 code
     _has,
     build_dataset,
     check_shard,
+    check_shard_set,
     filter_keys,
     numba_threads,
     open_shards,
     record_partial,
+    same_files,
     select_keys,
 )
-from .store import check_same_layout, expand_paths
+from .errors import ArgumentTypeError, StoreError, UsageError
+from .store import check_same_layout, expand_paths, open_store
 
 
 def reduce(
@@ -43,6 +48,7 @@ def reduce(
     progress: bool = False,
     scheduler: object | None = None,
     skip_bad: bool = False,
+    allow_mixed_runs: bool = False,
 ) -> xr.Dataset:
     """Per-parameter gradient moments and GSNR of every record, as a labelled Dataset.
 
@@ -85,23 +91,43 @@ def reduce(
         schema-violating file) raises by default; with ``skip_bad`` it is skipped with a
         :class:`SkippedShardWarning` naming the file and the reason. Layout mismatches between
         valid shards always raise.
+    allow_mixed_runs : bool
+        Shards of different runs (``run_id``) are refused by default: a glob that catches a
+        second run would silently pool it. ``True`` pools them anyway.
+
+    Raises
+    ------
+    ShardSetError
+        A file given twice (by path or through a link), two shards with the same content
+        (a copy: same run, records and data checksums), or several runs without
+        ``allow_mixed_runs``: their samples would be counted twice or mixed.
+    UsageError, ArgumentTypeError
+        An argument of the wrong kind or out of range, named.
 
     Returns
     -------
     xarray.Dataset
         Dims ``step``, ``split``, ``param`` (and ``block``); see ``docs/format.md``.
     """
-    if ddof not in (0, 1):
-        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    require_paths(paths, "gs.reduce")
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise UsageError(f"gs.reduce: ddof must be 0 or 1, got {describe(ddof)}")
     if nonfinite not in ("raise", "omit"):
-        raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
+        raise UsageError(f"gs.reduce: nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
+    require_int(blocks, "blocks", "gs.reduce", minimum=0, none=True)
+    require_int(threads, "threads", "gs.reduce", minimum=1, none=True)
+    for name, sel in (("steps", steps), ("splits", splits)):
+        if sel is not None and (isinstance(sel, str | bytes) or not hasattr(sel, "__iter__")):
+            raise ArgumentTypeError(f"gs.reduce: {name} must be a list (or None), got "
+                                    f"{describe(sel)}")
     files = expand_paths(paths)
     if scheduler is not None:
+        _precheck_shards(files, allow_mixed_runs)
         return distributed.reduce_distributed(
             files, steps=steps, splits=splits, ddof=ddof, nonfinite=nonfinite, blocks=blocks,
             scheduler=scheduler, progress=progress, skip_bad=skip_bad,
         )
-    stores = open_shards(files, skip_bad=skip_bad)
+    stores = open_shards(files, skip_bad=skip_bad, allow_mixed_runs=allow_mixed_runs)
     try:
         layout = check_same_layout(stores)
         keys = select_keys(stores, steps, splits)
@@ -140,3 +166,26 @@ def reduce(
             s.close()
 
 
+
+
+def _precheck_shards(files: Sequence[os.PathLike[str]], allow_mixed_runs: bool) -> None:
+    """The shard-set rules of :func:`open_shards` before a Dask run, from this process.
+
+    The workers inspect the shards themselves; here the client opens those it can read (a
+    shared file system) to refuse copies and mixed runs before any task is sent. A file this
+    process cannot open is left to the workers' validation (and ``skip_bad``).
+    """
+    same_files(files)
+    stores = []
+    try:
+        for p in files:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the workers report them
+                    stores.append(open_store(p))
+            except StoreError:
+                continue
+        check_shard_set(stores, allow_mixed_runs=allow_mixed_runs)
+    finally:
+        for s in stores:
+            s.close()

@@ -21,7 +21,17 @@ import numpy as np
 import xarray as xr
 
 from . import estimators, groups, plot, theory, uncertainty
-from .errors import GSNRError, SignalBelowNoiseWarning, StoreError
+from ._dsutil import (
+    MOMENTS,
+    _n_grid,
+    default_n,
+    held_out_split,
+    output_dir,
+    require_int,
+    require_paths,
+    require_stats,
+)
+from .errors import MissingSplitError, SignalBelowNoiseWarning, StoreError, UsageError
 
 __all__ = ["fmt", "report_numbers", "write_report"]
 
@@ -46,14 +56,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _load(stores: Any, blocks: int | None) -> tuple[xr.Dataset, list[Path], dict[str, Any]]:
+def _load(stores: Any, blocks: int | None,
+          allow_mixed_runs: bool = False) -> tuple[xr.Dataset, list[Path], dict[str, Any]]:
     """Stats and the store paths behind them (none for a netCDF input)."""
     from .reduce import reduce
     from .store import expand_paths, open_store
 
+    if isinstance(stores, xr.Dataset):  # already reduced (gs.reduce, gs.gsnr)
+        return require_stats(stores, "gs.write_report"), [], {"source": "a Dataset in memory"}
+    require_paths(stores, "gs.write_report", "stores")
     items = [stores] if isinstance(stores, str | os.PathLike) else list(stores)
     if not items:
         raise StoreError("report: no input given; pass store files (HDF5) or one stats netCDF")
+    if len(items) == 1 and Path(items[0]).is_dir():  # a report directory: its saved moments
+        if not (Path(items[0]) / "stats.nc").is_file():
+            raise UsageError(f"report: {items[0]} is a directory without stats.nc; pass store "
+                             "files, a stats netCDF or a report directory")
+        items = [Path(items[0]) / "stats.nc"]
     if len(items) == 1 and str(items[0]).endswith(".nc"):
         p = Path(items[0])
         if not p.is_file():
@@ -62,26 +81,19 @@ def _load(stores: Any, blocks: int | None) -> tuple[xr.Dataset, list[Path], dict
             stats = xr.load_dataset(p)
         except (OSError, ValueError) as e:
             raise StoreError(f"report: {p} is not a readable netCDF stats file: {e}") from e
-        need = {"mean", "var", "count"} - set(stats.data_vars)
+        need = set(MOMENTS) - set(stats.data_vars)
         if need:
             raise StoreError(f"report: {p} lacks {sorted(need)}; pass the netCDF written by "
                              "`gsnr-stats reduce`")
         return stats, [], {"source": str(p)}
     paths = expand_paths(items)
-    stats = reduce(paths, blocks=blocks)
+    stats = reduce(paths, blocks=blocks, allow_mixed_runs=allow_mixed_runs)
     attrs: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open_store(paths[0]) as s:
             attrs = dict(s.attrs)
     return stats, paths, attrs
-
-
-def _held_out(splits: list[str]) -> str:
-    if "test" in splits:
-        return "test"
-    others = [s for s in splits if s != "train"]
-    return others[0] if others else splits[0]
 
 
 _LR_HINT = "pass lr= (CLI: --lr)"
@@ -129,7 +141,7 @@ def report_numbers(
         ``attrs["theory_missing"]`` says why).
     """
     splits = [str(s) for s in stats["split"].values]
-    split = split or _held_out(splits)
+    split = split or held_out_split(splits)
     out: dict[str, xr.Dataset] = {
         "aggregate": groups.aggregate(stats, by=by, quantiles=(0.5,)),
         "noise_scale": theory.noise_scale(stats),
@@ -181,6 +193,7 @@ def write_report(
     lr: float | None = None,
     lr_rule: str = "nominal",
     steps_per_checkpoint: int | Sequence[int] | None = None,
+    allow_mixed_runs: bool = False,
 ) -> Path:
     """Write a one-page Markdown report of a run: tables of the headline numbers and figures.
 
@@ -194,9 +207,10 @@ def write_report(
 
     Parameters
     ----------
-    stores : path, glob or list of them
-        HDF5 store files (shards of one run), or a single stats netCDF (``.nc``) written by
-        ``gsnr-stats reduce``.
+    stores : path, glob, list of them, or Dataset
+        HDF5 store files (shards of one run), a single stats netCDF (``.nc``) written by
+        ``gsnr-stats reduce``, a report directory (its ``stats.nc``), or the Dataset of
+        :func:`gsnr_stats.reduce` itself.
     outdir : path
         Created if missing; receives ``report.md``, the PNGs and ``stats.nc``.
     n : int or sequence of int, optional
@@ -219,6 +233,8 @@ def write_report(
         (which wins when present); without either the ``step`` labels are taken as
         optimizer steps, with a :class:`~gsnr_stats.errors.StepSpacingWarning` and a line
         on the page.
+    allow_mixed_runs : bool
+        Pool stores of different runs (refused by default, as in :func:`gsnr_stats.reduce`).
 
     Sections that cannot be computed (the theoretical gap without a learning rate, the gap
     without losses or a test split, probes never recorded) are replaced by one sentence
@@ -229,18 +245,24 @@ def write_report(
     pathlib.Path
         The ``report.md`` written.
     """
-    stats, paths, attrs = _load(stores, blocks)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the arguments first: a mistake must not cost a reduce
+    if n is not None:
+        _n_grid(n)
+    if blocks is not None and blocks != 0:
+        require_int(blocks, "blocks", "gs.write_report", minimum=2)
+    for name, v in (("split", split), ("by", by), ("title", title)):
+        if v is not None and not isinstance(v, str):
+            raise UsageError(f"gs.write_report: {name} must be a string, got {v!r}")
+    out = output_dir(outdir, "gs.write_report: outdir")
+    stats, paths, attrs = _load(stores, blocks or None, allow_mixed_runs)
     splits = [str(s) for s in stats["split"].values]
-    split = split or _held_out(splits)
+    split = split or held_out_split(splits)
     if split not in splits:
-        raise GSNRError(f"report: split {split!r} is not in the data (splits: {splits})")
+        raise MissingSplitError(f"report: split {split!r} is not in the data (splits: {splits})")
     if by not in ("model", "tensor", "layer") and by not in stats["param"].coords:
-        raise GSNRError(f"report: cannot group by {by!r}; supported: model, tensor, layer")
+        raise UsageError(f"report: cannot group by {by!r}; supported: model, tensor, layer")
     if n is None:
-        sp = "train" if "train" in splits else splits[0]
-        n = [max(int(stats["count"].sel(split=sp).max()), 1)]
+        n = [default_n(stats)]
     ns = [int(v) for v in np.atleast_1d(n)]
     if "optimizer" not in stats.attrs and attrs.get("optimizer"):
         stats.attrs["optimizer"] = attrs["optimizer"]  # stores older than the reduce attrs

@@ -38,7 +38,16 @@ import numpy as np
 import xarray as xr
 
 from . import _reasons
-from ._dsutil import _ONE, _base_coords, _ddof, _n_coord, _n_grid, _select_splits, _signal_noise
+from ._dsutil import (
+    _ONE,
+    _base_coords,
+    _ddof,
+    _n_coord,
+    _n_grid,
+    _select_splits,
+    _signal_noise,
+    require_stats,
+)
 from ._training import LR_RULES, _lambda_rule, _lr_by_step, _lr_problem, _optimizer, step_spacing
 from .groups import GroupBy, _Groups, _with_groups
 
@@ -167,7 +176,7 @@ def osgr(
     >>> R = osgr(stats, n=[64, 1024], split="test")      # doctest: +SKIP
     >>> R["osgr"].sel(n=64)                              # doctest: +SKIP
     """
-    ds = _osgr(stats, n, split=split, debias=debias, by=by)
+    ds = _osgr(require_stats(stats, "gs.osgr"), n, split=split, debias=debias, by=by)
     _reasons.warn_below_noise(ds, "osgr", "osgr")
     return ds
 
@@ -266,7 +275,7 @@ def osgr_param(
         ``G_j + V_j/n ≤ 0``. Each variable's ``attrs["reason"]`` says why any of its values
         is negative or NaN (no warning: negative ``R_j`` of noisy parameters are routine).
     """
-    st = _select_splits(stats, split)
+    st = _select_splits(require_stats(stats, "gs.osgr_param"), split)
     ns = _n_grid(n)
     G, V, _ = _signal_noise(st, debias)
     groups = _Groups(st, by)
@@ -351,7 +360,7 @@ def measured_gap(stats: xr.Dataset, *, train: str = "train", test: str = "test")
         ``gap_measured``, ``loss_train``, ``loss_test`` (step); NaN where a loss is missing
         (said in ``attrs["reason"]``). Negative where the held-out loss is the lower one.
     """
-    st = _select_splits(stats, [train, test])
+    st = _select_splits(require_stats(stats, "gs.measured_gap", need=("count",)), [train, test])
     if "loss_mean" in st:
         lt = st["loss_mean"].sel(split=train, drop=True)
         le = st["loss_mean"].sel(split=test, drop=True)
@@ -433,7 +442,7 @@ def one_step_gap(
         ``attrs``: ``lambda_note`` (the λ used, in words), ``lr_rule``, ``lambda_factor``,
         ``optimizer_class``, ``step_spacing``; ``attrs["reason"]`` where NaN.
     """
-    st = _select_splits(stats, split)
+    st = _select_splits(require_stats(stats, "gs.one_step_gap", need=("var", "count")), split)
     ns = _n_grid(n)
     steps = st["step"].values.astype(np.int64)
     factor, note = _lambda_rule(stats, lr_rule)
@@ -550,6 +559,7 @@ def accumulated_gap(
         ``lambda_factor``, ``optimizer_class``, ``step_spacing``; each variable's
         ``attrs["reason"]`` says why any value is NaN.
     """
+    require_stats(stats, "gs.accumulated_gap", need=("var", "count"))
     if method not in ("piecewise", "trapezoid"):
         raise ValueError(f"method must be 'piecewise' or 'trapezoid', got {method!r}")
     ns = _n_grid(n)
@@ -653,7 +663,7 @@ def noise_scale(
         :class:`~gsnr_stats.errors.SignalBelowNoiseWarning` and ``attrs["reason"]`` say
         so), NaN where ΣG = 0. Also ``signal`` ΣG and ``noise`` ΣV.
     """
-    R = _osgr(stats, 1, split=split, debias=True, by=by)
+    R = _osgr(require_stats(stats, "gs.noise_scale"), 1, split=split, debias=True, by=by)
     with np.errstate(invalid="ignore", divide="ignore"):
         b = xr.where(R["signal"] != 0, R["noise"] / R["signal"], np.nan)
     b = b.where(R["n_used"] > 0)

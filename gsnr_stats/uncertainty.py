@@ -20,7 +20,8 @@ import numpy as np
 import xarray as xr
 
 from . import _reasons
-from ._dsutil import _ddof
+from ._dsutil import _ddof, describe, require_stats
+from .errors import ArgumentTypeError, UsageError
 from .groups import aggregate
 from .kernels import finalize_moments
 from .theory import _osgr
@@ -156,13 +157,15 @@ def jackknife(
             return x.to_dataset(name=x.name if x.name is not None else "value")
         return x
 
+    _check_jackknife(stats, func, level, "gs.jackknife")
     est = as_ds(func(stats))
     names = [v for v in est.data_vars if np.issubdtype(est[v].dtype, np.floating)] \
         if variables is None else list(variables)
     reps = [as_ds(func(s))[names] for _, s in leave_one_block_out(stats)]
     K = len(reps)
     if K < 2:
-        raise ValueError(f"jackknife needs at least 2 non-empty blocks, got {K}")
+        raise UsageError(f"jackknife needs at least 2 non-empty blocks, got {K}: reduce with "
+                         "more blocks (blocks=K, CLI --blocks K) or records of more samples")
     stack = xr.concat(reps, dim="_jk", coords="minimal", compat="override")
     dev = stack - stack.mean("_jk", skipna=False)
     se = np.sqrt((K - 1) / K * (dev**2).sum("_jk", skipna=False))
@@ -182,6 +185,21 @@ def jackknife(
     if level is not None:
         out.attrs["ci_level"] = level
     return _se_reasons(out, est, stack, names, stats)
+
+
+def _check_jackknife(stats: Any, func: Any, level: Any, where: str) -> None:
+    """The arguments of :func:`jackknife`, checked before any replicate is computed."""
+    require_stats(stats, where)
+    if not {"block_count", "block_mean", "block_m2"} <= set(stats.data_vars):
+        raise UsageError(f"{where}: stats has no per-block moments; reduce with blocks=K "
+                         "(K >= 2), e.g. gs.reduce(path, blocks=8) (CLI: --blocks 8)")
+    if not callable(func):
+        raise ArgumentTypeError(f"{where}: func must be a callable Dataset -> Dataset, got "
+                                f"{describe(func)}")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int | float)
+                              or not 0 < level < 1):
+        raise UsageError(f"{where}: level must be a probability in (0, 1), e.g. 0.95, got "
+                         f"{describe(level)}")
 
 
 def _se_reasons(out: xr.Dataset, est: xr.Dataset, stack: xr.Dataset, names: Sequence[str],
@@ -218,6 +236,7 @@ def osgr_ci(
     carry ``attrs["reason"]`` where they are NaN or the lower bound is negative for a
     positive R (an SE large beside R: few samples per block).
     """
+    _check_jackknife(stats, _osgr, level, "gs.osgr_ci")
     out = jackknife(stats, lambda s: _osgr(s, n, **kw), variables=["osgr"], level=level)
     _reasons.warn_below_noise(out, "osgr", "osgr_ci")
     with np.errstate(invalid="ignore"):
@@ -239,6 +258,7 @@ def aggregate_ci(
     stats: xr.Dataset, by: str = "tensor", *, level: float = 0.95, **kw: Any
 ) -> xr.Dataset:
     """:func:`aggregate` with jackknife errors on mean, median, quantiles and pooled GSNR."""
+    _check_jackknife(stats, aggregate, level, "gs.aggregate_ci")
     return jackknife(
         stats, lambda s: aggregate(s, by, **kw),
         variables=["gsnr_mean", "gsnr_median", "gsnr_quantile", "gsnr_pooled"], level=level,

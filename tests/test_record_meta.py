@@ -471,7 +471,7 @@ def test_splits_of_one_step_disagreeing_on_optimizer_step_is_an_error(tmp_path):
 def test_shards_of_one_record_merge_their_optimizer_step_or_refuse_a_mismatch(tmp_path):
     a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
     for path, ostep, rows in ((a, 30, slice(0, 4)), (b, 30, slice(4, 9)), (c, 31, slice(0, 4))):
-        with GradientWriter(path, PARAMS) as w:
+        with GradientWriter(path, PARAMS, run_id="run") as w:
             w.write(1, "train", grads(1, 9)[rows], optimizer_step=ostep, meta=torch_meta())
     ds = gs.reduce([a, b])
     assert ds["optimizer_step"].values.tolist() == [30]

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 import gsnr_stats as gs
 
 
-def write(path, g, chunks=None, params=None, **kw):
+def write(path, g, chunks=None, params=None, run_id=None, **kw):
     P = g.shape[1]
-    with gs.GradientWriter(path, params or [("w", (P,))], chunks=chunks, overwrite=True) as w:
+    with gs.GradientWriter(path, params or [("w", (P,))], chunks=chunks, overwrite=True,
+                           run_id=run_id) as w:
         w.write(0, "train", g, **kw)
     return path
 
@@ -154,7 +155,7 @@ def test_shards_merge(tmp_path, rng):
     g = (rng.normal(size=(200, 9)) * 2 + 1).astype(np.float32)
     paths = []
     for i, part in enumerate(np.array_split(g, 3)):
-        paths.append(write(tmp_path / f"shard{i}.h5", part, chunks=(7, 4)))
+        paths.append(write(tmp_path / f"shard{i}.h5", part, chunks=(7, 4), run_id="run"))
     st_ = gs.reduce(str(tmp_path / "shard*.h5"))
     m, v = two_pass(g)
     np.testing.assert_allclose(st_["mean"].values[0, 0], m, rtol=1e-12)

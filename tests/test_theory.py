@@ -697,7 +697,7 @@ def test_osgr_first_order_streams_stores_and_pools_shards(tmp_path):
     # three shards holding consecutive rows of every record; a glob and a list
     cuts = [0, 20, 41]
     for k in range(3):
-        with gs.GradientWriter(tmp_path / f"shard-{k}.h5", [("w", (P,))]) as w:
+        with gs.GradientWriter(tmp_path / f"shard-{k}.h5", [("w", (P,))], run_id="run") as w:
             for (s, sp), g in src.items():
                 hi = cuts[k + 1] if k < 2 else g.shape[0]
                 w.write(s, sp, g[cuts[k]:hi])
