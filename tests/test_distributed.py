@@ -255,7 +255,7 @@ def test_cli_workers_and_scheduler(client, tmp_path, capsys):
     np.testing.assert_allclose(xr.load_dataset(out1)["var"].sel(step=2, split="test").values,
                                two_pass(data[(2, "test")])[1], rtol=1e-10)
     assert cli_main(["reduce", pattern, "--workers", "2", "--scheduler", "tcp://x:1", "-o",
-                     str(out1)]) == 1
+                     str(out1)]) == 2  # a usage error (issue 13)
     assert "either --workers" in capsys.readouterr().err
     # info over a glob with a bad shard: reported by name, merged summary, exit status 1
     (tmp_path / "shard-bad.h5").write_text("junk")
@@ -452,7 +452,7 @@ def test_cli_scheduler_that_is_not_dask_is_a_one_line_error(one_shard, not_dask,
         capsys.readouterr()
         rc = bounded(lambda s=sched: cli_main(["reduce", str(one_shard), "--scheduler", s,
                                                "-q", "-o", str(out)]))
-        assert rc == 1
+        assert rc == (2 if sched == "nonsense" else 1)  # a bad address is a usage error
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, err

@@ -129,14 +129,16 @@ def test_report_bad_input(tmp_path, capsys):
     xr.Dataset({"x": ("a", [1.0])}).to_netcdf(bad)
     with pytest.raises(StoreError, match="lacks"):
         write_report(bad, tmp_path / "o")
-    assert main(["report", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "o")]) == 1
-    assert "error" in capsys.readouterr().err
+    # a missing input is a command-line mistake: exit 2 (issue 13), naming the file
+    assert main(["report", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing.h5: no such file" in capsys.readouterr().err
 
 
 def test_report_bad_options(run_store, tmp_path, capsys):
-    assert main(["report", str(run_store), "-o", str(tmp_path / "o"), "--split", "nope"]) == 1
+    # wrong option values are usage errors: exit 2 (issue 13)
+    assert main(["report", str(run_store), "-o", str(tmp_path / "o"), "--split", "nope"]) == 2
     assert "split 'nope' is not in the data" in capsys.readouterr().err
-    assert main(["report", str(run_store), "-o", str(tmp_path / "o"), "--by", "nope"]) == 1
+    assert main(["report", str(run_store), "-o", str(tmp_path / "o"), "--by", "nope"]) == 2
     assert "cannot group by 'nope'" in capsys.readouterr().err
 
 
