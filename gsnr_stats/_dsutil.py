@@ -214,8 +214,9 @@ def _as_path(path: Any, where: str) -> Path:
     return Path(path)
 
 
-def output_dir(path: Any, where: str) -> Path:
-    """Create the output directory ``path`` (and its parents), or say why it cannot be.
+def output_dir(path: Any, where: str, *, create: bool = True) -> Path:
+    """Create the output directory ``path`` (and its parents), or say why it cannot be;
+    ``create=False`` only checks (before work that could fail for another reason).
 
     Raises
     ------
@@ -228,6 +229,8 @@ def output_dir(path: Any, where: str) -> Path:
                          "(created if missing)")
     if not p.exists():
         _writable_ancestor(p, where)
+        if not create:
+            return p
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:

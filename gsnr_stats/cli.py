@@ -291,10 +291,8 @@ def _merge_problems(stores: Sequence[Any], allow_mixed_runs: bool) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from .store import expand_paths, open_store
     from .store._process import temp_files
-
-    from .store import expand_paths
 
     try:  # a missing file is reported with the bad ones (info tells the state of each file)
         paths = expand_paths(list(args.stores))
@@ -404,8 +402,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     from .reduce import reduce
 
     if args.scheduler and args.workers:
-        raise UsageError("arguments --workers/--scheduler: give either --workers (a local "
-                         "cluster) or --scheduler (an existing one), not both")
+        raise UsageError("argument --scheduler: not allowed with --workers; give either "
+                         "--workers (a local cluster) or --scheduler (an existing one), not both")
     scheduler: object = None
     client = None
     if args.scheduler or args.workers:
@@ -494,7 +492,7 @@ def cmd_osgr(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from . import plot
 
-    out = output_dir(args.output, _OUT)
+    out = output_dir(args.output, _OUT, create=False)  # save_all creates it
     with _blame((ShardSetError, "STATS")):
         stats = _stats_input(args)
     paths = plot.save_all(stats, out, lr=args.lr, lr_rule=args.lr_rule,
@@ -507,7 +505,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    out = output_dir(args.output, _OUT)
+    out = output_dir(args.output, _OUT, create=False)  # write_report creates it
     paths = _expand(args.stores, "STORES")
     kinds = [sniff(p)[0] if p.is_dir() or p.suffix == ".nc" or not _is_hdf5(p) else "store"
              for p in paths]
@@ -538,7 +536,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(output_dir(args.output, _OUT), quick=args.quick)
+    run_demo(output_dir(args.output, _OUT, create=False), quick=args.quick)
     return 0
 
 
@@ -609,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=False,
                    help="log progress details (and show the traceback of an unexpected "
                         "error); accepted anywhere on the line")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="what to do (gsnr-stats COMMAND --help for its options)")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])

@@ -253,7 +253,11 @@ def write_report(
     for name, v in (("split", split), ("by", by), ("title", title)):
         if v is not None and not isinstance(v, str):
             raise UsageError(f"gs.write_report: {name} must be a string, got {v!r}")
-    out = output_dir(outdir, "gs.write_report: outdir")
+    if isinstance(stores, xr.Dataset):
+        require_stats(stores, "gs.write_report", what="stores")
+    else:
+        require_paths(stores, "gs.write_report", "stores")
+    output_dir(outdir, "gs.write_report: outdir", create=False)
     stats, paths, attrs = _load(stores, blocks or None, allow_mixed_runs)
     splits = [str(s) for s in stats["split"].values]
     split = split or held_out_split(splits)
@@ -261,6 +265,7 @@ def write_report(
         raise MissingSplitError(f"report: split {split!r} is not in the data (splits: {splits})")
     if by not in ("model", "tensor", "layer") and by not in stats["param"].coords:
         raise UsageError(f"report: cannot group by {by!r}; supported: model, tensor, layer")
+    out = output_dir(outdir, "gs.write_report: outdir")
     if n is None:
         n = [default_n(stats)]
     ns = [int(v) for v in np.atleast_1d(n)]
