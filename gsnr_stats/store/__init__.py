@@ -7,7 +7,9 @@ the schema and the crash model. Rooms:
 * :mod:`.schema` — format versions, table columns, row and data checksums;
 * :mod:`.writer` — :class:`GradientWriter` (append-only, SWMR, completion rows last);
 * :mod:`._chunkio` — whole-chunk ``pwritev`` / ``O_DIRECT`` writes of uncompressed gradients;
-* :mod:`.reader` — :class:`GradientStore`: open, validate, verify, read (v1 and v2);
+* :mod:`.reader` — :class:`GradientStore`: open, validate, verify, read (v1 to v3);
+  :mod:`._rows` its checked reads of any block of a record's rows and columns;
+* :mod:`._netcdf` — the dimension scales and CF attributes netCDF readers see;
 * :mod:`._faults` — the fault-injection hook of the crash tests.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os  # noqa: F401 - tests patch os.pwritev through this module
 
 from ._chunkio import DirectChunks, row_bytes_view
+from ._open import is_store
 from .layout import Layout, auto_chunks, check_same_layout
 from .reader import (
     GradientStore,
@@ -46,5 +49,6 @@ __all__ = [
     "auto_chunks",
     "check_same_layout",
     "expand_paths",
+    "is_store",
     "open_store",
 ]

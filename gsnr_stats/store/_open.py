@@ -19,8 +19,8 @@ from typing import Any
 
 import h5py
 
-from ..errors import SchemaError, StoreError
-from .schema import MAX_FILTER_RATIO
+from ..errors import GSNRError, SchemaError, StoreError
+from .schema import FORMAT_NAME, MAX_FILTER_RATIO
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # HDF5 retries a metadata read whose checksum fails (a reader racing a SWMR writer) with
@@ -57,10 +57,10 @@ def _hdf5_lib() -> Any:
     return _libhdf5 or None
 
 
-def _fapl(swmr: bool) -> h5py.h5p.PropFAID:
+def _fapl(swmr: bool, locking: bool = False) -> h5py.h5p.PropFAID:
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     with contextlib.suppress(AttributeError):
-        fapl.set_file_locking(False, True)
+        fapl.set_file_locking(locking, True)
     if swmr:
         lib = _hdf5_lib()
         if lib is not None:
@@ -113,20 +113,51 @@ def _open_h5(path: Path) -> tuple[h5py.File, bool]:
         )
     name = os.fsencode(path)
     last: Exception | None = None
-    for attempt in range(_OPEN_RETRIES if writing else 1):
+    locking = False
+    for attempt in range(_OPEN_RETRIES if writing else 2):
         try:
             if writing:
                 fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
-                                    fapl=_fapl(True))
+                                    fapl=_fapl(True, locking))
             else:
-                fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=_fapl(False))
+                fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=_fapl(False, locking))
             return h5py.File(fid), writing
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             last = e
+            if "locking flag values don't match" in str(e) and not locking:
+                # this process already has the file open through h5py with HDF5's default
+                # locking (e.g. xarray's h5netcdf engine): HDF5 shares one handle per file
+                # and refuses a second open with other flags, so open it with theirs
+                locking = True
+                continue
+            if not writing:
+                break
             if attempt + 1 < _OPEN_RETRIES and writing:
                 time.sleep(0.02)  # a torn read of a live writer: look again shortly
     state = " (left open by its writer: still being written, or the writer died)" if writing else ""
     raise StoreError(f"{path}: HDF5 file cannot be opened, corrupt or truncated{state}? ({last})")
+
+
+def is_store(path: Any) -> bool:
+    """Whether ``path`` names an HDF5 file whose root ``format`` attribute is ``"gsnr-stats"``.
+
+    Cheap and never raises: opens the file as :func:`open_store` does (the same guards
+    against truncated and hostile files) but validates nothing else.
+    """
+    try:
+        p = Path(os.fspath(path))
+        if not p.is_file():
+            return False
+        f, _ = _open_h5(p)
+    except (GSNRError, OSError, TypeError, ValueError):
+        return False
+    try:
+        return _attr_str(f, "format", p, required=False) == FORMAT_NAME
+    except (GSNRError, OSError, RuntimeError, ValueError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            f.close()
 
 
 def _check_links(f: h5py.File, path: Path, groups: set[str]) -> None:

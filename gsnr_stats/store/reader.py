@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from ..errors import SchemaError, StoreError
+from . import _rows
 from ._meta import decode_meta, decode_optimizer_step, meta_extents
 from ._open import (
     _attr_str,
@@ -103,6 +104,7 @@ class GradientStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._chunk_index: tuple[object, np.ndarray] | None = None  # cache of views.chunk_index
+        self._verified: set[tuple[tuple[int, str], int]] = set()  # segments read_grads_rows checked
         self._f, self._left_open = _open_h5(self.path)
         try:
             self._validate()
@@ -681,6 +683,16 @@ class GradientStore:
                     if j == seg.stop and (s1, s2) != (seg.sum1, seg.sum2):
                         raise self._damaged(where, "gradients", seg)
                 yield block
+
+    def read_grads_rows(self, step: int, split: str, start: int, stop: int,
+                        cols: tuple[int, int] | None = None, *, verify: bool = True) -> np.ndarray:
+        """Rows ``[start, stop)`` of a record's gradients over columns ``cols = (c0, c1)``.
+
+        Positions count within the record (0: its first sample); stored dtype. With
+        ``verify``, the first read touching a segment reads it whole (in bounded row blocks)
+        and checks its checksum, once per open store; ``verify=False`` reads only the block.
+        """
+        return _rows.read_rows(self, step, split, start, stop, cols, verify)
 
     def read_grads(self, step: int, split: str) -> np.ndarray:
         """Per-sample gradients of a record, ``(n, P)`` in the stored dtype (float32)."""

@@ -34,6 +34,7 @@ from . import _faults
 from ._chunkio import DirectChunks
 from ._inputs import as_vector, check_grads, check_moments, to_store_dtype
 from ._meta import check_optimizer_step, encode_meta
+from ._netcdf import LIBVER, add_netcdf_view, global_attrs
 from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, temp_files  # noqa: F401
 from .layout import Layout, auto_chunks
 from .schema import (
@@ -197,7 +198,7 @@ class GradientWriter:
         with defer_sigint():
             try:
                 f = h5py.File(
-                    tmp, "w", libver="latest", rdcc_nbytes=cache, rdcc_nslots=100003,
+                    tmp, "w", libver=LIBVER, rdcc_nbytes=cache, rdcc_nslots=100003,
                     locking=False, alignment_threshold=64 << 10, alignment_interval=4096,
                 )
             except OSError as e:
@@ -247,7 +248,8 @@ class GradientWriter:
         f.attrs["layout"] = self.layout.to_json()
         f.attrs["layout_hash"] = self.layout.hash
         f.attrs["n_params"] = P
-        f.attrs["title"] = "per-sample gradients (gsnr-stats store, see docs/format.md)"
+        f.attrs.update(global_attrs(_library_version(), framework, framework_version,
+                                    str(f.attrs["created_at"])))
         comp: dict[str, Any] = {}
         if compression is not None:
             comp = {"compression": compression, "compression_opts": compression_opts}
@@ -257,18 +259,13 @@ class GradientWriter:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             comp = {"dcpl": dcpl, "fill_time": "never"}
-        g = f.create_dataset(
+        f.create_dataset(
             "grads", shape=(0, P), maxshape=(None, P), dtype=self.dtype, chunks=chunks, **comp,
         )
-        g.attrs["long_name"] = "per-sample gradient of each sample's own loss"
         vec_chunk = (max(4096, chunks[0]),)
-        for name, dt, long_name in (("loss", "<f8", "per-sample loss"),
-                                    ("sample_id", "<i8", "sample identifier"),
-                                    ("label", "<f8", "label or target")):
-            d = f.create_dataset(name, (0,), maxshape=(None,), dtype=dt, chunks=vec_chunk)
-            d.attrs["long_name"] = long_name
-        d = f.create_dataset("record_meta", (0,), maxshape=(None,), dtype="u1", chunks=(4096,))
-        d.attrs["long_name"] = "UTF-8 JSON metadata of the records, back to back (see records)"
+        for name, dt in (("loss", "<f8"), ("sample_id", "<i8"), ("label", "<f8")):
+            f.create_dataset(name, (0,), maxshape=(None,), dtype=dt, chunks=vec_chunk)
+        f.create_dataset("record_meta", (0,), maxshape=(None,), dtype="u1", chunks=(4096,))
         mom = f.create_group("moments")
         mcols = min(P, 1 << 17)
         mom.create_dataset("count", (0,), maxshape=(None,), dtype="<f8", chunks=(256,))
@@ -280,6 +277,8 @@ class GradientWriter:
             for cname, dt, shape in (*cols, (CRC_COL, np.dtype("<u8"), ())):
                 grp.create_dataset(cname, (0, *shape), maxshape=(None, *shape), dtype=dt,
                                    chunks=(256, *shape))
+        # dimension scales and CF attributes for netCDF readers: no data, nothing to append
+        add_netcdf_view(f, self.layout)
 
     def _publish(self, tmp: Path, overwrite: bool) -> None:
         """Give the finished temp file its name; refuse if another writer took it first."""
