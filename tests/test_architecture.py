@@ -267,3 +267,18 @@ def test_reduce_enters_the_store_to_open_and_then_only_consumes_views(tmp_path, 
         assert {r.mapped for r in v} == {compression is None}
     n_views = sum(q == "GradientStore.view" for _, q in calls)
     assert n_views == 2  # one per record
+
+
+def test_every_package_is_in_the_distribution():
+    # a wheel holds only the packages pyproject lists: gsnr_stats.store was missing once
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    dirs = cfg.get("package-dir", {})
+    found = {"gsnr_stats." + ".".join(p.parent.relative_to(ROOT / "gsnr_stats").parts)
+             if p.parent != ROOT / "gsnr_stats" else "gsnr_stats"
+             for p in (ROOT / "gsnr_stats").rglob("__init__.py")}
+    found |= {name + "".join("." + q for q in p.parent.relative_to(ROOT / d).parts)
+              for name, d in dirs.items() for p in (ROOT / d).rglob("__init__.py")}
+    assert found == listed
