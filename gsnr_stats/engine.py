@@ -362,6 +362,8 @@ def shard_set_problems(
 def check_shard_set(stores: Sequence[GradientStore], *, allow_mixed_runs: bool = False) -> None:
     """:class:`ShardSetError` with the first of :func:`shard_set_problems`, if any (after
     :class:`LayoutMismatchError` for shards whose layouts differ: the deeper mismatch)."""
+    if len(stores) < 2:
+        return
     check_same_layout(stores)
     problems = shard_set_problems(stores, allow_mixed_runs=allow_mixed_runs)
     if problems:
