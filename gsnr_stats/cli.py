@@ -54,11 +54,6 @@ _OUT = "argument -o/--output"
 # -- the three kinds of file ----------------------------------------------------------------
 
 
-def _foreign(e: StoreError) -> bool:
-    """Whether the store reader refused a file as not one of ours (rather than damaged)."""
-    return isinstance(e, SchemaError) and "not a gsnr-stats store" in str(e)
-
-
 def _stats_check(path: Path, engine: str | None) -> tuple[str, str]:
     """``("stats", "")`` for a netCDF holding the moments of ``reduce``, else why not."""
     import xarray as xr
@@ -86,7 +81,7 @@ def sniff(path: str | os.PathLike[str]) -> tuple[str, str]:
         ``"netcdf"`` (a netCDF of something else), ``"unreadable"`` or ``"other"``.
         HDF5 files go to the store reader first: the netCDF libraries never see a store.
     """
-    from .store import open_store
+    from .store import is_store, open_store
 
     p = Path(path)
     if not os.path.lexists(p):
@@ -101,15 +96,15 @@ def sniff(path: str | os.PathLike[str]) -> tuple[str, str]:
     except OSError as e:
         return "unreadable", e.strerror or str(e)
     if head == _HDF5:
+        if not is_store(p):  # HDF5 with no gsnr-stats format attribute: a netCDF-4 file?
+            return _stats_check(p, "h5netcdf")  # h5py underneath: no netCDF-C on odd HDF5
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 open_store(p).close()
             return "store", ""
         except StoreError as e:
-            if not _foreign(e):
-                return "damaged", str(e)
-        return _stats_check(p, "h5netcdf")  # h5py underneath: no netCDF-C on odd HDF5
+            return "damaged", str(e)
     if head[:3] == b"CDF":
         return _stats_check(p, None)
     return "other", "neither HDF5 nor netCDF"
@@ -436,11 +431,12 @@ def cmd_reduce(args: argparse.Namespace) -> int:
                 scheduler=scheduler, skip_bad=args.skip_bad,
                 allow_mixed_runs=args.allow_mixed_runs,
             )
-    except SchemaError as e:
-        if _foreign(e):  # an HDF5 input that is not a store: is it a stats netCDF?
-            for p in paths:
-                if str(p) in str(e):
-                    _refuse_for_reduce(p, sniff(p)[0])
+    except SchemaError as e:  # an HDF5 input that is not a store: is it a stats netCDF?
+        from .store import is_store
+
+        for p in paths:
+            if str(p) in str(e) and not is_store(p):
+                _refuse_for_reduce(p, sniff(p)[0])
         raise
     finally:
         if client is not None:

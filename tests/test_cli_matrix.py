@@ -432,3 +432,13 @@ def test_public_functions_say_what_they_expected(files, tmp_path, monkeypatch):
             call()
         assert isinstance(ei.value, ValueError) and text in str(ei.value), str(ei.value)
     assert not (files["dir"] / "figs").exists() and not (files["dir"] / "r").exists()
+
+
+def test_reduce_tells_a_stats_file_named_like_a_store(files, tmp_path, capsys):
+    # netCDF-4 is HDF5 too: the store reader refuses it, the CLI says what it is instead
+    disguised = tmp_path / "stats.h5"
+    shutil.copy(files["stats"], disguised)
+    assert sniff(disguised)[0] == "stats"
+    assert_usage_error(["reduce", disguised, "-o", tmp_path / "o.nc", "-q"], capsys, "STORES",
+                       "stats.h5 is a stats netCDF, already reduced")
+    assert not (tmp_path / "o.nc").exists()
