@@ -118,8 +118,9 @@ class SklearnTrainer:
                epoch: float) -> float:
         from gsnr_stats.adapters import sklearn as gk
 
+        # step counts updates (train_and_record): stored as optimizer_step, so gaps know it
         return gk.record(writer, self.estimator, X, y, step=step, split=split, lr=self.lr,
-                         epoch=epoch).mean_loss
+                         epoch=epoch, optimizer_step=step).mean_loss
 
 
 @dataclass
