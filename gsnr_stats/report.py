@@ -1,9 +1,14 @@
-"""``gsnr-stats report``: a one-page Markdown summary of a run, with its PNG figures.
+"""``gsnr-stats report``: a one-page summary of a run for someone who did not record it.
 
 :func:`write_report` reduces the stores (or loads a stats netCDF), computes the headline
-numbers with :mod:`gsnr_stats.theory` and writes ``report.md`` next to the figures of
-:func:`gsnr_stats.plot.save_all` and the reduced ``stats.nc``. Every number on the page
-is printed from those functions' outputs (6 significant digits).
+numbers with :mod:`gsnr_stats.theory` and writes ``report.md`` and ``report.html`` next to
+the figures of :func:`gsnr_stats.plot.save_all` and the reduced ``stats.nc``. Both pages
+are written from one structure (:mod:`gsnr_stats._report_doc`); the HTML file is
+self-contained (figures embedded), so it can be sent on its own. Each formula comes with
+its meaning in plain words, the tables are long (one row per step, split and group, at
+most eight columns), every number has 4 significant figures, and the provenance (library
+version, stores, run ids, layout hash, framework, model, dates) is read from the Dataset's
+attributes, so a page built from a stats ``.nc`` says what one built from the stores says.
 """
 
 from __future__ import annotations
@@ -31,29 +36,11 @@ from ._dsutil import (
     require_paths,
     require_stats,
 )
+from ._report_doc import Doc, Figure, Formula, Heading, Items, Para, Table, fmt, to_html, to_markdown
+from ._version import __version__
 from .errors import MissingSplitError, SignalBelowNoiseWarning, StoreError, UsageError
 
-__all__ = ["fmt", "report_numbers", "write_report"]
-
-
-def fmt(x: Any) -> str:
-    """How every number is printed on the page: 6 significant digits, ``nan``/``inf`` as is."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, int | np.integer):
-        return str(int(x))
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.6g}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+__all__ = ["CITATION", "fmt", "provenance", "report_numbers", "write_report"]
 
 
 def _load(stores: Any, blocks: int | None,
@@ -157,13 +144,13 @@ def report_numbers(
     return out
 
 
-def _why(ds: xr.Dataset, names: Sequence[str]) -> list[str]:
+def _why(ds: xr.Dataset, names: Sequence[str]) -> list[Para]:
     """The page's line per variable that carries a reason for negative / NaN values."""
     out = []
     for v in names:
         r = ds[v].attrs.get("reason") if v in ds else None
         if r:
-            out += [f"Why some `{v}` values are negative or NaN: {r}.", ""]
+            out.append(Para(f"Why some `{v}` values are negative or NaN: {r}."))
     return out
 
 
@@ -178,6 +165,86 @@ def _spacing_sentence(gp: xr.Dataset) -> str:
             "optimizer steps — if they count epochs, the theory is too small by the steps per "
             "epoch; record `optimizer_step` or pass steps_per_checkpoint "
             "(CLI: --steps-per-checkpoint).")
+
+
+
+#: the paper the quantities come from, cited on the page (a recipient has no repository)
+CITATION = ("Liu, J., Jiang, G., Bai, Y., Chen, T., Wang, H. (2020). Understanding Why Neural "
+            "Networks Generalize Well Through GSNR of Parameters. ICLR 2020. arXiv:2001.07384")
+NOISE_CITATION = ("McCandlish, S., Kaplan, J., Amodei, D. et al. (2018). An Empirical Model of "
+                  "Large-Batch Training. arXiv:1812.06162")
+
+#: provenance rows of the page: (label, attribute keys of the stats Dataset, first found)
+_PROVENANCE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reduced by gsnr-stats", ("library_version",)),
+    ("store files", ("sources",)),
+    ("run id", ("run_id",)),
+    ("parameter layout hash", ("layout_hash",)),
+    ("framework", ("framework",)),
+    ("framework version", ("framework_version",)),
+    ("model", ("model", "estimator", "recorded_by")),
+    ("stores written", ("store_created_at",)),
+    ("stores written by gsnr-stats", ("store_library_version",)),
+    ("history", ("history",)),
+)
+
+
+def provenance(stats: xr.Dataset) -> list[tuple[str, str]]:
+    """Where the numbers come from, as (label, value) rows, from ``stats.attrs`` alone.
+
+    Read from the Dataset's attributes only (those :func:`gsnr_stats.reduce` sets: library
+    version, the store files, run ids, layout hash, framework and, where recorded, its
+    version, the model and the stores' dates), so a page built from the stats ``.nc`` shows
+    the same rows as one built from the stores. Attributes that are absent or empty give
+    no row; the optimizer class, the number of parameters and ``ddof`` are added.
+    """
+    a = stats.attrs
+    rows: list[tuple[str, str]] = []
+    for label, keys in _PROVENANCE:
+        for k in keys:
+            v = a.get(k)
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", "replace")
+            if v is not None and str(v).strip():
+                rows.append((label, str(v).replace(",", ", ")
+                             if k in ("sources", "run_id") else str(v)))
+                break
+    opt = theory._optimizer(stats)
+    if opt:
+        rows.append(("optimizer", str(opt["class"])))
+    rows.append(("parameters", str(int(a.get("n_params", stats.sizes["param"])))))
+    rows.append(("variance ddof", str(int(a.get("ddof", 1)))))
+    return rows
+
+
+_FIGURE_CAPTIONS = {
+    "gsnr_trajectories": "GSNR of each {by} over training, per split: the higher, the more "
+                         "the examples agree on the direction of the step.",
+    "gsnr_histogram": "How the GSNR is spread over the individual parameters.",
+    "osgr": "Theoretical OSGR R(n) over training on split `{split}`{band}. 1: the training "
+            "steps help unseen data as much as the training data; 0: they only fit the "
+            "training data.",
+    "train_vs_test_gsnr": "GSNR on the training split against the held-out split. Points "
+                          "below the diagonal (right): parameters whose training signal "
+                          "outgrows the held-out one, a sign of memorisation.",
+    "gap": "Generalization gap over training: measured (test minus train loss) and the "
+           "theory's prediction.",
+    "osgr_scatter": "OSGR measured by probes against the theory (on the diagonal: they agree).",
+}
+
+
+def _caption(stem: str, by: str, split: str, band: bool) -> str:
+    key = "osgr_scatter" if stem.startswith("osgr_scatter") else stem
+    return _FIGURE_CAPTIONS.get(key, "").format(
+        by=by, split=split, band=", with its 95 % jackknife band" if band else "")
+
+
+def _intro(doc: Doc) -> None:
+    doc.add(Para(
+        "This page summarises how the per-example gradients of a model behaved during "
+        "training and what they predict about generalization, i.e. how well what the model "
+        "learns from its training examples carries over to examples it has not seen. The "
+        f"quantities follow {CITATION}."))
 
 
 def write_report(
@@ -195,15 +262,19 @@ def write_report(
     steps_per_checkpoint: int | Sequence[int] | None = None,
     allow_mixed_runs: bool = False,
 ) -> Path:
-    """Write a one-page Markdown report of a run: tables of the headline numbers and figures.
+    """Write a one-page report of a run (Markdown and self-contained HTML) with figures.
 
-    The page holds: run attributes; the records (step, split, N, learning rate, epoch, mean
-    loss); the median GSNR ``r_j = m_j²/s_j²`` per ``by`` group and split at every step; the
-    theoretical OSGR ``R(n) = ΣG/Σ(G + V/n)`` (``G = m² − s²/N``, ``V = s²``) on the
-    held-out split with its jackknife SE when per-block moments exist; the measured gap
-    (mean test − train loss) next to the accumulated theoretical gap ``Σ λ ΣV / n``; the
-    noise scale ``B_simple = Σs²/ΣG``; measured OSGR from stored probe rows; and the PNG
-    figures of :func:`gsnr_stats.plot.save_all`.
+    The page holds: what the page is about and the paper (Liu et al., ICLR 2020); the
+    provenance (:func:`provenance`); the records (step, split, N, learning rate, epoch,
+    mean loss); the median GSNR ``r_j = m_j²/s_j²`` per ``by`` group and split at every
+    step; the theoretical OSGR ``R(n) = ΣG/Σ(G + V/n)`` (``G = m² − s²/N``, ``V = s²``) on
+    the held-out split with its jackknife SE when per-block moments exist; the measured
+    gap (mean test − train loss) next to the accumulated theoretical gap ``Σ λ ΣV / n``;
+    the noise scale ``B_simple = Σs²/ΣG``; measured OSGR from stored probe rows; and the
+    figures of :func:`gsnr_stats.plot.save_all` (the OSGR figure redrawn from the page's
+    OSGR, so with its confidence band when there are blocks). Each formula is followed by
+    its meaning in plain words; tables are long (at most 8 columns); numbers have 4
+    significant figures (:func:`gsnr_stats._report_doc.fmt`).
 
     Parameters
     ----------
@@ -212,7 +283,8 @@ def write_report(
         ``gsnr-stats reduce``, a report directory (its ``stats.nc``), or the Dataset of
         :func:`gsnr_stats.reduce` itself.
     outdir : path
-        Created if missing; receives ``report.md``, the PNGs and ``stats.nc``.
+        Created if missing; receives ``report.md``, ``report.html`` (one file, figures
+        embedded), the PNGs and ``stats.nc``.
     n : int or sequence of int, optional
         Training-set sizes for the OSGR and the gap; default the largest ``train`` count.
     blocks : int or None
@@ -243,7 +315,7 @@ def write_report(
     Returns
     -------
     pathlib.Path
-        The ``report.md`` written.
+        The ``report.md`` written (``report.html`` is beside it).
     """
     # the arguments first: a mistake must not cost a reduce
     if n is not None:
@@ -293,24 +365,55 @@ def write_report(
         warnings.simplefilter("ignore", SignalBelowNoiseWarning)
         figs = plot.save_all(stats, out, n=ns, by=by, gap=nums.get("gap"),
                              measured=measured or None, dpi=dpi)  # the page's gap: same λ, Δ
+        # the OSGR figure of the page's numbers: split `split`, with osgr_lo/osgr_hi (the
+        # confidence band) when there are per-block moments
+        fig = plot.osgr_plot(nums["osgr"])
+        fig.savefig(out / "osgr.png", dpi=dpi)
+        if out / "osgr.png" not in figs:
+            figs.append(out / "osgr.png")
 
-    steps = [int(s) for s in stats["step"].values]
-    L: list[str] = [f"# {title or 'gsnr-stats report'}", ""]
+    doc = Doc(title or "gsnr-stats report")
+    _intro(doc)
     src = ", ".join(str(p) for p in paths) if paths else attrs.get("source", "")
-    L += [f"Source: `{src}`  ", f"Written: {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}"
-          f" by gsnr-stats {stats.attrs.get('library_version', '')}  ",
-          f"Parameters P = {stats.sizes['param']}, steps {len(steps)}, splits {', '.join(splits)};"
-          f" ddof {stats.attrs.get('ddof', 1)}; moments for OSGR/gap from split `{split}`; "
-          f"n = {', '.join(map(str, ns))}.", ""]
-    if attrs:
-        keep = {k: v for k, v in attrs.items() if k in ("framework", "framework_version",
-                                                        "created_at", "run_id", "user_attrs")}
-        L += ["## Run", ""]
-        L += [f"- {k}: `{json.dumps(v, default=str) if not isinstance(v, str) else v}`"
-              for k, v in keep.items()]
-        L += [""]
+    steps = [int(s) for s in stats["step"].values]
+    doc.add(Items([
+        f"Built from: `{src}`",
+        f"Written: {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} by gsnr-stats "
+        f"{__version__}",
+        f"{stats.sizes['param']} parameters, {len(steps)} checkpoints, splits "
+        f"{', '.join(splits)}; OSGR and gap from split `{split}`; training-set size "
+        f"n = {', '.join(map(str, ns))}.",
+    ]))
+    doc.add(Heading("Provenance"),
+            Table(["what", "value"], provenance(stats),
+                  caption="From the attributes of the moments (`stats.nc`), so the same "
+                          "whether this page was built from the stores or from the stats file."))
+    user = attrs.get("user_attrs") if paths else None
+    if user:
+        doc.add(Para("Attributes recorded with the first store: "
+                     f"`{json.dumps(user, default=str)}`."))
+    _records(doc, stats, steps, splits)
+    _gsnr_section(doc, nums["aggregate"], steps, splits, by)
+    _osgr_section(doc, nums["osgr"], steps, ns, split)
+    _gap_section(doc, stats, nums, steps, ns, split)
+    _noise_section(doc, nums["noise_scale"], steps, splits)
+    _probe_section(doc, probe_ds, paths, split)
+    has_band = "osgr_lo" in nums["osgr"]
+    doc.add(Heading("Figures"))
+    doc.add(*[Figure(f, _caption(f.stem, by, split, has_band)) for f in figs])
+    doc.add(Heading("Files"),
+            Para(f"The moments behind every number here are in `{stats_nc.name}` (netCDF, "
+                 "beside this page); `report.md` and `report.html` hold the same page."))
+    page = out / "report.md"
+    page.write_text(to_markdown(doc), encoding="utf-8")
+    (out / "report.html").write_text(to_html(doc), encoding="utf-8")
+    return page
 
-    L += ["## Records", ""]
+
+def _records(doc: Doc, stats: xr.Dataset, steps: list[int], splits: list[str]) -> None:
+    doc.add(Heading("Records"),
+            Para("One row per checkpoint (step) and split: N per-example gradients were "
+                 "recorded there, with the learning rate, the epoch and the mean loss."))
     rows = []
     has_opt = ("optimizer_step" in stats.variables and stats["optimizer_step"].dims == ("step",)
                and bool((stats["optimizer_step"].values >= 0).any()))
@@ -324,30 +427,50 @@ def write_report(
                          float(g["lr"]) if "lr" in g else math.nan,
                          float(g["epoch"]) if "epoch" in g else math.nan,
                          float(g["loss_mean"]) if "loss_mean" in g else math.nan])
-    L += [_table(["step", *(["optimizer step"] if has_opt else []), "split", "N", "lr", "epoch",
-                  "mean loss"], rows), ""]
+    doc.add(Table(["step", *(["optimizer step"] if has_opt else []), "split", "N", "lr",
+                   "epoch", "mean loss"], rows))
 
-    ag = nums["aggregate"]
-    L += [f"## Median GSNR per {by}", "",
-          "Median over the group's parameters of `r_j = m_j^2 / s_j^2` (dead and infinite "
-          "parameters excluded); pooled `sum m^2 / sum s^2` in the last columns.", ""]
-    groups = [str(g) for g in ag["group"].values]
-    hdr = ["step", "split"] + [f"median {g}" for g in groups] + [f"pooled {g}" for g in groups]
+
+def _gsnr_section(doc: Doc, ag: xr.Dataset, steps: list[int], splits: list[str],
+                  by: str) -> None:
+    doc.add(Heading(f"Median GSNR per {by}"),
+            Formula("r_j = m_j^2 / s_j^2",
+                    "the gradient signal-to-noise ratio (GSNR) of parameter j: the squared "
+                    "mean of its per-example gradients (m_j) over their variance (s_j^2). It "
+                    "says how much the examples agree on which way to move the parameter: "
+                    "well above 1, they mostly agree; well below 1, the step is mostly noise "
+                    "from which examples happen to be in the batch. A high GSNR is what lets "
+                    "a step learned on the training examples help on unseen ones."),
+            Para(f"`median`: the median of `r_j` over the parameters of each {by} (parameters "
+                 "with zero variance left out); `pooled`: `sum m_j^2 / sum s_j^2` over the "
+                 f"{by}, the GSNR of the {by} as a whole."))
     rows = []
     for st in steps:
         for sp in splits:
             a = ag.sel(step=st, split=sp)
-            rows.append([st, sp, *[float(a["gsnr_median"].sel(group=g)) for g in groups],
-                         *[float(a["gsnr_pooled"].sel(group=g)) for g in groups]])
-    L += [_table(hdr, rows), ""]
-    L += _why(ag, ["gsnr_median", "gsnr_pooled"])
+            rows += [[st, sp, str(g), float(a["gsnr_median"].sel(group=g)),
+                      float(a["gsnr_pooled"].sel(group=g))] for g in ag["group"].values]
+    doc.add(Table(["step", "split", by, "median GSNR", "pooled GSNR"], rows))
+    doc.add(*_why(ag, ["gsnr_median", "gsnr_pooled"]))
 
-    R = nums["osgr"]
+
+def _osgr_section(doc: Doc, R: xr.Dataset, steps: list[int], ns: list[int], split: str) -> None:
     has_ci = "osgr_se" in R
-    L += ["## OSGR, theory", "",
-          f"`R(n) = sum G / sum (G + V/n)`, `G = m^2 - s^2/N`, `V = s^2`, moments of `{split}`"
-          + (f"; jackknife SE over {R.attrs.get('jackknife_blocks')} sample blocks, 95 % "
-             "interval." if has_ci else "; no per-block moments, so no interval."), ""]
+    doc.add(Heading("OSGR, theory"),
+            Formula("R(n) = sum_j G_j / sum_j (G_j + V_j / n),  G_j = m_j^2 - s_j^2 / N,  "
+                    "V_j = s_j^2",
+                    "the one-step generalization ratio (OSGR) for a training set of n "
+                    "examples: of the decrease in training loss that one small gradient step "
+                    "brings, the fraction expected to show up as a decrease in the loss on "
+                    "unseen examples too. R = 1: the step helps unseen data fully; R near 0: "
+                    "it only fits the training examples; negative: it is expected to hurt "
+                    "unseen data. G_j is the part of the gradient the examples share (the "
+                    "signal), V_j / n the noise a training set of n examples adds to it."),
+            Para(f"Moments of split `{split}`"
+                 + (f"; SE: jackknife standard error over {R.attrs.get('jackknife_blocks')} "
+                    "blocks of examples; lo, hi: the 95 % interval." if has_ci
+                    else "; no per-block moments, so no interval (reduce with blocks to get "
+                         "one).")))
     rows = []
     for st in steps:
         for nv in ns:
@@ -356,61 +479,75 @@ def write_report(
             if has_ci:
                 row += [float(r["osgr_se"]), float(r["osgr_lo"]), float(r["osgr_hi"])]
             rows.append(row)
-    L += [_table(["step", "n", "R(n)"] + (["SE", "lo", "hi"] if has_ci else []), rows), ""]
-    L += _why(R, ["osgr", "osgr_se", "osgr_lo"])
+    doc.add(Table(["step", "n", "R(n)"] + (["SE", "lo", "hi"] if has_ci else []), rows))
+    doc.add(*_why(R, ["osgr", "osgr_se", "osgr_lo"]))
 
-    L += ["## Generalization gap", ""]
+
+def _gap_section(doc: Doc, stats: xr.Dataset, nums: dict[str, xr.Dataset], steps: list[int],
+                 ns: list[int], split: str) -> None:
+    doc.add(Heading("Generalization gap"))
     if "gap" not in nums:
-        L += [_gap_missing(stats) + ".", ""]
+        doc.add(Para(str(_gap_missing(stats)) + "."))
+        return
+    gp = nums["gap"]
+    th_ok = "gap_theory" in gp
+    doc.add(Formula("gap = mean test loss - mean train loss;  theory: sum_u lambda_u sum_j "
+                    "V_j(u) / n",
+                    "the generalization gap is how much worse the model does on unseen "
+                    "examples than on its training examples. The theory adds up, over the "
+                    "training steps u with learning rate lambda_u, the gradient noise V a "
+                    "training set of n examples lets the model fit: that is how much the gap "
+                    "is expected to grow."),
+            Para(f"Theory at n = {max(ns)}, V from split `{split}`, plus the measured gap at "
+                 "the first checkpoint. It is first order in the learning rate, and it "
+                 "over-predicts the gap of a fixed training set once that set is fitted."))
+    if th_ok:
+        doc.add(Para(gp.attrs.get("lambda_note", "")), Para(_spacing_sentence(gp)))
     else:
-        gp = nums["gap"]
-        th_ok = "gap_theory" in gp
-        L += ["Measured: mean test loss - mean train loss. Theory: accumulated "
-              f"`sum_u lambda_u sum_j V_j(u) / n` at n = {max(ns)}, V from `{split}`, plus the "
-              "measured gap at the first checkpoint (first order; the theory over-predicts "
-              "a fixed training set's gap as it is fitted).", ""]
-        if th_ok:
-            L += [gp.attrs.get("lambda_note", ""), "", _spacing_sentence(gp), ""]
-        else:
-            cls = theory._optimizer(stats)
-            L += [gp.attrs["theory_missing"] + " ("
-                  + (f"optimizer: {cls['class']}" if cls else "optimizer unknown") + ").", ""]
-        rows = []
-        for st in steps:
-            g = gp.sel(step=st)
-            rows.append([st, float(g["gap_measured"]),
-                         float(g["gap_theory_offset"].sel(n=max(ns))) if th_ok else "—"])
-        L += [_table(["step", "measured gap", "theory gap"], rows), ""]
-        L += _why(gp, ["gap_measured", "gap_theory_offset"])
+        cls = theory._optimizer(stats)
+        doc.add(Para(gp.attrs["theory_missing"] + " ("
+                     + (f"optimizer: {cls['class']}" if cls else "optimizer unknown") + ")."))
+    rows = []
+    for st in steps:
+        g = gp.sel(step=st)
+        rows.append([st, float(g["gap_measured"]),
+                     float(g["gap_theory_offset"].sel(n=max(ns))) if th_ok else "—"])
+    doc.add(Table(["step", "measured gap", "theory gap"], rows))
+    doc.add(*_why(gp, ["gap_measured", "gap_theory_offset"]))
 
-    B = nums["noise_scale"]
-    L += ["## Gradient noise scale", "", "`B_simple = sum s^2 / sum G` (samples; negative "
-          "where the debiased signal is below the noise).", ""]
-    rows = [[st, *[float(B["b_simple"].sel(step=st, split=sp)) for sp in splits]] for st in steps]
-    L += [_table(["step", *[f"B_simple {sp}" for sp in splits]], rows), ""]
-    L += _why(B, ["b_simple"])
 
+def _noise_section(doc: Doc, B: xr.Dataset, steps: list[int], splits: list[str]) -> None:
+    doc.add(Heading("Gradient noise scale"),
+            Formula("B_simple = sum_j s_j^2 / sum_j G_j",
+                    "the batch size at which the noise of a mini-batch gradient is about as "
+                    "large as its signal: batches much smaller than B_simple give noisy steps, "
+                    "much larger ones cost more computation for little gain (McCandlish et "
+                    "al., 2018). Negative where the signal, after removing its noise bias, is "
+                    "below the noise."))
+    rows = [[st, sp, float(B["b_simple"].sel(step=st, split=sp))] for st in steps
+            for sp in splits]
+    doc.add(Table(["step", "split", "B_simple (examples)"], rows))
+    doc.add(*_why(B, ["b_simple"]))
+
+
+def _probe_section(doc: Doc, probe_ds: xr.Dataset | None, paths: list[Path],
+                   split: str) -> None:
+    doc.add(Heading("OSGR, measured by probes"))
     if probe_ds is None:
-        L += ["## OSGR, measured by probes", "",
-              "Measured OSGR by probes: not computed — "
-              + ("the input is a stats netCDF, which holds no probe rows; pass the stores."
-                 if not paths else "the stores hold no probe rows (record them with the "
-                 "adapters' probe_osgr)."), ""]
-    else:
-        L += ["## OSGR, measured by probes", "",
-              "`R = sum dL[D'] / sum dL[D]` over virtual steps, jackknife SE over probes; "
-              f"theory on `{split}`.", ""]
-        rows = [[int(probe_ds["step"][i]), int(probe_ds["n"][i]), float(probe_ds["lr"][i]),
-                 float(probe_ds["osgr_measured"][i]), float(probe_ds["osgr_se"][i]),
-                 float(probe_ds["osgr_theory"][i]) if "osgr_theory" in probe_ds else math.nan]
-                for i in range(probe_ds.sizes["probe"])]
-        L += [_table(["step", "n", "lr", "R measured", "SE", "R theory"], rows), ""]
-        L += _why(probe_ds, ["osgr_measured", "osgr_theory"])
-
-    L += ["## Figures", ""]
-    for f in figs:
-        L += [f"![{f.stem}]({f.name})", ""]
-    L += [f"Moments: [`{stats_nc.name}`]({stats_nc.name}).", ""]
-    page = out / "report.md"
-    page.write_text("\n".join(L))
-    return page
+        doc.add(Para("Measured OSGR by probes: not computed — "
+                     + ("the input is a stats netCDF, which holds no probe rows; pass the "
+                        "stores." if not paths else "the stores hold no probe rows (record "
+                        "them with the adapters' probe_osgr).")))
+        return
+    doc.add(Formula("R = sum dL[D'] / sum dL[D]",
+                    "the OSGR measured directly: a small step is taken on a training subset "
+                    "D of n examples, and the loss change it causes on other examples D' is "
+                    "divided by the loss change on D, each summed over the probes (several "
+                    "subsets D) first; SE: jackknife over the probes. The theory column is "
+                    f"R(n) on split `{split}`: the two should agree for small steps."))
+    rows = [[int(probe_ds["step"][i]), int(probe_ds["n"][i]), float(probe_ds["lr"][i]),
+             float(probe_ds["osgr_measured"][i]), float(probe_ds["osgr_se"][i]),
+             float(probe_ds["osgr_theory"][i]) if "osgr_theory" in probe_ds else math.nan]
+            for i in range(probe_ds.sizes["probe"])]
+    doc.add(Table(["step", "n", "lr", "R measured", "SE", "R theory"], rows))
+    doc.add(*_why(probe_ds, ["osgr_measured", "osgr_theory"]))

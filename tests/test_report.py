@@ -55,11 +55,18 @@ def _rows(page: str, section: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
 
 
-def test_report_page_figures_and_numbers(run_store, tmp_path):
-    out = tmp_path / "rep"
+@pytest.fixture(scope="module")
+def report_dir(run_store, tmp_path_factory):
+    """The page of run_store with real figures, drawn once for the tests that read it."""
+    out = tmp_path_factory.mktemp("page") / "rep"
     page = write_report([run_store], out, n=[50, 300], blocks=4)
-    text = page.read_text()
     assert page == out / "report.md"
+    return out
+
+
+def test_report_page_figures_and_numbers(run_store, report_dir):
+    out = report_dir
+    text = (out / "report.md").read_text()
     # figures exist, are PNGs and are linked from the page
     for name in ("gsnr_trajectories", "gsnr_histogram", "osgr", "train_vs_test_gsnr", "gap",
                  "osgr_scatter"):
@@ -78,9 +85,10 @@ def test_report_page_figures_and_numbers(run_store, tmp_path):
         assert r[3] == fmt(float(sel["osgr_se"]))
     ag = th.aggregate(stats, by="layer", quantiles=(0.5,))
     for r in _rows(text, "Median GSNR per layer"):
-        a = ag.sel(step=int(r[0]), split=r[1], group="linear")
-        assert r[2] == fmt(float(a["gsnr_median"]))
-        assert r[3] == fmt(float(a["gsnr_pooled"]))
+        a = ag.sel(step=int(r[0]), split=r[1], group=r[2])
+        assert r[2] == "linear"
+        assert r[3] == fmt(float(a["gsnr_median"]))
+        assert r[4] == fmt(float(a["gsnr_pooled"]))
     # the median itself, by numpy from the recorded gradients (independent route)
     with gs.open_store(run_store) as s:
         st0 = s.steps[0]
@@ -89,15 +97,17 @@ def test_report_page_figures_and_numbers(run_store, tmp_path):
     r_np = np.where(v > 0, m * m / np.where(v > 0, v, 1), np.nan)
     med_row = [r for r in _rows(text, "Median GSNR per layer") if int(r[0]) == st0
                and r[1] == "train"][0]
-    assert float(med_row[2]) == pytest.approx(np.nanmedian(r_np), rel=1e-5)
+    assert float(med_row[3]) == pytest.approx(np.nanmedian(r_np), rel=5e-4)  # 4 figures
     gap = th.accumulated_gap(stats, 300, split="test")
     for r in _rows(text, "Generalization gap"):
         g_ = gap.sel(step=int(r[0]))
         assert r[1] == fmt(float(g_["gap_measured"]))
         assert r[2] == fmt(float(g_["gap_theory_offset"].sel(n=300)))
     B = th.noise_scale(stats)
-    for r in _rows(text, "Gradient noise scale"):
-        assert r[1] == fmt(float(B["b_simple"].sel(step=int(r[0]), split="train")))
+    rows = _rows(text, "Gradient noise scale")
+    assert len(rows) == 3 * 2
+    for r in rows:
+        assert r[2] == fmt(float(B["b_simple"].sel(step=int(r[0]), split=r[1])))
     with gs.open_store(run_store) as s:
         pr = th.osgr_probe(s.probes(), stats, split="test")
     prow = _rows(text, "OSGR, measured by probes")
@@ -188,7 +198,7 @@ def test_report_without_learning_rate(no_lr_store, tmp_path, capsys, no_render):
     rows = _rows(text, "Generalization gap")
     assert [r[0] for r in rows] == ["30", "330"] and all(r[2] == "—" for r in rows)
     for r in rows:  # the measured gap, against sklearn's own log loss
-        assert float(r[1]) == pytest.approx(gaps[int(r[0])], rel=1e-5, abs=1e-6)
+        assert float(r[1]) == pytest.approx(gaps[int(r[0])], rel=5e-4, abs=1e-6)  # 4 figures
     assert (tmp_path / "r" / "gap.png").is_file()  # the measured gap alone (test_plot draws it)
     assert "Measured OSGR by probes: not computed — the stores hold no probe rows" in text
     # given lr=, the theory is there: sum_u lr sum_j V_j / n over the 300 updates
@@ -220,10 +230,10 @@ def test_report_and_plot_cli_take_lr_and_step_spacing(no_lr_store, tmp_path, cap
 
 
 def _increments(page: str) -> tuple[np.ndarray, np.ndarray]:
-    """Increments of the page's theory-gap column and their bound from its 6 significant
-    digits (each printed value is within 5e-6 of itself, relatively)."""
+    """Increments of the page's theory-gap column and their bound from its 4 significant
+    figures (each printed value is within 5e-4 of itself, relatively)."""
     v = np.array([float(r[2]) for r in _rows(page, "Generalization gap")])
-    return np.diff(v), 5e-6 * (np.abs(v[1:]) + np.abs(v[:-1]))
+    return np.diff(v), 5e-4 * (np.abs(v[1:]) + np.abs(v[:-1]))
 
 
 def _nc(stats: xr.Dataset, tmp_path, name: str):
