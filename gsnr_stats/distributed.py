@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import _cf
 from .engine import (
     Partial,
     SkippedShardWarning,
@@ -676,5 +677,6 @@ def reduce_distributed(
         "run_id": ",".join(sorted({s.run_id for s in shards})),
         "framework": ",".join(sorted({s.framework for s in shards})),
         "sources": ",".join(s.path for s in shards),
+        **_cf.provenance(s.path for s in shards),  # the shards this process can open
     }
     return build_dataset(parts, layout, ddof=ddof, blocks=blocks, nonfinite=nonfinite, attrs=attrs)

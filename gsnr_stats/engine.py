@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import xarray as xr
 
-from . import kernels
+from . import _cf, kernels
 from ._version import __version__
 from .errors import LayoutMismatchError, NonFiniteError, ShardSetError, StoreError
 from .store import GradientStore, Layout, check_same_layout, open_store
@@ -585,4 +585,4 @@ def build_dataset(
             **(attrs or {}),
         }
     )
-    return ds
+    return _cf.annotate(ds)  # units, definitions, references, block coordinate

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import kernels
+from . import _cf, kernels
 from ._dsutil import describe, require_int
 from .engine import Partial, _block_bounds, build_dataset
 from .errors import AdapterError, ArgumentTypeError, NonFiniteError, SchemaError, StoreError
@@ -92,18 +92,24 @@ class MemoryWriter:
         Keep the moments of K contiguous sample blocks (as ``reduce(blocks=K)``).
     nonfinite : {"raise", "omit"}
         NaN/Inf gradients raise :class:`NonFiniteError`, or are dropped per parameter.
+    provenance : dict, optional
+        Shaped like ``GradientStore.attrs`` (``framework_version``, ``user_attrs`` with
+        ``model``/``estimator``): kept in the Dataset's attributes as ``reduce`` keeps a
+        store's.
     """
 
     path = "memory"
 
     def __init__(self, params: Any, *, framework: str = "numpy", dtype: str | None = None,
-                 blocks: int | None = None, nonfinite: str = "raise") -> None:
+                 blocks: int | None = None, nonfinite: str = "raise",
+                 provenance: dict[str, Any] | None = None) -> None:
         if nonfinite not in ("raise", "omit"):
             raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
         if dtype is not None and str(np.dtype(dtype)) not in _DTYPES:
             raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
         self.layout = Layout.from_params(params)
         self.framework = framework
+        self.provenance = dict(provenance or {})  # as GradientStore.attrs (_cf.provenance)
         self.run_id = uuid.uuid4().hex
         self._round = None if dtype is None else _DTYPES[str(np.dtype(dtype))]
         self.blocks = int(blocks) if blocks else None
@@ -371,7 +377,8 @@ class MemoryWriter:
         if not self._parts:
             raise StoreError(f"{self.path}: no completed record"
                              + (f" ({len(self._open)} left open)" if self._open else ""))
-        attrs = {"run_id": self.run_id, "framework": self.framework, "sources": self.path}
+        attrs = {"run_id": self.run_id, "framework": self.framework, "sources": self.path,
+                 **_cf.provenance([self.provenance])}
         return build_dataset(dict(self._parts), self.layout, ddof=ddof, blocks=self.blocks,
                              nonfinite=self.nonfinite, attrs=attrs)
 
@@ -555,7 +562,9 @@ def gsnr(
         tf = _moments.make_transform(gk.layout(obj, with_layers=True),
                                      adapter_kwargs.get("params_subset"),
                                      adapter_kwargs.get("project"), adapter_kwargs.get("seed", 0))
-        mw = MemoryWriter(tf.layout, framework="sklearn", **mw_kw)
+        mw = MemoryWriter(tf.layout, framework="sklearn", **mw_kw, provenance={
+            "framework_version": gk.sklearn.__version__,
+            "user_attrs": {"estimator": type(gk._resolve(obj)[0]).__name__}})
         rec = gk.Recorder(mw, obj, batch_size=batch_size or 1024, **adapter_kwargs)
         for sp, data in _split_data(X, y, split).items():
             rec.record(data, step, sp, lr=lr, epoch=epoch)
@@ -573,7 +582,8 @@ def gsnr(
                         param_filter=adapter_kwargs.get("param_filter"))
         tf = _moments.make_transform(lay, adapter_kwargs.get("params_subset"),
                                      adapter_kwargs.get("project"), adapter_kwargs.get("seed", 0))
-        mw = MemoryWriter(tf.layout, framework="torch", **mw_kw)
+        mw = MemoryWriter(tf.layout, framework="torch", **mw_kw, provenance={
+            "framework_version": gt.torch.__version__, "user_attrs": {"model": type(obj).__name__}})
         rec = gt.Recorder(mw, obj, loss_fn, **adapter_kwargs)
         for sp, data in _split_data(X, y, split).items():
             if isinstance(data, tuple | list):  # arrays: sliced into batches

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import xarray as xr
 
-from . import distributed
+from . import _cf, distributed
 from ._dsutil import describe, require_int, require_paths
 from .engine import (  # noqa: F401 - names of the single-module reduce (v1 code, tests)
     Partial,
@@ -158,6 +158,7 @@ def reduce(
             "run_id": ",".join(sorted({s.attrs["run_id"] for s in stores})),
             "framework": ",".join(sorted({s.attrs["framework"] for s in stores})),
             "sources": ",".join(str(s.path) for s in stores),
+            **_cf.provenance(stores),
         }
         return build_dataset(parts, layout, ddof=ddof, blocks=blocks, nonfinite=nonfinite,
                              attrs=attrs)

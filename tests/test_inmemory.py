@@ -171,8 +171,10 @@ def test_gsnr_of_a_torch_model_is_reduce_of_its_store(tmp_path, monkeypatch) -> 
 def test_memory_writer_keeps_optimizer_step_and_meta_like_the_store(tmp_path, logreg) -> None:
     meta = {"optimizer": {"class": "LogisticRegression", "solver": "lbfgs", "C": 1.0}}
     path = tmp_path / "o.h5"
+    # the provenance open_writer stores (issue 13: the stats keep framework version, model)
     mw = MemoryWriter(gk.layout(logreg, with_layers=True), framework="sklearn",
-                      dtype="float32")
+                      dtype="float32", provenance={"framework_version": gk.sklearn.__version__,
+                                                   "user_attrs": {"estimator": "LogisticRegression"}})
     with gk.open_writer(path, logreg) as w:
         for writer in (w, mw):
             for step, (X, y) in enumerate(((X_TR, Y_TR), (X_TE, Y_TE))):
