@@ -526,6 +526,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                             steps_per_checkpoint=args.steps_per_checkpoint,
                             allow_mixed_runs=args.allow_mixed_runs)
     print(page)
+    print(page.with_suffix(".html"))  # the same page in one self-contained file
     return 0
 
 
@@ -681,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-mixed-runs", action="store_true", help=_MIXED_HELP)
     s.set_defaults(func=cmd_plot)
 
-    s = command("report", "one-page summary (Markdown + figures + stats.nc) of a run")
+    s = command("report", "one-page summary of a run: report.md, a self-contained report.html, "
+                         "the figures and stats.nc")
     s.add_argument("stores", nargs="+", metavar="STORES",
                    help="store files (shards) or glob patterns, one stats netCDF, or a report "
                         "directory")
