@@ -137,7 +137,7 @@ class GradientStore:
             raise SchemaError(f"{path}: invalid format version {int(ver)}")
         self.version = int(ver)
         groups = {"moments"} | (set(TABLES) if self.version >= 2 else set())
-        _check_links(f, path, groups)
+        self._objs = _check_links(f, path, groups)
         text = _attr_str(f, "layout", path)
         if len(text) > _MAX_LAYOUT_JSON:
             raise SchemaError(f"{path}: layout attribute is implausibly large")
@@ -147,7 +147,7 @@ class GradientStore:
             raise SchemaError(f"{path}: layout_hash does not match the stored layout")
         P = self.layout.n_params
         self._check_ds("grads", 2, (np.dtype("<f4"), np.dtype("<f2")))
-        if f["grads"].shape[1] != P:
+        if self._obj("grads").shape[1] != P:
             raise SchemaError(
                 f"{path}: grads has {f['grads'].shape[1]} columns, layout has {P} parameters"
             )
@@ -158,8 +158,8 @@ class GradientStore:
         if self.version >= 3:
             self._check_ds("record_meta", 1, (np.dtype("u1"),))
         for name in ("moments/mean", "moments/m2"):
-            if f[name].shape[1] != P:
-                raise SchemaError(f"{path}: {name} has shape {f[name].shape}, inconsistent")
+            if self._obj(name).shape[1] != P:
+                raise SchemaError(f"{path}: {name} has shape {self._obj(name).shape}, inconsistent")
         self.debris: dict[str, int] = {}
         if self.version == 1:
             self._load_index_v1()
@@ -177,14 +177,21 @@ class GradientStore:
                 stacklevel=4,
             )
 
+    def _obj(self, name: str) -> Any:
+        """The object at ``name`` (None if absent), from the objects :func:`_check_links` saw."""
+        objs = getattr(self, "_objs", None)
+        if objs is not None and name in objs:
+            return objs[name]
+        return self._f.get(name)
+
     def _check_ds(
         self, name: str, ndim: int, dtypes: tuple[np.dtype, ...], compound: bool = False,
         trailing: tuple[int, ...] | None = None,
     ) -> h5py.Dataset:
-        f, path = self._f, self.path
-        if name not in f:
+        path = self.path
+        ds = self._obj(name)
+        if ds is None:
             raise SchemaError(f"{path}: dataset {name!r} is missing")
-        ds = f[name]
         if not isinstance(ds, h5py.Dataset):
             raise SchemaError(f"{path}: {name!r} is not a dataset")
         if ds.ndim != ndim:
@@ -210,7 +217,7 @@ class GradientStore:
     def _read_table_v2(self, table: str) -> dict[str, np.ndarray]:
         """Valid rows of a v2 table: the prefix whose checksums match; the rest is debris."""
         path = self.path
-        if table not in self._f or not isinstance(self._f[table], h5py.Group):
+        if not isinstance(self._obj(table), h5py.Group):
             raise SchemaError(f"{path}: dataset {table!r} is missing (a table group)")
         cols = (*tables(self.version)[table], (CRC_COL, np.dtype("<u8"), ()))
         dss = []
@@ -284,7 +291,7 @@ class GradientStore:
                     )
 
     def _load_index_v2(self) -> None:
-        f, path = self._f, self.path
+        path = self.path
         # Records first: everything a record names was flushed before its row was written,
         # so whatever is read after it (a live writer keeps appending) covers it.
         recs = self._read_table_v2("records")
@@ -303,14 +310,14 @@ class GradientStore:
         for name, stop in (("grads", g_stop), ("loss", g_stop), ("sample_id", g_stop),
                            ("label", g_stop), ("moments/count", m_stop),
                            ("moments/mean", m_stop), ("moments/m2", m_stop)):
-            if f[name].shape[0] < stop:
+            if self._obj(name).shape[0] < stop:
                 raise SchemaError(
                     f"{path}: completed records cover {stop} rows of {name}, the file holds "
-                    f"{f[name].shape[0]} (truncated or damaged file)"
+                    f"{self._obj(name).shape[0]} (truncated or damaged file)"
                 )
         self._grads_stop, self._moments_stop = g_stop, m_stop
-        if f["grads"].shape[0] > g_stop:
-            self.debris["grads rows"] = f["grads"].shape[0] - g_stop
+        if self._obj("grads").shape[0] > g_stop:
+            self.debris["grads rows"] = self._obj("grads").shape[0] - g_stop
         keys = [(int(s), _decode_split(sp, path)) for s, sp in zip(segs["step"], segs["split"],
                                                                       strict=True)]
         self._segments: dict[tuple[int, str], list[Segment]] = {}
@@ -358,7 +365,7 @@ class GradientStore:
                                            float(recs["lr"][i]), float(recs["epoch"][i]), ostep))
         self._meta: dict[tuple[int, str], tuple[int, int, int]] = {}
         if self.version >= 3:
-            n_meta = f["record_meta"].shape[0]
+            n_meta = self._obj("record_meta").shape[0]
             self._meta = meta_extents(recs, [(r.step, r.split) for r in self.records], n_meta,
                                       path)
             meta_stop = int(recs["meta_stop"].max(initial=0))
@@ -392,24 +399,24 @@ class GradientStore:
             self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES.get(kind, "?"), n))
 
     def _load_index_v1(self) -> None:
-        f, path = self._f, self.path
-        rows = f["grads"].shape[0]
+        path = self.path
+        rows = self._obj("grads").shape[0]
         for name in ("loss", "sample_id", "label"):
-            if f[name].shape[0] < rows:
+            if self._obj(name).shape[0] < rows:
                 raise SchemaError(
-                    f"{path}: {name} has {f[name].shape[0]} rows, fewer than grads ({rows})"
+                    f"{path}: {name} has {self._obj(name).shape[0]} rows, fewer than grads ({rows})"
                 )
-        mrows = f["moments/count"].shape[0]
+        mrows = self._obj("moments/count").shape[0]
         for name in ("moments/mean", "moments/m2"):
-            if f[name].shape[0] < mrows:
-                raise SchemaError(f"{path}: {name} has shape {f[name].shape}, inconsistent")
+            if self._obj(name).shape[0] < mrows:
+                raise SchemaError(f"{path}: {name} has shape {self._obj(name).shape}, inconsistent")
         for name, dt in V1_TABLES.items():
             ds = self._check_ds(name, 1, (dt,), compound=True)
             if ds.shape[0] > _backed_rows(ds, dt.itemsize):
                 raise SchemaError(f"{path}: table {name!r} claims more rows than it stores")
         self._grads_stop, self._moments_stop = rows, mrows
-        segs = f["segments"][()]
-        recs = f["records"][()]
+        segs = self._obj("segments")[()]
+        recs = self._obj("records")[()]
         by_key: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
         for s in segs:
             split = _decode_split(s["split"], path)
@@ -459,7 +466,7 @@ class GradientStore:
                 self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES[kind], n))
 
         def table(name: str) -> dict[str, np.ndarray]:
-            t = f[name][()]
+            t = self._obj(name)[()]
             return {k: np.asarray(t[k]) for k in t.dtype.names}
 
         self.trajectory_rows = table("trajectory")
@@ -467,7 +474,7 @@ class GradientStore:
 
     def _check_backing(self) -> None:
         """Refuse a file that claims more data than its size can hold (a memory bomb)."""
-        f, path = self._f, self.path
+        path = self.path
         P = self.layout.n_params
         # Every completed record was flushed before its completion row, so in v2 its data is
         # stored, whole chunks: no slack. A slack of a chunk row is a memory bomb when rows
@@ -483,7 +490,7 @@ class GradientStore:
                 f"{path}: layout claims {P} parameters, more than the file's {size} bytes "
                 "could hold one gradient row of (a crafted file?)"
             )
-        g = f["grads"]
+        g = self._obj("grads")
         if self._grads_stop and self._grads_stop > _backed_rows(g, P * g.dtype.itemsize, slack):
             raise SchemaError(
                 f"{path}: records claim {self._grads_stop} gradient rows of {P} parameters, "
@@ -495,7 +502,7 @@ class GradientStore:
                 raise SchemaError(f"{path}: grads chunk shape {g.chunks} implies more chunks "
                                   "than the file has bytes")
         for name in ("moments/mean", "moments/m2"):
-            ds = f[name]
+            ds = self._obj(name)
             if self._moments_stop and self._moments_stop > _backed_rows(ds, P * 8, slack):
                 raise SchemaError(
                     f"{path}: records claim {self._moments_stop} moment rows of {P} "
@@ -506,7 +513,7 @@ class GradientStore:
 
     def _read(self, name: str, sel: Any, where: str) -> np.ndarray:
         try:
-            return self._f[name][sel]
+            return self._obj(name)[sel]
         except Exception as e:  # noqa: BLE001 - any h5py failure here is a damaged file
             raise StoreError(f"{where}: cannot read {name} ({type(e).__name__}: {e}); file "
                              "damaged or truncated?") from e
@@ -549,23 +556,23 @@ class GradientStore:
     @property
     def grads_dataset(self) -> h5py.Dataset:
         """The underlying ``grads`` dataset (kept for old callers; use :meth:`view`)."""
-        return self._f["grads"]
+        return self._obj("grads")
 
     @property
     def grads_dtype(self) -> np.dtype:
         """Stored dtype of the per-sample gradients (float32 or float16)."""
-        return self._f["grads"].dtype
+        return self._obj("grads").dtype
 
     @property
     def grads_chunks(self) -> tuple[int, int]:
         """Chunk shape ``(rows, columns)`` of the per-sample gradients."""
-        c = self._f["grads"].chunks
+        c = self._obj("grads").chunks
         return (int(c[0]), int(c[1])) if c else (1, max(1, self.layout.n_params))
 
     @property
     def grads_compression(self) -> str | None:
         """Compression filter of the per-sample gradients (``None``: uncompressed)."""
-        return self._f["grads"].compression
+        return self._obj("grads").compression
 
     def view(self, step: int, split: str, *, cols: tuple[int, int] | None = None) -> RecordView:
         """Read-only chunk-row views of record ``(step, split)`` over columns ``cols``.
@@ -698,7 +705,7 @@ class GradientStore:
         """Per-sample gradients of a record, ``(n, P)`` in the stored dtype (float32)."""
         parts = list(self.iter_grads(step, split, rows=1 << 30))
         if not parts:
-            return np.empty((0, self.layout.n_params), self._f["grads"].dtype)
+            return np.empty((0, self.layout.n_params), self._obj("grads").dtype)
         return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def read_loss(self, step: int, split: str) -> np.ndarray:
