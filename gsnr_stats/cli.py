@@ -393,6 +393,45 @@ def _refuse_for_reduce(p: Path, kind: str) -> None:
                          f"(.h5) or globs such as '{p / '*.h5'}'")
 
 
+def _check_selection(paths: Sequence[Path], steps: Sequence[int] | None,
+                     splits: Sequence[str] | None) -> None:
+    """:class:`UsageError` naming ``--steps``/``--splits`` if they ask for absent records.
+
+    Called after ``reduce`` failed, so a successful run opens no store twice. Stores this
+    process cannot open are left out (their own error is the one reported).
+    """
+    from .store import open_store
+
+    if steps is None and splits is None:
+        return
+    keys: dict[tuple[int, str], None] = {}
+    for p in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                st = open_store(p)
+        except GSNRError:
+            continue
+        with st:
+            keys.update(dict.fromkeys((r.step, r.split) for r in st.records))
+    if not keys:
+        return
+    if steps is not None:
+        have = sorted({k[0] for k in keys})
+        absent = sorted(set(steps) - set(have))
+        if absent:
+            raise UsageError(f"argument --steps: {', '.join(map(str, absent))} not in the "
+                             f"stores (available: {', '.join(map(str, have))})")
+        keys = {k: None for k in keys if k[0] in set(steps)}
+    if splits is not None:
+        have_s = sorted({k[1] for k in keys})
+        absent_s = [s for s in dict.fromkeys(splits) if s not in have_s]
+        if absent_s:
+            where = "the selected steps" if steps is not None else "the stores"
+            raise UsageError(f"argument --splits: {', '.join(map(repr, absent_s))} not in "
+                             f"{where} (available: {', '.join(have_s)})")
+
+
 def cmd_reduce(args: argparse.Namespace) -> int:
     from .reduce import reduce
 
@@ -437,6 +476,9 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         for p in paths:
             if str(p) in str(e) and not is_store(p):
                 _refuse_for_reduce(p, sniff(p)[0])
+        raise
+    except StoreError:  # --steps/--splits naming absent data is a user mistake (exit 2)
+        _check_selection(paths, args.steps, args.splits)
         raise
     finally:
         if client is not None:

@@ -113,6 +113,13 @@ def _cases(f):
         (["reduce", D / "missing.h5", "-o", D / "o.nc"], ["STORES", "no such file"]),
         (["reduce", str(D / "nomatch-*.h5"), "-o", D / "o.nc"], ["STORES", "matches no file"]),
         (["reduce", S, S, "-o", D / "o.nc"], ["STORES", "counted twice"]),
+        # reduce: a selection naming absent records (was a StoreError, exit 1)
+        (["reduce", S, "-o", D / "o.nc", "--steps", "10", "99"],
+         ["--steps", "99 not in the stores", "available: 0, 10"]),
+        (["reduce", S, "-o", D / "o.nc", "--splits", "val"],
+         ["--splits", "'val' not in the stores", "available: test, train"]),
+        (["reduce", S, "-o", D / "o.nc", "--steps", "0", "--splits", "train", "nope"],
+         ["--splits", "'nope' not in the selected steps", "available: test, train"]),
         # osgr
         (["osgr", J], ["STATS", "junk.nc", "neither HDF5 nor netCDF", "gsnr-stats reduce"]),
         (["osgr", F], ["STATS", "foreign.nc", "without the variables"]),
@@ -151,7 +158,7 @@ def _cases(f):
     ]
 
 
-N_CASES = 41
+N_CASES = 44
 
 
 def test_every_user_mistake_is_one_line_and_exit_2(files, read_only, capsys):
