@@ -30,7 +30,7 @@ lint: venv-test
 	$(VENV)/bin/ruff check gsnr_stats adapters tests bench examples
 
 test: venv-test lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n logical --dist worksteal --durations=15
 
 bench: venv-test
 	$(PY) bench/reduce.py
