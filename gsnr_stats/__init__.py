@@ -12,6 +12,7 @@ from .compare import compare, compare_figure
 from .errors import (
     AdapterError,
     ArgumentTypeError,
+    DiskSpaceWarning,
     GSNRError,
     LayoutMismatchError,
     MissingDependencyError,
@@ -36,6 +37,7 @@ from .store import (
     RecordInfo,
     open_store,
 )
+from .store._space import estimate_store_bytes
 from .theory import (
     accumulated_gap,
     measured_gap,
@@ -49,6 +51,7 @@ from .uncertainty import aggregate_ci, jackknife, osgr_ci
 __all__ = [
     "AdapterError",
     "ArgumentTypeError",
+    "DiskSpaceWarning",
     "GSNRError",
     "GradientStore",
     "GradientWriter",
@@ -72,6 +75,7 @@ __all__ = [
     "aggregate_ci",
     "compare",
     "compare_figure",
+    "estimate_store_bytes",
     "gsnr",
     "jackknife",
     "measured_gap",

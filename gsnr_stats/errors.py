@@ -65,3 +65,8 @@ class StepSpacingWarning(UserWarning):
 class SignalBelowNoiseWarning(UserWarning):
     """A debiased signal ``Σ(m² − s²/N)`` is below zero, so a ratio built on it (theoretical
     OSGR, noise scale) is negative; on a fitted training split, use a held-out split."""
+
+
+class DiskSpaceWarning(UserWarning):
+    """A store is about to need more bytes than its file system has free: the message names
+    the file, the estimate and the free bytes (``GradientWriter.estimate_bytes``)."""

@@ -15,6 +15,8 @@ from ..errors import LayoutMismatchError, SchemaError
 
 _TARGET_CHUNK_BYTES = 2 << 20
 _MAX_CHUNK_COLS = 8192
+_ALIGN = 4096  # O_DIRECT alignment of DirectChunks
+_ALIGNED_PAD = 0.02  # padding worth paying for 4096-byte column widths (the bound is 5 %)
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,53 @@ class Layout:
 
 
 
+def balanced_width(n: int, max_width: int) -> int:
+    """Width of the fewest chunks of at most ``max_width`` that cover ``n``, as equal as can be.
+
+    ``k = ceil(n / max_width)`` chunks of width ``ceil(n / k)``: the last one overhangs ``n``
+    by fewer than ``k`` elements (a fixed ``max_width`` would overhang by up to
+    ``max_width − 1``, which HDF5 stores in full).
+    """
+    n, max_width = max(1, int(n)), max(1, int(max_width))
+    k = -(-n // max_width)
+    return -(-n // k)
+
+
+def chunk_cols(n_params: int, itemsize: int, max_cols: int = _MAX_CHUNK_COLS) -> int:
+    """Column width of the ``grads`` chunks: at most ``max_cols``, padding ``≤ 5 %`` of P.
+
+    HDF5 stores every chunk at full size, so the columns past ``P`` in the last column chunk
+    cost file space: ``padding = ceil(P / w)·w − P``. Widths that are a multiple of 4096
+    bytes let :class:`~gsnr_stats.store._chunkio.DirectChunks` use ``O_DIRECT``; the widest
+    such width from ``max_cols`` down to ``max_cols / 2`` is taken if its padding is
+    ``≤ 2 %`` of ``P``, otherwise :func:`balanced_width` (padding below ``ceil(P / max_cols)``
+    columns, width above ``max_cols / 2``). A model with ``P ≤ max_cols`` gets one column
+    chunk of width ``P`` (no padding).
+    """
+    P = max(1, int(n_params))
+    if P <= max_cols:
+        return P
+    unit = _ALIGN // itemsize if _ALIGN % itemsize == 0 else 0
+    if unit:
+        # widest first, and never below max_cols / 2: a narrower chunk has more rows, and
+        # one chunk row (what the last, partial one wastes at most) would grow with them
+        for k in range(max_cols // unit, 0, -1):
+            w = k * unit
+            if 2 * w < max_cols:
+                break
+            if -(-P // w) * w - P <= _ALIGNED_PAD * P:
+                return w
+    return balanced_width(P, max_cols)
+
+
 def auto_chunks(n_params: int, itemsize: int) -> tuple[int, int]:
     """Chunk shape ``(rows, cols)`` of about 2 MiB for a ``(N, P)`` gradient dataset.
 
-    Columns are capped at 8192 so that one chunk row of a wide model still holds several
-    samples (the two-pass kernel runs per chunk), rows fill the rest of the 2 MiB.
+    Columns (:func:`chunk_cols`) are capped at 8192 so that one chunk row of a wide model
+    still holds several samples (the two-pass kernel runs per chunk) and chosen so that the
+    last column chunk pads the file by at most 5 % of ``P``; rows fill the rest of the 2 MiB.
     """
-    cols = max(1, min(n_params, _MAX_CHUNK_COLS))
+    cols = chunk_cols(n_params, itemsize)
     rows = max(1, min(65536, _TARGET_CHUNK_BYTES // (cols * itemsize)))
     return int(rows), int(cols)
 

@@ -36,7 +36,8 @@ from ._inputs import as_vector, check_grads, check_moments, to_store_dtype
 from ._meta import check_optimizer_step, encode_meta
 from ._netcdf import LIBVER, add_netcdf_view, global_attrs
 from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, temp_files  # noqa: F401
-from .layout import Layout, auto_chunks
+from ._space import SpaceCheck
+from .layout import Layout, auto_chunks, balanced_width
 from .schema import (
     CRC_COL,
     FORMAT_NAME,
@@ -104,7 +105,8 @@ class GradientWriter:
         Storage dtype of gradients. Finite values beyond its range are refused (never stored
         as ``inf``).
     chunks : (int, int), optional
-        Chunk shape ``(rows, cols)``; default about 2 MiB (:func:`auto_chunks`).
+        Chunk shape ``(rows, cols)``; default about 2 MiB, the last column chunk padding the
+        file by at most 5 % of P (:func:`auto_chunks`).
     compression : {None, "lzf", "gzip"}
         HDF5 filter for gradients; uncompressed stores are read fastest (memory-mapped).
     run_id : str, optional
@@ -127,6 +129,11 @@ class GradientWriter:
         that completed records survive a power loss or kernel crash, not only a killed
         process. Default ``False``: a flush hands the data to the operating system, which is
         enough for any kill of the writer (SIGKILL, OOM killer, a cancelled job).
+    expected_rows, expected_blocks : int, optional
+        Per-sample rows / moment blocks planned for this shard (all records): warned about
+        before the file is created, and at each new chunk row, when their bytes
+        (:meth:`estimate_bytes`) exceed the free space of the store's directory. Without
+        them each new chunk row of file space is checked alone. :class:`DiskSpaceWarning`.
 
     Notes
     -----
@@ -158,6 +165,8 @@ class GradientWriter:
         fast_write: bool = True,
         direct_io: bool | str = "auto",
         fsync: bool = False,
+        expected_rows: int | None = None,
+        expected_blocks: int | None = None,
     ) -> None:
         self.path = Path(path)
         self._closed = True  # until the file is open: close() and __del__ do nothing
@@ -188,7 +197,10 @@ class GradientWriter:
         except (TypeError, ValueError) as e:
             raise ValueError(f"attrs must be JSON-serialisable: {e}") from e
         self.run_id = run_id or uuid.uuid4().hex
+        self._space = SpaceCheck(self.path, self.layout, self.dtype, chunks, expected_rows,
+                                 expected_blocks)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._space.at_create()
         cleanup_stale_tmp(self.path)
         tmp = _tmp_name(self.path)
         # Chunk cache holds one full chunk row so that batches not aligned to chunk rows
@@ -267,7 +279,7 @@ class GradientWriter:
             f.create_dataset(name, (0,), maxshape=(None,), dtype=dt, chunks=vec_chunk)
         f.create_dataset("record_meta", (0,), maxshape=(None,), dtype="u1", chunks=(4096,))
         mom = f.create_group("moments")
-        mcols = min(P, 1 << 17)
+        mcols = balanced_width(P, 1 << 17)  # no near-empty last chunk (stored whole)
         mom.create_dataset("count", (0,), maxshape=(None,), dtype="<f8", chunks=(256,))
         mom.create_dataset("mean", (0, P), maxshape=(None, P), dtype="<f8", chunks=(1, mcols))
         mom.create_dataset("m2", (0, P), maxshape=(None, P), dtype="<f8", chunks=(1, mcols))
@@ -431,6 +443,11 @@ class GradientWriter:
             ds[b:n1] = g[b - n0 :]
         return n0, n1
 
+    def estimate_bytes(self, n_rows: int = 0, n_blocks: int = 0, n_records: int = 1) -> int:
+        """File size of this shard with ``n_rows`` gradient rows and ``n_blocks`` moment
+        blocks in all (:func:`gsnr_stats.estimate_store_bytes` with its layout, dtype, chunks)."""
+        return self._space.estimate(n_rows, n_blocks, n_records)
+
     def alloc_rows(self, rows: int) -> np.ndarray:
         """A reusable host buffer ``(rows, P)`` for gradients, laid out as the chunks are.
 
@@ -571,6 +588,8 @@ class GradientWriter:
         gs_ = to_store_dtype(g, self.dtype, self.layout, where)
         s1, s2 = data_checksum(gs_)
         aux = bytes_crc(loss_a, sid, lab)
+        n_rows = self._ds("grads").shape[0]
+        self._space.before_grads(n_rows, n_rows + n)  # may warn: nothing written yet
         with self._step(where):
             start, stop = self._append_grads(gs_)
             self._append("loss", loss_a)
@@ -607,6 +626,7 @@ class GradientWriter:
         rattrs = self._record_attrs(where, lr, epoch, optimizer_step, meta)
         cnt = np.array([count])
         aux = bytes_crc(cnt, mean, m2)
+        self._space.before_moments(self._ds("moments/count").shape[0])
         with self._step(where):
             start, stop = self._append("moments/count", cnt)
             self._append("moments/mean", mean[None, :])
