@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import html.parser
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -119,12 +130,14 @@ def test_report_page_figures_and_numbers(run_store, report_dir):
     np.testing.assert_allclose(saved["mean"].values, stats["mean"].values, rtol=0, atol=0)
 
 
-def test_report_from_netcdf_and_cli(run_store, tmp_path, capsys):
+def test_report_from_netcdf_and_cli(run_store, tmp_path, capsys, no_render):
     nc = tmp_path / "s.nc"
     assert main(["reduce", str(run_store), "-o", str(nc), "-q"]) == 0
     assert main(["report", str(nc), "-o", str(tmp_path / "r"), "-n", "300"]) == 0
     page = tmp_path / "r" / "report.md"
-    assert str(page) in capsys.readouterr().out
+    printed = capsys.readouterr().out.split()
+    assert str(page) in printed and str(page.with_suffix(".html")) in printed
+    assert page.with_suffix(".html").read_text().startswith("<!DOCTYPE html>")
     text = page.read_text()
     stats = xr.load_dataset(nc)
     R = th.osgr(stats, 300, split="test")
@@ -351,3 +364,306 @@ def test_report_default_adam_mlp(tmp_path, no_render):
     got, bound = _increments(text)
     want = 1e-3 * np.diff(steps) * np.array(sV[:-1]) / 300
     assert (np.abs(got - want) <= bound).all(), (got, want, bound)
+
+
+# -- a page a non-expert reads, and one file to send (issue 13) ------------------------------
+
+_FLOAT = re.compile(r"(?<![\w.:+-])[-+]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?e[-+]?\d+)(?![\w.])")
+
+
+def _sig_figs(tok: str) -> int:
+    mant = tok.lower().lstrip("+-").split("e")[0].replace(".", "").lstrip("0")
+    return len(mant) if mant else 1
+
+
+def _tables(page: str) -> list[list[list[str]]]:
+    """Every Markdown table of the page: header row then body rows, cells stripped."""
+    out, cur = [], []
+    for ln in page.splitlines() + [""]:
+        if ln.startswith("|"):
+            cur.append(ln)
+        elif cur:
+            out.append([[c.strip() for c in r.strip("|").split(" | ")]
+                        for i, r in enumerate(cur) if i != 1])
+            cur = []
+    return out
+
+
+def test_fmt_prints_four_significant_figures():
+    # the page printed 6 (0.333333); 4 are all the estimates' errors justify
+    assert fmt(1 / 3) == "0.3333"
+    assert fmt(2 / 3) == "0.6667"
+    assert fmt(-0.000123456) == "-0.0001235"
+    assert fmt(123456.7) == "1.235e+05"
+    assert fmt(0.081) == "0.081"
+    assert fmt(1257) == "1257" and fmt(np.int64(12345)) == "12345"  # counts and steps exact
+    assert (fmt(float("nan")), fmt(float("inf")), fmt("—")) == ("nan", "inf", "—")
+
+
+def test_report_numbers_have_at_most_four_figures(report_dir):
+    text = (report_dir / "report.md").read_text()
+    toks = _FLOAT.findall(text)
+    assert len(toks) > 40  # the tables' numbers were found
+    too_long = [t for t in toks if _sig_figs(t) > 4]
+    assert not too_long, too_long[:10]
+
+
+def test_report_tables_are_long_not_wide(run_store, tmp_path, no_render):
+    # 12 layers: the GSNR table was step, split + 12 medians + 12 pooled = 26 columns
+    stats = gs.reduce(run_store, blocks=4)
+    P = stats.sizes["param"]
+    names = [f"layer{i % 12:02d}" for i in range(P)]
+    stats = stats.assign_coords(layer=("param", names))
+    text = write_report(stats, tmp_path / "r", n=300).read_text()
+    tables = _tables(text)
+    assert max(len(t[0]) for t in tables) <= 8, [t[0] for t in tables]
+    assert len(tables) == 6  # provenance, records, GSNR, OSGR, gap, noise (no probes here)
+    assert all(len(r) == len(t[0]) for t in tables for r in t)
+    # the long GSNR table: one row per (step, split, layer), values from numpy directly
+    rows = _rows(text, "Median GSNR per layer")
+    assert len(rows) == 3 * 2 * 12
+    lay = np.array(names)
+    with gs.open_store(run_store) as s:
+        grads = {(st, sp): s.read_grads(st, sp).astype(np.float64) for st in s.steps
+                 for sp in ("train", "test")}
+    for r in rows:
+        st, sp, g = int(r[0]), r[1], r[2]
+        sub = grads[st, sp][:, lay == g]
+        m, v = sub.mean(0), sub.var(0, ddof=1)
+        ok = v > 0
+        assert float(r[3]) == pytest.approx(np.median(m[ok] ** 2 / v[ok]), rel=5e-4)
+        assert float(r[4]) == pytest.approx((m ** 2).sum() / v.sum(), rel=5e-4)
+    # the noise scale: one row per (step, split), not one column per split
+    assert [len(r) for r in _rows(text, "Gradient noise scale")] == [3] * 6
+
+
+def test_report_cites_the_paper_not_repository_docs(report_dir):
+    for name in ("report.md", "report.html"):
+        text = (report_dir / name).read_text()
+        assert "docs/" not in text and ".md'" not in text
+        assert "Liu, J." in text and "ICLR 2020" in text and "arXiv:2001.07384" in text
+
+
+def test_report_formulas_have_plain_words(report_dir):
+    lines = (report_dir / "report.md").read_text().splitlines()
+    at = [i for i, ln in enumerate(lines) if ln.startswith("Formula: `")]
+    formulas = [lines[i] for i in at]
+    for want in ("r_j = m_j^2 / s_j^2", "R(n) = sum_j G_j / sum_j (G_j + V_j / n)",
+                 "gap = mean test loss - mean train loss", "B_simple = ", "R = sum dL[D']"):
+        assert any(want in f for f in formulas), want
+    names = ["signal-to-noise ratio", "one-step generalization ratio", "generalization gap",
+             "batch size", "OSGR measured directly"]
+    for i, name in zip(at, names, strict=True):
+        meaning = lines[i + 1]  # right beside the formula
+        assert meaning.startswith("In plain words: ") and name in meaning
+        assert len(meaning.split()) >= 30
+    # and in the HTML: each formula paragraph is followed by its meaning
+    html_text = (report_dir / "report.html").read_text()
+    pairs = re.findall(r'<p class="formula">Formula: <code>[^<]*</code></p>\n'
+                       r'<p class="meaning">In plain words: ', html_text)
+    assert len(pairs) == len(at) == 5
+
+
+def _provenance_rows(text: str) -> list[list[str]]:
+    return _rows(text, "Provenance")
+
+
+def test_report_provenance_same_from_nc_as_from_stores(run_store, report_dir, tmp_path,
+                                                       no_render):
+    from_stores = _provenance_rows((report_dir / "report.md").read_text())
+    nc = tmp_path / "s.nc"
+    assert main(["reduce", str(run_store), "-o", str(nc), "-q", "--blocks", "4"]) == 0
+    from_nc = _provenance_rows(write_report(nc, tmp_path / "a", n=[50, 300]).read_text())
+    from_dir = _provenance_rows(write_report(report_dir, tmp_path / "b").read_text())
+    assert from_nc == from_stores and from_dir == from_stores
+    got = dict(map(tuple, from_stores))
+    with gs.open_store(run_store) as s:  # the values, read from the store itself
+        want = {"reduced by gsnr-stats": gs.__version__, "store files": str(run_store),
+                "run id": s.attrs["run_id"], "parameter layout hash": s.layout.hash,
+                "framework": s.attrs["framework"], "parameters": str(s.layout.n_params),
+                "variance ddof": "1"}
+        fw_version = s.attrs.get("framework_version")
+    assert {k: got.get(k) for k in want} == want
+    if "framework_version" in xr.load_dataset(nc).attrs:  # kept by reduce (stats .nc CF work)
+        assert got["framework version"] == fw_version
+        assert got["model"] == "SGDClassifier"
+
+
+class _HTMLCheck(html.parser.HTMLParser):
+    """Tags, attributes, heading texts and table cells of a page; flags unbalanced tags."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input", "source"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+        self.h2: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self._text: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        if tag in ("h2", "td", "th"):
+            self._text = []
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:]}")
+            return
+        self.stack.pop()
+        if tag in ("h2", "td", "th") and self._text is not None:
+            t = "".join(self._text).strip()
+            if tag == "h2":
+                self.h2.append(t)
+            else:
+                self.tables[-1][-1].append(t)
+            self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+
+def _png_ok(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG whose every chunk's CRC holds and whose image data inflate."""
+    assert data[:8] == PNG
+    pos, chunks, idat = 8, [], b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        chunks.append(kind)
+        if kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and idat
+    w, h = struct.unpack(">II", data[16:24])
+    bit_depth, colour = data[24], data[25]
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    raw = zlib.decompress(idat)  # one filter byte per row + the row's samples
+    assert len(raw) == h * (1 + (w * channels * bit_depth + 7) // 8)
+    return w, h
+
+
+def test_report_html_is_self_contained(report_dir):
+    text = (report_dir / "report.html").read_text()
+    p = _HTMLCheck()
+    p.feed(text)
+    p.close()
+    assert not p.errors and not p.stack, (p.errors, p.stack)
+    # no reference to anything outside the file
+    for tag, a in p.tags:
+        assert tag not in ("link", "script", "iframe", "object", "embed"), tag
+        for k in ("href", "srcset", "poster", "data", "action"):
+            assert k not in a, (tag, a)
+        if "src" in a:
+            assert tag == "img" and a["src"].startswith("data:image/png;base64,")
+    assert "url(" not in text and "@import" not in text
+    # every figure embedded, byte for byte the PNG written beside it, and a valid PNG
+    imgs = [a for t, a in p.tags if t == "img"]
+    pngs = sorted(report_dir.glob("*.png"))
+    assert len(imgs) == len(pngs) == 6
+    by_alt = {a["alt"]: base64.b64decode(a["src"].split(",", 1)[1], validate=True)
+              for a in imgs}
+    for f in pngs:
+        assert by_alt[f.stem] == f.read_bytes()
+        w, h = _png_ok(by_alt[f.stem])
+        assert w > 100 and h > 100
+    # all sections, and the same tables as the Markdown (same cells, rows of header width)
+    md = (report_dir / "report.md").read_text()
+    assert p.h2 == [ln[3:] for ln in md.splitlines() if ln.startswith("## ")]
+    assert p.h2 == ["Provenance", "Records", "Median GSNR per layer", "OSGR, theory",
+                    "Generalization gap", "Gradient noise scale", "OSGR, measured by probes",
+                    "Figures", "Files"]
+    for t in p.tables:
+        assert all(len(r) == len(t[0]) for r in t)
+    strip = [[[c.replace("`", "") for c in r] for r in t] for t in _tables(md)]
+    assert p.tables == strip
+
+
+_BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome",
+             "headless_shell")
+_PROBE = """<script>
+window.__errs = [];
+window.addEventListener('error', function (e) {
+  window.__errs.push(e.message || ('failed to load ' + (e.target && e.target.tagName)));
+}, true);
+console.error = function () { window.__errs.push([].join.call(arguments, ' ')); };
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var out = document.createElement('pre');
+  out.id = 'probe';
+  out.textContent = JSON.stringify({
+    widths: imgs.map(function (i) { return i.complete ? i.naturalWidth : -1; }),
+    errors: window.__errs, tables: document.querySelectorAll('table').length});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _render(browser: str, page: Path, tmp: Path) -> dict:
+    """Load ``page`` in the headless browser with a probe script; what the probe saw."""
+    probed = tmp / page.name
+    probed.write_text(page.read_text().replace("<head>", "<head>" + _PROBE, 1))
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+           "--virtual-time-budget=10000", "--host-resolver-rules=MAP * ~NOTFOUND",
+           f"--user-data-dir={tmp / 'profile'}", probed.as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HOME": str(tmp)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, re.S)
+    assert m, res.stdout[-2000:]
+    return json.loads(html.unescape(m.group(1)))
+
+
+def test_report_html_renders_in_a_headless_browser(report_dir, tmp_path):
+    browser = next((b for b in map(shutil.which, _BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip("no headless browser installed (chromium-headless-shell, chromium, "
+                    "google-chrome); the HTML is checked by parsing in "
+                    "test_report_html_is_self_contained")
+    page = report_dir / "report.html"
+    got = _render(browser, page, tmp_path)
+    want = sorted(_png_ok(f.read_bytes())[0] for f in report_dir.glob("*.png"))
+    assert sorted(got["widths"]) == want  # every figure decoded, at its own width
+    assert got["errors"] == []
+    assert got["tables"] == len(_tables((report_dir / "report.md").read_text())) == 7
+    # the probe can fail: a figure whose data is damaged does not decode
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "report.html").write_text(page.read_text().replace("base64,iVBOR", "base64,AAAA", 1))
+    got = _render(browser, bad / "report.html", bad)
+    assert sorted(got["widths"])[0] == 0 and len(got["widths"]) == len(want)
+    assert any("IMG" in e for e in got["errors"])
+
+
+def test_report_osgr_figure_gets_the_confidence_band(run_store, tmp_path, monkeypatch,
+                                                     no_render):
+    # the OSGR figure was drawn from theory.osgr (no interval) whatever the page showed
+    from gsnr_stats import plot
+
+    seen: list[xr.Dataset] = []
+    orig = plot.osgr_plot
+    monkeypatch.setattr(plot, "osgr_plot", lambda ds, *a, **k: seen.append(ds) or orig(ds, *a,
+                                                                                         **k))
+    text = write_report(run_store, tmp_path / "a", n=[50, 300], blocks=4).read_text()
+    last = seen[-1]  # the figure the page shows, drawn after save_all's
+    assert "osgr_lo" in last and "osgr_hi" in last
+    assert "](osgr.png)" in text and "with its 95 % jackknife band" in text
+    ci = th.osgr_ci(gs.reduce(run_store, blocks=4), [50, 300], split="test")
+    for v in ("osgr", "osgr_lo", "osgr_hi"):
+        np.testing.assert_allclose(last[v].sel(split="test").values,
+                                   ci[v].sel(split="test").values, rtol=1e-12)
+    seen.clear()
+    text = write_report(run_store, tmp_path / "b", n=300, blocks=None).read_text()
+    assert "osgr_lo" not in seen[-1] and "band" not in text.split("](osgr.png)")[1][:200]
