@@ -275,7 +275,8 @@ except StoreError as e:
 
 def _diskfull_check(path: Path, out: str, rc: int) -> None:
     assert rc == 0, f"writer died with {rc} (a SIGSEGV once, with lzf):\n{out[-2000:]}"
-    lines = out.splitlines()
+    # (a DiskSpaceWarning on stderr, from the writer's free-space check, may come first)
+    lines = [ln for ln in out.splitlines() if "DiskSpaceWarning" not in ln]
     assert lines[-1].startswith("storeerror"), lines[-3:]
     assert str(path) in lines[-1]
     done = [int(x.split()[1]) for x in lines if x.startswith("done ")]
