@@ -322,3 +322,29 @@ def test_expected_rows_refuses_nonsense(tmp_path):
     assert not (tmp_path / "a.h5").exists()
     with pytest.raises(ValueError, match="n_rows"):
         gs.estimate_store_bytes(3, -2)
+
+
+@pytest.mark.parametrize("P", [9690, 8193, 100_000])
+def test_default_chunks_direct_writes_bit_exact(tmp_path, P):
+    """The whole-chunk pwritev / O_DIRECT path with the new widths stores exactly the float32
+    rows (plain h5py read), its file space is HDF5's chunk count, and O_DIRECT is used (where
+    the file system allows it) exactly when the width is a multiple of 4096 bytes."""
+    rows, cols = auto_chunks(P, 4)
+    n = 2 * rows + 5  # two whole chunk rows (direct) and a tail through h5py
+    g = np.random.default_rng(P).normal(size=(n, P)).astype(np.float32)
+    p = tmp_path / "d.h5"
+    with gs.GradientWriter(p, [("w", (P,))], direct_io=True) as w:
+        opened = w._direct._dfd is not None
+        buf = w.alloc_rows(n)
+        buf[:] = g
+        w.write(0, "train", buf)
+        direct, buffered = w._direct.bytes_direct, w._direct.bytes_buffered
+    with h5py.File(p, "r") as f:
+        np.testing.assert_array_equal(f["grads"][()], g)
+        assert f["grads"].chunks == (rows, cols)
+        assert f["grads"].id.get_storage_size() == 3 * rows * -(-P // cols) * cols * 4
+    assert direct + buffered == 2 * rows * -(-P // cols) * cols * 4
+    if (cols * 4) % 4096:
+        assert direct == 0
+    elif opened:
+        assert direct > 0 and buffered == 0
