@@ -205,6 +205,21 @@ def provenance(stores: Iterable[Any]) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+def label_encoding(ds: xr.Dataset) -> xr.Dataset:
+    """Write the string labels (:data:`LABELS`) of ``ds`` as netCDF character arrays.
+
+    Sets ``encoding`` in place: ``dtype="S1"`` and a character dimension ``<name>_nchar``,
+    and drops the ``original_shape`` a Dataset read from a file carries, so that a subset
+    of it (shorter labels) is written without xarray's length-mismatch warning.
+    """
+    for name in LABELS:
+        if name in ds.variables:
+            enc = ds[name].encoding
+            enc.pop("original_shape", None)
+            enc.update(dtype="S1", char_dim_name=f"{name}_nchar")
+    return ds
+
+
 def annotate(ds: xr.Dataset) -> xr.Dataset:
     """Set the CF attributes of the moments Dataset (in place) and return it.
 
@@ -220,9 +235,7 @@ def annotate(ds: xr.Dataset) -> xr.Dataset:
             ds[name].attrs.update(VARIABLES[name])
     if "var" in ds and "ddof" in ds.attrs:
         ds["var"].attrs["long_name"] += f" (ddof={ds.attrs['ddof']})"
-    for name in LABELS:
-        if name in ds.variables:
-            ds[name].encoding["dtype"] = "S1"
+    label_encoding(ds)
     a = ds.attrs
     fw = " ".join(x for x in (a.get("framework", ""), a.get("framework_version", "")) if x)
     model = a.get("model") or a.get("estimator") or ""

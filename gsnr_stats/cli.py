@@ -174,9 +174,11 @@ def _blame(*rules: tuple[type[UsageError], str]) -> Iterator[None]:
 
 def _write_netcdf(ds: Any, out: Path) -> None:
     """Write next to ``out`` and rename: a failed write leaves no half file behind."""
+    from ._cf import label_encoding
+
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        ds.to_netcdf(tmp)
+        label_encoding(ds).to_netcdf(tmp)  # labels as CF char arrays, also of a re-read .nc
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import netCDF4
 import numpy as np
@@ -182,3 +183,19 @@ def test_in_memory_gsnr_keeps_the_same_attributes(files):
     for v in ("mean", "var", "gsnr", "count", "param"):
         assert ds[v].attrs == files["stats"][v].attrs, v
     assert ds.attrs["references"] == files["stats"].attrs["references"]
+
+
+def test_a_reread_subset_is_written_without_warnings(files, tmp_path):
+    """The CLI's writer (osgr -o on a stats .nc) writes a subset of a re-read file: shorter
+    labels than the file's character dimension gave xarray's length-mismatch warning."""
+    from gsnr_stats.cli import _write_netcdf
+
+    sub = xr.load_dataset(files["api"]).sel(split=["test"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _write_netcdf(sub, tmp_path / "sub.nc")
+    back = xr.load_dataset(tmp_path / "sub.nc")
+    xr.testing.assert_identical(back, files["stats"].sel(split=["test"]))
+    with netCDF4.Dataset(tmp_path / "sub.nc") as nc:
+        assert nc["split"].dimensions == ("split", "split_nchar")
+        assert nc.dimensions["split_nchar"].size == len("test")
