@@ -1,12 +1,15 @@
 """Write one shard of a per-sample-gradient dump: one task of a SLURM job array.
 
 Run by ``dump_array.sbatch`` (``#SBATCH --array=0-(T-1)``); the task index comes from
-``SLURM_ARRAY_TASK_ID`` and the number of tasks T from ``SLURM_ARRAY_TASK_COUNT`` (or
-``--task``/``--tasks``). Every task runs the same deterministic training -- a scikit-learn
-SGD logistic regression on the bundled digits data, fixed seed -- so the model at each
-recorded epoch is identical in every task; task ``i`` writes the per-sample gradients and
-losses of its slice of the samples (rows ``i, i+T, i+2T, ...`` of each split) to
-``OUT/shard-{i:04d}.h5``. ``gsnr-stats reduce 'OUT/shard-*.h5'`` (or ``reduce_slurm.py``)
+``--task`` (default ``SLURM_ARRAY_TASK_ID``) and the number of tasks T of the whole run from
+``--tasks`` (default the environment variable ``TASKS``, which the job script sets). T is
+never read from ``SLURM_ARRAY_TASK_COUNT``/``MAX``: those describe the current submission,
+and a retry of one failed task (``sbatch --array=5``) is an array of one. Every task runs
+the same deterministic training -- a scikit-learn SGD logistic regression on the bundled
+digits data, fixed seed -- so the model at each recorded epoch is identical in every task;
+task ``i`` writes the per-sample gradients and losses of its slice of the samples (rows
+``i, i+T, i+2T, ...`` of each split) to ``OUT/shard-{i:04d}.h5``, with run id the name of
+``OUT`` (``--run-id``). ``gsnr-stats reduce "OUT/shard-*.h5"`` (or ``reduce_slurm.py``)
 merges the shards record by record, which equals one dump of all samples.
 
 In a real run the slice is a slice of a large dataset and the model comes from the
@@ -15,7 +18,7 @@ the file naming are the same.
 
 Usage::
 
-    python examples/slurm/dump_shard.py --out /scratch/run42 [--epochs 6 --every 2]
+    python examples/slurm/dump_shard.py --out /scratch/run42 --task 0 --tasks 8 [--epochs 6 --every 2]
 """
 
 from __future__ import annotations
@@ -47,18 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory of the shards")
     ap.add_argument("--task", type=int, default=_env_int("SLURM_ARRAY_TASK_ID"),
                     help="this task's index (default $SLURM_ARRAY_TASK_ID)")
-    ap.add_argument("--tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT"),
-                    help="number of tasks (default $SLURM_ARRAY_TASK_COUNT)")
-    ap.add_argument("--run-id", default=os.environ.get("SLURM_ARRAY_JOB_ID", "local"),
-                    help="run id shared by the shards (default $SLURM_ARRAY_JOB_ID)")
+    ap.add_argument("--tasks", type=int, default=_env_int("TASKS"),
+                    help="number of shards of the whole run, the same in a retry (default "
+                         "$TASKS)")
+    ap.add_argument("--run-id", default=None,
+                    help="run id shared by the shards, the same in a retry (default: the "
+                         "name of --out)")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--every", type=int, default=2, help="record every k epochs")
     args = ap.parse_args(argv)
     task, tasks = args.task, args.tasks
     if task is None or tasks is None:
-        ap.error("no task index: run as a SLURM array task or pass --task and --tasks")
-    if not 0 <= task < tasks:
-        ap.error(f"task {task} outside 0..{tasks - 1}")
+        ap.error("no task index or count: pass --task I --tasks T (or set "
+                 "SLURM_ARRAY_TASK_ID and TASKS, as dump_array.sbatch does)")
+    if tasks < 1 or not 0 <= task < tasks:
+        ap.error(f"task {task} outside 0..{tasks - 1}: --tasks (TASKS) is the number of shards "
+                 "of the whole run, the size of the first submission's --array, also in a retry")
+    run_id = args.run_id if args.run_id is not None else Path(args.out).resolve().name
 
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
@@ -71,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.partial_fit(Xtr[:64], ytr[:64], classes=np.unique(y))
-        with gk.open_writer(path, est, overwrite=True, run_id=str(args.run_id),
+        with gk.open_writer(path, est, overwrite=True, run_id=str(run_id),
                             attrs={"task": task, "tasks": tasks}) as w:
             for epoch in range(1, args.epochs + 1):
                 est.partial_fit(Xtr, ytr)

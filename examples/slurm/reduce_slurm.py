@@ -15,15 +15,19 @@ Dask worker processes (the Numba/Dask threading rule: one thread per worker proc
     python examples/slurm/reduce_slurm.py --config cluster.json --print-job-script
 
 Run it on a login node or inside a small job: the Dask scheduler runs in this process and
-the worker jobs connect to it (choose ``interface`` for the network the compute nodes
-reach, e.g. ``"ib0"``).
+the worker jobs connect to it. ``interface`` (e.g. ``"ib0"``) is the workers' network on the
+compute nodes; the scheduler listens on ``scheduler_interface``, by default the same
+interface where this host has one of that name and Dask's default address where it has
+not (a login node without InfiniBand, or a laptop checking ``--print-job-script``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "python": None,           # interpreter on the compute nodes (default: this one)
     "prologue": [],           # shell lines before the workers start (module load ...)
     "extra_directives": [],   # further #SBATCH lines, e.g. ["--exclusive"]
-    "interface": None,        # network interface of workers and scheduler, e.g. "ib0"
+    "interface": None,        # workers' network interface on the compute nodes, e.g. "ib0"
+    "scheduler_interface": "auto",  # this host's interface for the scheduler; "auto": the
+                                    # same as "interface" where this host has it, else
+                                    # Dask's default address
     "local_directory": None,  # worker spill directory, e.g. "$TMPDIR"
     "dashboard_address": ":8787",  # scheduler dashboard; ":0" picks a free port
     "wait_workers": 1,        # start reducing once this many workers have connected
@@ -58,6 +65,39 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         cfg.update(user)
     return cfg
+
+
+def host_interfaces() -> set[str]:
+    """Names of this host's network interfaces (``socket.if_nameindex``; empty if unknown)."""
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return set()
+
+
+def scheduler_interface(cfg: dict[str, Any]) -> str | None:
+    """The interface the scheduler binds on this host: ``cfg["scheduler_interface"]``, or for
+    ``"auto"`` ``cfg["interface"]`` where this host has it, else ``None`` (Dask's default).
+
+    Raises
+    ------
+    ValueError
+        An explicit ``scheduler_interface`` this host does not have (names the ones it has).
+    """
+    want = cfg.get("scheduler_interface", "auto")
+    have = host_interfaces()
+    if want == "auto":
+        iface = cfg.get("interface")
+        if iface and have and iface not in have:
+            warnings.warn(f"interface {iface!r} is not on this host ({', '.join(sorted(have))}): "
+                          "the workers use it, the scheduler listens on Dask's default address; "
+                          "set scheduler_interface to choose", stacklevel=2)
+            return None
+        return iface or None
+    if want and have and want not in have:
+        raise ValueError(f"scheduler_interface {want!r} is not an interface of this host "
+                         f"(it has {', '.join(sorted(have))}); use one of those or \"auto\"")
+    return want or None
 
 
 def make_cluster(cfg: dict[str, Any]) -> Any:
@@ -92,9 +132,16 @@ def make_cluster(cfg: dict[str, Any]) -> Any:
         "job_extra_directives": list(cfg["extra_directives"]),
         "scheduler_options": {"dashboard_address": cfg["dashboard_address"]},
     }
-    for key in ("queue", "account", "interface", "local_directory"):
+    for key in ("queue", "account", "local_directory"):
         if cfg.get(key):
             kw[key] = cfg[key]
+    # Not dask-jobqueue's interface=, which binds this process's scheduler to it as well and
+    # fails on a host without it: the workers get --interface, the scheduler its own choice.
+    if cfg.get("interface"):
+        kw["worker_extra_args"] = ["--interface", str(cfg["interface"])]
+    sched_iface = scheduler_interface(cfg)
+    if sched_iface:
+        kw["scheduler_options"]["interface"] = sched_iface
     return SLURMCluster(**kw)
 
 
@@ -132,9 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--print-job-script", action="store_true",
                     help="print the SLURM worker job script and exit")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except (OSError, ValueError) as e:  # a missing, unreadable or invalid config file
+        ap.error(f"--config: {e}")
     if args.print_job_script:
-        cluster = make_cluster({**cfg, "kind": "slurm"})
+        try:
+            cluster = make_cluster({**cfg, "kind": "slurm"})
+        except ValueError as e:
+            ap.error(f"--config: {e}")
         try:
             print(cluster.job_script())
         finally:
