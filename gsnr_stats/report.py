@@ -388,10 +388,14 @@ def write_report(
             Table(["what", "value"], provenance(stats),
                   caption="From the attributes of the moments (`stats.nc`), so the same "
                           "whether this page was built from the stores or from the stats file."))
-    user = attrs.get("user_attrs") if paths else None
-    if user:
-        doc.add(Para("Attributes recorded with the first store: "
-                     f"`{json.dumps(user, default=str)}`."))
+    if paths and (attrs.get("created_at") or attrs.get("user_attrs")):
+        # kept by the stores only (not in a stats .nc): shown beside the table, not in it
+        user = attrs.get("user_attrs")
+        doc.add(Para("From the first store (a stats file does not keep these): "
+                     + (f"written {attrs['created_at']}" if attrs.get("created_at") else "")
+                     + ("; " if attrs.get("created_at") and user else "")
+                     + (f"attributes recorded with it `{json.dumps(user, default=str)}`"
+                        if user else "") + "."))
     _records(doc, stats, steps, splits)
     _gsnr_section(doc, nums["aggregate"], steps, splits, by)
     _osgr_section(doc, nums["osgr"], steps, ns, split)

@@ -483,7 +483,11 @@ def test_report_provenance_same_from_nc_as_from_stores(run_store, report_dir, tm
                 "framework": s.attrs["framework"], "parameters": str(s.layout.n_params),
                 "variance ddof": "1"}
         fw_version = s.attrs.get("framework_version")
+        created = s.attrs["created_at"]
     assert {k: got.get(k) for k in want} == want
+    # the store's own date and attributes, beside the table, when built from the store
+    assert (f"From the first store (a stats file does not keep these): written {created}; "
+            "attributes recorded with it `{") in (report_dir / "report.md").read_text()
     if "framework_version" in xr.load_dataset(nc).attrs:  # kept by reduce (stats .nc CF work)
         assert got["framework version"] == fw_version
         assert got["model"] == "SGDClassifier"
