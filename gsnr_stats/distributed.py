@@ -54,8 +54,15 @@ from .engine import (
     filter_keys,
     numba_threads,
     record_partial,
+    shard_identity,
 )
-from .errors import GSNRError, LayoutMismatchError, MissingDependencyError, StoreError
+from .errors import (
+    GSNRError,
+    LayoutMismatchError,
+    MissingDependencyError,
+    ShardSetError,
+    StoreError,
+)
 from .store import Layout, open_store
 
 #: Default target width (parameters) of a column block, rounded up to the chunk widths.
@@ -92,6 +99,7 @@ class ShardInfo:
     records: tuple[tuple[int, str, int], ...] = ()
     run_id: str = ""
     framework: str = ""
+    identity: tuple[object, ...] = ()  # engine.shard_identity: equal for copies of a shard
     warnings: tuple[tuple[type[Warning], str], ...] = ()
     error: str | None = None
     error_type: type[Exception] | None = None
@@ -419,6 +427,7 @@ def inspect_shard(path: str) -> ShardInfo:
             records=tuple((r.step, r.split, r.n_samples) for r in store.records),
             run_id=str(store.attrs["run_id"]),
             framework=str(store.attrs["framework"]),
+            identity=shard_identity(store),
             warnings=tuple((w.category, str(w.message)) for w in caught),
         )
     except StoreError as e:
@@ -516,9 +525,43 @@ def _tree(client: Any, futs: list[Any], tag: str) -> Any:
     return futs[0]
 
 
+def _shard_set_problems(shards: Sequence[ShardInfo], allow_mixed_runs: bool) -> list[str]:
+    """:func:`gsnr_stats.engine.shard_set_problems` on what the workers saw: the same rules
+    (a shard listed twice or copied: equal :func:`~gsnr_stats.engine.shard_identity`; several
+    run ids without ``allow_mixed_runs``) with the same messages, for shards this process may
+    not be able to open."""
+    out: list[str] = []
+    if len(shards) < 2:
+        return out
+    ids: dict[tuple[object, ...], str] = {}
+    for s in shards:
+        if s.identity in ids:
+            first = ids[s.identity]
+            if os.path.abspath(first) == os.path.abspath(s.path):
+                out.append(f"{s.path} is {first} again (listed twice): its samples would be "
+                           "counted twice; list each shard once")
+            else:
+                out.append(f"{s.path} holds the same records as {first} (run {s.run_id!r}, "
+                           "identical data checksums): a copy of one shard, whose samples "
+                           "would be counted twice; list only one of them")
+        ids.setdefault(s.identity, s.path)
+    runs: dict[str, list[str]] = {}
+    for s in shards:
+        runs.setdefault(s.run_id, []).append(s.path)
+    if len(runs) > 1 and not allow_mixed_runs:
+        parts = "; ".join(f"run_id {r!r}: {', '.join(ps[:3])}{' ...' if len(ps) > 3 else ''}"
+                          for r, ps in runs.items())
+        out.append(f"shards of {len(runs)} different runs ({parts}); the shards of one run "
+                   "share a run_id (GradientWriter(run_id=...)); to pool different runs "
+                   "anyway pass allow_mixed_runs=True (CLI: --allow-mixed-runs)")
+    return out
+
+
 def _plan(
-    client: Any, files: Sequence[Path], skip_bad: bool
+    client: Any, files: Sequence[Path], skip_bad: bool, allow_mixed_runs: bool = False
 ) -> tuple[list[ShardInfo], Layout]:
+    """Inspect the shards on the workers; refuse what :func:`gsnr_stats.engine.open_shards`
+    refuses (bad shards unless ``skip_bad``, layout mismatch, then the shard-set rules)."""
     paths = [str(p) for p in files]
     infos: list[ShardInfo] = client.gather(
         [client.submit(inspect_shard, p, key=f"gsnr-inspect-{uuid.uuid4().hex}") for p in paths]
@@ -549,6 +592,11 @@ def _plan(
                 f"hash {first.layout_hash[:12]}) vs {s.path} ({other.n_params} params, "
                 f"hash {s.layout_hash[:12]}); shards of one run must share a layout"
             )
+    # The client's pre-check (gsnr_stats.reduce) sees only the shards it can open; the
+    # workers' view covers the rest (a file system mounted on the workers only).
+    problems = _shard_set_problems(good, allow_mixed_runs)
+    if problems:
+        raise ShardSetError(problems[0])
     return good, layout
 
 
@@ -572,6 +620,7 @@ def reduce_distributed(
     skip_bad: bool = False,
     columns: int | None = None,
     connect_timeout: float | str | None = None,
+    allow_mixed_runs: bool = False,
     _task_delay: float = 0.0,
 ) -> xr.Dataset:
     """:func:`gsnr_stats.reduce` on a Dask cluster; same arguments, same Dataset.
@@ -609,6 +658,9 @@ def reduce_distributed(
         the environment variable ``GSNR_SCHEDULER_TIMEOUT`` (how the CLI and
         :func:`gsnr_stats.reduce` set it), else Dask's ``distributed.comm.timeouts.connect``
         (30 s unless configured). See :func:`scheduler_timeout`.
+    allow_mixed_runs : bool
+        Pool shards of different ``run_id`` s (as :func:`gsnr_stats.reduce`). Whatever its
+        value, a shard given twice or a copy of one is refused.
     _task_delay : float
         Testing only: seconds each reduce task sleeps first.
 
@@ -622,6 +674,10 @@ def reduce_distributed(
     GSNRError
         The scheduler address does not parse, cannot be connected to, or is not answering as
         a Dask scheduler within ``connect_timeout``; and the errors of :func:`gsnr_stats.reduce`.
+    ShardSetError
+        As :func:`gsnr_stats.reduce`, checked on the workers' view of the shards: the same
+        shard twice (by path or content identity), or several runs without
+        ``allow_mixed_runs``.
     """
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
@@ -629,7 +685,7 @@ def reduce_distributed(
         raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
     K = int(blocks) if blocks else 1
     with _client_for(scheduler, connect_timeout) as client:
-        shards, layout = _plan(client, [Path(f) for f in files], skip_bad)
+        shards, layout = _plan(client, [Path(f) for f in files], skip_bad, allow_mixed_runs)
         keys = _select(shards, steps, splits)
         cols = column_blocks(layout.n_params, [s.chunk_cols for s in shards], columns)
         tag = f"gsnr-{uuid.uuid4().hex[:12]}"

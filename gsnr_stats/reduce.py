@@ -126,6 +126,7 @@ def reduce(
         return distributed.reduce_distributed(
             files, steps=steps, splits=splits, ddof=ddof, nonfinite=nonfinite, blocks=blocks,
             scheduler=scheduler, progress=progress, skip_bad=skip_bad,
+            allow_mixed_runs=allow_mixed_runs,
         )
     stores = open_shards(files, skip_bad=skip_bad, allow_mixed_runs=allow_mixed_runs)
     try:

@@ -300,8 +300,11 @@ def test_slurm_job_script():
     cfg = {**rs.DEFAULT_CONFIG, "kind": "slurm", "jobs": 3, "cores": 8, "memory": "32GB",
            "walltime": "00:45:00", "account": "proj42", "queue": "compute",
            "python": "/opt/gsnr/bin/python", "prologue": ["module load hdf5"],
-           "dashboard_address": ":0"}
-    cluster = rs.make_cluster(cfg)
+           "dashboard_address": ":0", "interface": "no-such-if0"}
+    # an interface this host lacks is the workers' (compute nodes'); the scheduler here
+    # listens on Dask's default address instead of failing (issue 13)
+    with pytest.warns(UserWarning, match="'no-such-if0' is not on this host"):
+        cluster = rs.make_cluster(cfg)
     try:
         script = cluster.job_script()
     finally:
@@ -309,8 +312,10 @@ def test_slurm_job_script():
     for want in ("#SBATCH -A proj42", "#SBATCH -p compute", "#SBATCH -t 00:45:00",
                  "#SBATCH --cpus-per-task=8", "module load hdf5", "export NUMBA_NUM_THREADS=1",
                  "/opt/gsnr/bin/python -m distributed.cli.dask_worker", "--nworkers 8",
-                 "--nthreads 1"):
+                 "--nthreads 1", "--interface no-such-if0"):
         assert want in script, (want, script)
+    with pytest.raises(ValueError, match="scheduler_interface 'no-such-if0' is not an interface"):
+        rs.make_cluster({**cfg, "scheduler_interface": "no-such-if0"})
 
 
 def test_sbatch_script_syntax():
@@ -329,10 +334,12 @@ def test_slurm_recipe_locally(tmp_path, monkeypatch):
     ds_mod = _load("dump_shard")
     for task in range(3):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
-        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+        monkeypatch.setenv("TASKS", "3")  # the run's task count, as dump_array.sbatch sets it
+        # what SLURM says in a retry of one task (--array=2): not the run's count, ignored
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
         ds_mod.main(["--out", str(tmp_path / "shards"), "--epochs", "1", "--every", "1"])
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
-    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    monkeypatch.delenv("TASKS")
     ds_mod.main(["--out", str(tmp_path / "whole"), "--epochs", "1", "--every", "1", "--tasks", "1",
                  "--task", "0"])
     shards = sorted((tmp_path / "shards").glob("*.h5"))
@@ -497,3 +504,37 @@ def test_scheduler_address_and_timeout_checks(client, one_shard, monkeypatch):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_workers_view_applies_the_shard_set_rules(client, tmp_path, monkeypatch):
+    """A copy of a shard, the same shard twice, or shards of two runs are refused with
+    ShardSetError also when only the workers can open the files (the client's pre-check in
+    gs.reduce sees nothing: its open_store is made to fail, the workers' is not); before,
+    the copy silently doubled the count."""
+    rng = np.random.default_rng(8)
+    files, data = write_shards(tmp_path, rng, 2, 4, [3], [(0, "train", 10)])
+    copy = tmp_path / "copy-of-shard-0.h5"
+    shutil.copy(files[0], copy)
+    other = tmp_path / "other-run.h5"
+    g_other = rng.normal(size=(7, 19)).astype(np.float32)
+    with gs.GradientWriter(other, PARAMS, run_id="other") as w:
+        w.write(0, "train", g_other, loss=rng.random(7))
+    reduce_mod = sys.modules["gsnr_stats.reduce"]
+
+    def client_cannot_open(p, *a, **k):
+        raise gs.StoreError(f"{p}: not mounted on the client (test)")
+
+    monkeypatch.setattr(reduce_mod, "open_store", client_cannot_open)
+    with pytest.raises(gs.ShardSetError, match=r"copy-of-shard-0.h5 holds the same records as "
+                                                r".*shard-0.h5"):
+        gs.reduce([files[0], files[1], copy], scheduler=client)
+    with pytest.raises(gs.ShardSetError, match=r"shard-0.h5 is .*shard-0.h5 again \(listed twice"):
+        reduce_distributed([files[0], files[0]], scheduler=client)  # no client-side stat either
+    with pytest.raises(gs.ShardSetError, match=r"2 different runs.*allow_mixed_runs=True"):
+        gs.reduce([files[0], other], scheduler=client)
+    got = gs.reduce([files[0], other], scheduler=client, allow_mixed_runs=True)
+    monkeypatch.undo()
+    pooled = np.concatenate([gs.open_store(files[0]).read_grads(0, "train"), g_other])
+    assert int(got["count"].max()) == len(pooled) == 10 + 7
+    np.testing.assert_allclose(got["mean"].values[0, 0], two_pass(pooled)[0], rtol=1e-10)
+    np.testing.assert_allclose(got["var"].values[0, 0], two_pass(pooled)[1], rtol=1e-10)
