@@ -168,6 +168,9 @@ def doc_script(blocks: list[str], jobqueue: bool) -> str:
             out.append('head -c 2000 "$RUN/shard-0001.h5" > "$TMPDIR/t" && '
                        'mv "$TMPDIR/t" "$RUN/shard-0001.h5"')
             b = substitute(b, "task=5 ", "task=1 ")
+        elif "SLURM_ARRAY_TASK_ID=0 bash" in b:
+            # the dry run as one task of one: all samples in one file, the reference below
+            b = substitute(b, "TASKS=8 ", "TASKS=1 ")
         elif "dask scheduler" in b:
             # inside one allocation
             b = f"(\nexport SLURM_JOB_ID=77 SLURM_CPUS_PER_TASK=1\n{b}\n)"
@@ -189,12 +192,14 @@ def doc_script(blocks: list[str], jobqueue: bool) -> str:
     return "\n".join(out) + "\n"
 
 
+@pytest.mark.slow
 def test_every_command_of_the_page_runs(tmp_path):
     """The whole page: array dump through stub SLURM, a truncated shard rewritten by the
     documented retry of that one task (which, as in SLURM, is an array
     of one task), a local dry run, and the in-process, ``dask scheduler``/``srun dask
     worker`` and ``reduce_slurm.py`` reduces; every result equals one unsharded dump of the
-    same training run reduced in-process."""
+    same training run (the dry run, as task 0 of 1) reduced in-process. Slow (about 14 Python
+    processes, each importing the stack) but the only test of the page as a user runs it."""
     pytest.importorskip("distributed", reason="the dask blocks need the distributed extra")
     jobqueue = importlib.util.find_spec("dask_jobqueue") is not None
     blocks = bash_blocks(DOC.read_text())
@@ -222,16 +227,15 @@ def test_every_command_of_the_page_runs(tmp_path):
         with gs.open_store(s) as st:
             assert st.attrs["run_id"] == "run42"  # the retry kept the run's id
             assert st.attrs["user_attrs"]["tasks"] == 2  # and the run's task count
-    # dry run: task 0 of 8 of a run in $TMPDIR, run without srun
+    # the dry run (no srun: not in a job) as task 0 of 1: one unsharded dump of the same
+    # training run, the independent route for the reduces of the shards
     with gs.open_store(tmp / "gsnr-dry-run" / "shard-0000.h5") as st:
-        assert st.attrs["user_attrs"]["tasks"] == 8 and st.attrs["user_attrs"]["task"] == 0
-        n_dry = st.record(2, "train").n_samples
-    # independent route: one unsharded dump of the same run (rows 0, 1, 2, ... in one file)
-    ds_mod = _load(ROOT / "examples" / "slurm" / "dump_shard.py", "dump_shard")
-    assert ds_mod.main(["--out", str(tmp_path / "whole"), "--task", "0", "--tasks", "1"]) == 0
-    whole = gs.reduce(tmp_path / "whole" / "shard-0000.h5")
-    n_train = int(whole["count"].sel(step=2, split="train").max())
-    assert n_dry == -(-n_train // 8)  # rows 0, 8, 16, ...
+        assert st.attrs["user_attrs"]["tasks"] == 1 and st.attrs["user_attrs"]["task"] == 0
+    whole = gs.reduce(tmp / "gsnr-dry-run" / "shard-0000.h5")
+    # digits: 1797 samples, test_size=0.4 -> 719 test (ceil), 1078 train; 539 + 539 in 2 shards
+    assert int(whole["count"].sel(step=2, split="train").max()) == 1078
+    with gs.open_store(shards[1]) as st:
+        assert st.record(2, "train").n_samples == 539 and st.record(2, "test").n_samples == 359
     names = ["inprocess.nc", "dask.nc", "slurm.nc"]
     for name in names:
         got = xr.load_dataset(tmp / name)
