@@ -27,7 +27,7 @@ import xarray as xr
 import gsnr_stats as gs
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "cluster.md"
+DOC = ROOT / "docs/cluster.md"
 SBATCH = ROOT / "examples" / "slurm" / "dump_array.sbatch"
 BIN = Path(sys.executable).parent
 HANG_GUARD = 300  # s: only so that a regression fails instead of hanging the suite
