@@ -304,7 +304,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 _info_stats(path)
                 continue
             if kind == "report":
-                files = sorted(f.name for f in path.iterdir() if f.suffix in (".md", ".png"))
+                order = {".md": 0, ".html": 1, ".png": 2}  # the page, its HTML twin, figures
+                files = sorted((f.name for f in path.iterdir() if f.suffix in order),
+                               key=lambda n: (order[Path(n).suffix], n))
                 print(f"{path}  report directory: {', '.join(files) or 'no page yet'}")
                 _info_stats(path / "stats.nc", f"  {path / 'stats.nc'}")
                 continue

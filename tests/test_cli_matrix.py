@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     (d / "rep").mkdir()
     shutil.copy(d / "stats.nc", d / "rep" / "stats.nc")
     (d / "rep" / "report.md").write_text("# report\n")
+    (d / "rep" / "report.html").write_text("<html></html>\n")
     (d / "junk.nc").write_text("not a netCDF at all\n")
     xr.Dataset({"x": ("a", [1.0, 2.0])}).to_netcdf(d / "foreign.nc")
     (d / "afile.txt").write_text("a file, not a directory\n")
@@ -286,7 +287,7 @@ def test_info_on_a_stats_file_and_a_report_directory(files, capsys):
     assert "4 jackknife blocks" in out and "run run" in out
     assert "step        0  train n=37, test n=23" in out
     rc, out, _ = run(["info", files["report"]], capsys)
-    assert rc == 0 and "report directory: report.md" in out and "train n=37" in out
+    assert rc == 0 and "report directory: report.md, report.html" in out and "train n=37" in out
     rc, out, err = run(["info", files["junk"]], capsys)
     assert rc == 1 and len(err) == 1 and "junk.nc" in err[0]
 
