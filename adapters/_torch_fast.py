@@ -13,13 +13,21 @@ y_i = \\partial \\ell_i / \\partial y_i` of sample ``i`` gives its own gradient
 layer's inputs and output gradients of one ordinary forward/backward, and
 :math:`M2 = \\sum_i g_i^2 - (\\sum_i g_i)^2 / n` per batch; batches are Chan-merged.
 
-Cancellation bound. ``a`` and ``δ`` are cast to float64 before the products, so each
-product is exact to a float64 rounding, and the sums carry a relative error of at most
-about :math:`n u` (``u = 2^{-53}``, ``n`` the batch). The subtraction then loses
-:math:`\\sum g^2 / M2 = 1 + n\\,m^2/M2 \\approx 1 + r` digits' worth, so the relative error
-of the variance is about :math:`n u (1 + r_j)`, ``r_j`` the parameter's GSNR: ≈3e-14 for
-``n = 256`` and ``r ≲ 1`` (typical), still below 1e-9 for ``r`` up to ~3e4. Only the
-per-batch moments are affected; the merge across batches is exact (Chan).
+Exactness at any GSNR. ``a`` and ``δ`` are cast to float64 before the products, so every
+product is exact to one float64 rounding (exact for a float32 model) and each sum carries an
+error of at most :math:`\\gamma = 3 (n + 2) u` times :math:`\\sum_i g_i^2` (``u = 2^{-53}``; by
+Cauchy-Schwarz the :math:`(\\sum g)^2/n` term is bounded by the same sum). The closed form
+:math:`\\widehat{M2} = \\sum g^2 - (\\sum g)^2/n` is kept for an element only where this bound
+makes its relative error at most ``_EXACT_TOL`` (1e-10), i.e. where
+:math:`\\widehat{M2} \\ge \\sum g^2 \\gamma / \\mathrm{tol}` (``sum g^2 / M2 = 1 + m^2/s^2``
+grows with the GSNR; with ``n = 256`` this holds up to a GSNR of about 1e3, which covers most
+weights of a network). The other elements (a bias or input feature with a large offset) are
+recomputed exactly: their per-sample products :math:`\\delta_{ij} a_{ik}` are materialised in
+float64 for those elements only (in blocks of bounded memory) and reduced with the two-pass
+formula; biases always use the two-pass formula on ``δ`` (``O(n · out)``). Shifting the sums
+by a constant ``K`` would not help: :math:`(\\delta^2)^\\top(a^2) - 2K \\circ
+(\\delta^\\top a) + n K^2` still forms the large terms before subtracting. Batches are
+Chan-merged (exact).
 
 Where the square identity does not hold (the per-sample gradient is a sum over positions:
 ``Linear`` on ``(B, T, in)``, ``Conv1d``/``2d``/``3d``, a layer called more than once per
@@ -28,8 +36,10 @@ forward), the per-sample gradients *of that layer only* are materialised with on
 computes them; in sample chunks of bounded memory) and reduced in float64 with the exact
 two-pass formula. Every other selected parameter (LayerNorm, Embedding, BatchNorm in eval
 mode, tied weights, …) falls back to ``torch.func.vmap`` for those parameters only. On the
-first batch the fast layers are checked against ``vmap`` on two samples; a layer that
-disagrees (e.g. its weight is also used outside its ``forward``) is moved to the fallback.
+first batch the autograd graph is inspected: a fast layer whose parameter reaches the loss
+through any node outside the layer's own forward (e.g. ``c * layer.weight.sum()`` added to a
+logit, however small ``c``) is moved to the fallback with a warning; the fast layers are
+also checked against ``vmap`` on two samples (rows that are not the batch's samples).
 
 Full dumps (``keep="grads"``) use the same backward: :math:`g_i = \\delta_i a_i^\\top` is written
 straight into the writer's chunk-ready buffer (no ``vmap`` intermediates, no concatenation),
@@ -54,6 +64,8 @@ from ._torch_engine import _batch_len, _call, _to, check_loss_shape, fail
 
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHUNK_BYTES = 64 << 20
+_EXACT_TOL = 1e-10  # guaranteed relative error of a fast-path M2 element (see the docstring)
+_U64 = 2.0 ** -53
 
 
 def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
@@ -111,6 +123,44 @@ def _moments_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-pass mean and M2 over axis 0 (float64)."""
     mu = g.mean(0)
     return mu, ((g - mu) ** 2).sum(0)
+
+
+def linear_weight_moments(a: torch.Tensor, d: torch.Tensor, n: int,
+                          tol: float = _EXACT_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and M2 ``(out, in)`` of the per-sample weight gradients :math:`g_i = \\delta_i
+    a_i^\\top` of a ``Linear`` on ``(n, in)`` inputs, float64, relative error <= ``tol``.
+
+    Closed form :math:`\\sum_i g_i = \\delta^\\top a`, :math:`\\sum_i g_i^2 =
+    (\\delta^2)^\\top (a^2)`, :math:`\\widehat{M2} = \\sum g^2 - (\\sum g)^2 / n`, whose error
+    is at most :math:`3 (n + 2) u \\sum g^2`; elements where that bound exceeds ``tol``
+    :math:`\\widehat{M2}` (high GSNR) are recomputed by the two-pass formula on their
+    materialised products.
+
+    Parameters
+    ----------
+    a, d : torch.Tensor
+        Layer inputs ``(n, in)`` and output gradients ``(n, out)``, float64.
+    n : int
+        Samples (rows).
+    tol : float
+        Relative error allowed to a closed-form element.
+    """
+    s1 = d.T @ a
+    s2 = (d * d).T @ (a * a)
+    mean = s1 / n
+    m2 = s2 - s1 * s1 / n
+    bad = ~(m2 * tol >= s2 * (3.0 * (n + 2) * _U64))  # NaN-safe: a non-finite sum is redone
+    idx = torch.nonzero(bad.reshape(-1)).reshape(-1)
+    if idx.numel():
+        cols = a.shape[1]
+        mf, qf = mean.reshape(-1), m2.reshape(-1)
+        step = max(1, _CHUNK_BYTES // max(1, 8 * n))
+        for lo in range(0, idx.numel(), step):
+            ix = idx[lo:lo + step]
+            g = d[:, ix // cols] * a[:, ix % cols]  # (n, k) per-sample products
+            mu, q = _moments_rows(g)
+            mf[ix], qf[ix] = mu, q
+    return mean, m2.clamp_min_(0.0)
 
 
 def _chan(acc: list[Any] | None, n: float, mu: torch.Tensor, q: torch.Tensor) -> list[Any]:
@@ -182,13 +232,9 @@ def module_moments(m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
     if isinstance(m, nn.Linear) and len(calls) == 1 and calls[0][0].ndim == 2:
         a = calls[0][0].to(torch.float64)
         d = calls[0][1].to(torch.float64)
-        s1 = d.T @ a
-        s2 = (d * d).T @ (a * a)
-        out = [(s1 / n, (s2 - s1 * s1 / n).clamp_min_(0.0))]
+        out = [linear_weight_moments(a, d, n)]
         if m.bias is not None:
-            b1 = d.sum(0)
-            b2 = (d * d).sum(0)
-            out.append((b1 / n, (b2 - b1 * b1 / n).clamp_min_(0.0)))
+            out.append(_moments_rows(d))
         return out
     per = sum(math.prod(s) for s in shapes) * 8
     step = max(1, _CHUNK_BYTES // max(1, per))
@@ -209,6 +255,57 @@ def _check_rows(calls: dict[str, list[Any]], n: int) -> None:
                 f"torch fast path: layer {mname!r} saw inputs of "
                 f"{[tuple(a.shape) for a, _ in cs]} for a batch of {n} samples (its rows "
                 "are not the batch's samples); pass fast=False")
+
+
+def outside_uses(losses: torch.Tensor, io: dict[str, list[Any]],
+                 params: dict[str, dict[int, str]]) -> dict[str, list[str]]:
+    """Parameters of each fast layer that reach ``losses`` through a node outside the
+    layer's own forward: ``{layer name: [parameter names]}``.
+
+    The layer's own nodes are those reachable from each call's output ``grad_fn`` without
+    passing its input's ``grad_fn``. A parameter is used outside when the whole graph from
+    ``losses`` has more edges into its ``AccumulateGrad`` node than the layer's own nodes
+    (exact: no tolerance, whatever the size of the outside use).
+
+    Parameters
+    ----------
+    losses : torch.Tensor
+        Per-sample losses, graph alive.
+    io : dict layer name -> list of (input grad_fn, output grad_fn)
+        One pair per call of the layer in the forward.
+    params : dict layer name -> {id(leaf tensor): parameter name}
+        The layer's parameter leaves.
+    """
+    def edges(starts: list[Any], stop: set[int]) -> dict[int, int]:
+        count: dict[int, int] = {}
+        todo = [f for f in starts if f is not None]
+        seen = {id(f) for f in todo}
+        keep = list(todo)  # holds the nodes so that their ids stay unique
+        while todo:
+            f = todo.pop()
+            for nxt, _ in f.next_functions:
+                if nxt is None:
+                    continue
+                var = getattr(nxt, "variable", None)
+                if var is not None:
+                    count[id(var)] = count.get(id(var), 0) + 1
+                if id(nxt) in seen or id(nxt) in stop:
+                    continue
+                seen.add(id(nxt))
+                keep.append(nxt)
+                todo.append(nxt)
+        del keep
+        return count
+
+    total = edges([losses.grad_fn], set())
+    out: dict[str, list[str]] = {}
+    for mname, pairs in io.items():
+        stop = {id(i) for i, _ in pairs if i is not None}
+        own = edges([o for _, o in pairs], stop)
+        ps = [name for pid, name in params[mname].items() if total.get(pid, 0) > own.get(pid, 0)]
+        if ps:
+            out[mname] = ps
+    return out
 
 
 class FastPath:
@@ -232,6 +329,7 @@ class FastPath:
         self._offsets = {name: (e - math.prod(s), e)  # columns of each parameter
                          for name, s, e in zip(eng.names, eng.shapes, ends, strict=True)}
         self._checked = False
+        self.outside: dict[str, list[str]] = {}  # set by the first-batch check
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -239,12 +337,16 @@ class FastPath:
         rest = {n for n in self.eng.names if n not in self.fast_names}
         self.fallback = self.make_engine(rest) if rest else None
 
-    def _forward(self, x: Any, y: Any) -> tuple[dict[str, list[Any]], torch.Tensor]:
+    def _forward(self, x: Any, y: Any, inspect: bool = False
+                 ) -> tuple[dict[str, list[Any]], torch.Tensor]:
+        """Inputs and output gradients of each call of each fast layer; the losses. With
+        ``inspect``, ``self.outside`` is set to the parameters used outside their layer."""
         eng = self.eng
         x, y = _to(x, eng.device), _to(y, eng.device)
         params, frozen = eng.state()
         eng.check_loss(x, y, frozen, params)
         calls: dict[str, list[Any]] = {k: [] for k in self.modules}
+        seen_io: dict[str, list[Any]] = {k: [] for k in self.modules}
         handles = []
 
         def make_hook(mname: str) -> Callable[..., Any]:
@@ -253,6 +355,8 @@ class FastPath:
                     raise AdapterError(f"torch fast path: layer {mname!r} was called "
                                        "without a positional input; pass fast=False")
                 calls[mname].append([inp[0].detach(), out])
+                if inspect:
+                    seen_io[mname].append((inp[0].grad_fn, out.grad_fn))
                 # a clone goes downstream, so in-place ops after the layer cannot rebase `out`
                 return out.clone()
             return hook
@@ -267,6 +371,10 @@ class FastPath:
                 nx = _batch_len(x)
                 check_loss_shape(losses, nx, nx)  # the whole batch, not only the checked head
                 outs = [c[1] for cs in calls.values() for c in cs]
+                if inspect:
+                    self.outside = outside_uses(losses, seen_io, {
+                        mname: {id(leaves[n]): n for n in _pnames(mname, m)}
+                        for mname, m in self.modules.items()})
                 if outs:
                     gs = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
                 else:
@@ -304,25 +412,29 @@ class FastPath:
             return
         m = min(2, _batch_len(x))
         head = tree_map(lambda a: a[:m] if isinstance(a, torch.Tensor | np.ndarray) else a, (x, y))
-        calls, _ = self._forward(head[0], head[1])
+        calls, _ = self._forward(head[0], head[1], inspect=True)
         ref = self.make_engine(set(self.fast_names))
         grads, _ = ref.compute(*head)
-        bad = []
+        bad = {mname: f"{', '.join(ps)} also used outside the layer's forward"
+               for mname, ps in self.outside.items()}
         for mname, mod in self.modules.items():
+            if mname in bad:
+                continue
             cs = calls[mname]
             got = (_per_sample(mod, cs, 0, m) if cs else
                    [torch.zeros((m, *q.shape)) for q in mod.parameters(recurse=False)])
             for name, gf in zip(_pnames(mname, mod), got, strict=True):
                 g = grads[name].reshape(m, -1)
                 scale = float(g.abs().max()) or 1.0
+                # rows that are not the samples give O(1) differences; rounding is far below
                 if float((gf.reshape(m, -1).to(g) - g).abs().max()) > 1e-4 * scale:
-                    bad.append(mname)
+                    bad[mname] = f"{name} differs on two samples"
                     break
         if bad:
             warnings.warn(
-                f"torch fast path: layers {bad} do not match torch.func on a check "
-                "(weight used outside the layer's forward, or the batch is not the first "
-                "dimension); they use vmap instead", stacklevel=4)
+                f"torch fast path: layers {list(bad)} do not match torch.func "
+                f"({'; '.join(bad.values())}: a weight used outside the layer's forward, or "
+                "the batch is not the first dimension); they use vmap instead", stacklevel=4)
             for b in bad:
                 del self.modules[b]
             self._rebuild()
