@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .agreement import osgr_agreement
 from .compare import compare, compare_figure
 from .errors import (
     AdapterError,
@@ -83,6 +84,7 @@ __all__ = [
     "one_step_gap",
     "open_store",
     "osgr",
+    "osgr_agreement",
     "osgr_ci",
     "osgr_first_order",
     "osgr_param",
