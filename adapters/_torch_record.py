@@ -164,10 +164,13 @@ class Recorder:
         a_i^\\top` is written straight into the writer's buffer (a grouped convolution for
         ``Conv``); with ``keep="moments"``, :math:`\\sum_i g_i = \\delta^\\top a`,
         :math:`\\sum_i g_i^2 = (\\delta^2)^\\top a^2` in float64 for ``Linear`` (see
-        ``_torch_fast.py``). Other parameters use ``vmap``; each fast layer is checked
-        against ``vmap`` on the first batch. Not used with ``params_subset``/``project`` on
-        full dumps, ``project`` on moments, train-mode BatchNorm or Dropout (everything goes
-        through ``vmap`` then). ``fast=False`` is the plain ``vmap`` route.
+        ``_torch_fast.py``; elements of high GSNR are recomputed by two-pass, so the
+        moments are exact at any GSNR). Other parameters use ``vmap``; on the first batch a
+        fast layer whose parameter is also used outside its forward (autograd graph), or
+        that disagrees with ``vmap`` on two samples, goes to ``vmap``. Not used with
+        ``params_subset``/``project`` on full dumps, ``project`` on moments, train-mode
+        BatchNorm or Dropout (everything goes through ``vmap`` then). ``fast=False`` is the
+        plain ``vmap`` route.
     params_subset : int, float in (0, 1) or ParamSubset, optional
         Record a seeded subset of ``k`` flat parameters (stratified over tensors); the
         writer must have the subset layout (``open_writer(..., params_subset=k, seed=s)``).
