@@ -41,6 +41,25 @@ def _figure(
     return fig, list(axes)
 
 
+def _colors(k: int) -> list[Any]:
+    """``k`` distinct colours: matplotlib's default cycle up to 10 (today's look), else
+    evenly spaced samples of a continuous colour map (no two groups share a colour)."""
+    if k <= 10:
+        return [f"C{i}" for i in range(k)]
+    from matplotlib import colormaps
+
+    return [colormaps["turbo"](x) for x in np.linspace(0.03, 0.97, k)]
+
+
+def _legend(ax: Axes, k: int) -> None:
+    """Inside the axes for up to 12 entries, else outside on the right, in columns of 20."""
+    if k <= 12:
+        ax.legend(fontsize="small")
+    else:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, ncol=int(np.ceil(k / 20)))
+
+
 def _splits(stats: xr.Dataset, split: str | Sequence[str] | None) -> list[str]:
     if split is None:
         return [str(s) for s in stats["split"].values]
@@ -87,9 +106,10 @@ def gsnr_trajectories(
     steps = ag["step"].values
     for ax, sp in zip(axes, names, strict=True):
         a = ag.sel(split=sp)
-        for g in a["group"].values:
+        cols = _colors(a.sizes["group"])
+        for g, col in zip(a["group"].values, cols, strict=True):
             med = _positive(a["gsnr_median"].sel(group=g).values)
-            (line,) = ax.plot(steps, med, marker="o", ms=3, label=str(g))
+            (line,) = ax.plot(steps, med, marker="o", ms=3, label=str(g), color=col)
             lo = _positive(a["gsnr_quantile"].sel(group=g).isel(quantile=0).values)
             hi = _positive(a["gsnr_quantile"].sel(group=g).isel(quantile=-1).values)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -97,8 +117,7 @@ def gsnr_trajectories(
         ax.set_xlabel("step")
         ax.set_ylabel("GSNR r - 1/N" if debias else "GSNR r")
         ax.set_title(f"median GSNR by {by} ({sp}), band {band[0]:g}-{band[1]:g}")
-        if a.sizes["group"] <= 12:
-            ax.legend(fontsize="small")
+        _legend(ax, a.sizes["group"])
     return fig
 
 
@@ -137,14 +156,14 @@ def gsnr_histogram(
     nonempty = [x for x in logs.values() if x.size]
     edges = np.histogram_bin_edges(np.concatenate(nonempty) if nonempty else [0.0, 1.0], bins=bins)
     fig, (ax,) = _figure()
-    for s, x in logs.items():
+    for (s, x), col in zip(logs.items(), _colors(len(logs)), strict=True):
         left = vals[s].size - x.size
-        ax.hist(x, bins=edges, histtype="step",
+        ax.hist(x, bins=edges, histtype="step", color=col,
                 label=f"step {s}" + (f" ({left} not > 0 / finite)" if left else ""))
     ax.set_xlabel("log10 GSNR" + (" (debiased)" if debias else ""))
     ax.set_ylabel("parameters")
     ax.set_title(f"per-parameter GSNR ({split})")
-    ax.legend(fontsize="small")
+    _legend(ax, len(logs))
     return fig
 
 
@@ -164,6 +183,7 @@ def osgr_scatter(
     var: str | None = None,
     se: str | None = "osgr_se",
     color_by: str | None = "n",
+    stats: xr.Dataset | None = None,
 ) -> Figure:
     """Measured OSGR against the theoretical prediction, with error bars and ``y = x``.
 
@@ -179,7 +199,11 @@ def osgr_scatter(
     var : str, optional
         Measured variable (default ``osgr_measured``, else ``osgr_first_order``).
     se : str or None
-        Standard-error variable for vertical error bars.
+        Standard-error variable for vertical error bars when ``stats`` is not given (the
+        estimator's own error only: the y label says so).
+    stats : xarray.Dataset, optional
+        Moments of both pools with blocks: the error bars are then the pool-aware
+        ``se_total`` of :func:`gsnr_stats.osgr_agreement` (a first-order measurement).
     color_by : str or None
         Coordinate whose values get separate colours (default ``n``).
 
@@ -199,7 +223,17 @@ def osgr_scatter(
         x = predicted["osgr_theory" if "osgr_theory" in predicted else "osgr"]
     else:
         x = predicted
-    e = measured[se] if se is not None and se in measured else xr.zeros_like(y)
+    if stats is not None:
+        from .agreement import osgr_agreement
+
+        e = osgr_agreement(measured, stats, var=v)["se_total"]
+        err_text = "± pool-aware SE_total"
+    elif se is not None and se in measured:
+        e = measured[se]
+        err_text = f"± {se} (estimator only, no pool error: pass stats=)"
+    else:
+        e = xr.zeros_like(y)
+        err_text = "no error bars"
     x, y, e = xr.broadcast(x, y, e)
     c = None
     if color_by is not None and color_by in y.coords:
@@ -216,7 +250,7 @@ def osgr_scatter(
     lim = [np.nanmin(np.r_[xv[ok], yv[ok], 0.0]), np.nanmax(np.r_[xv[ok], yv[ok], 1.0])]
     ax.plot(lim, lim, color="0.4", ls="--", lw=1, label="y = x")
     ax.set_xlabel("OSGR, theory")
-    ax.set_ylabel(f"OSGR, measured ({v})")
+    ax.set_ylabel(f"OSGR, measured ({v})\n{err_text}", fontsize="small")
     ax.set_title("measured vs predicted OSGR")
     ax.legend(fontsize="small")
     return fig
@@ -231,11 +265,13 @@ def _lines_over_step(ax: Axes, da: xr.DataArray, label: str, **kw: Any) -> list[
     else:
         idx = [None]
     lines = []
+    cols = _colors(len(idx))
     for i, key in enumerate(idx):
         suffix = "" if key is None else " (" + ", ".join(
             f"{d}={k}" for d, k in zip(other, key if isinstance(key, tuple) else (key,),
                                        strict=True)) + ")"
-        lines += ax.plot(da["step"].values, stacked[:, i], label=label + suffix, **kw)
+        lines += ax.plot(da["step"].values, stacked[:, i], label=label + suffix,
+                         **({"color": cols[i]} | kw))
     return lines
 
 
@@ -286,12 +322,23 @@ def gap_plot(gap_ds: xr.Dataset, *, offset: bool = True) -> Figure:
 
 
 def osgr_plot(osgr_ds: xr.Dataset) -> Figure:
-    """Theoretical OSGR R(n) over training, one line per split and n (:func:`theory.osgr`)."""
+    """Theoretical OSGR R(n) over training, one line per split and n (:func:`theory.osgr`);
+    with ``osgr_lo``/``osgr_hi`` (:func:`~gsnr_stats.uncertainty.osgr_ci`) a shaded band."""
     fig, (ax,) = _figure()
     da = osgr_ds["osgr"]
     if "group" in da.dims:
         da = da.isel(group=0)
-    _lines_over_step(ax, da, "R")
+    lines = _lines_over_step(ax, da, "R")
+    if {"osgr_lo", "osgr_hi"} <= set(osgr_ds.data_vars):  # from osgr_ci: its band
+        lo, hi = (osgr_ds[v].isel(group=0) if "group" in osgr_ds[v].dims else osgr_ds[v]
+                  for v in ("osgr_lo", "osgr_hi"))
+        lo = lo.transpose(*da.dims).transpose("step", ...).values.reshape(da.sizes["step"], -1)
+        hi = hi.transpose(*da.dims).transpose("step", ...).values.reshape(da.sizes["step"], -1)
+        level = osgr_ds.attrs.get("ci_level")
+        for i, line in enumerate(lines):
+            ax.fill_between(da["step"].values, lo[:, i], hi[:, i], color=line.get_color(),
+                            alpha=0.2, linewidth=0,
+                            label=f"{level:g} interval (osgr_ci)" if level and i == 0 else None)
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("step")
@@ -324,16 +371,17 @@ def train_vs_test_gsnr(
     ag = groups.aggregate(stats, by=by, quantiles=(), split=[train, test])
     fig, (ax, ax2) = _figure(2)
     steps = ag["step"].values
-    for g in ag["group"].values:
+    cols = _colors(ag.sizes["group"])
+    for g, col in zip(ag["group"].values, cols, strict=True):
         (line,) = ax.plot(steps, _positive(ag["gsnr_pooled"].sel(split=train, group=g).values),
-                          label=f"{g} {train}")
+                          label=f"{g} {train}", color=col)
         ax.plot(steps, _positive(ag["gsnr_pooled"].sel(split=test, group=g).values), ls="--",
                 color=line.get_color(), label=f"{g} {test}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("pooled GSNR sum m^2 / sum s^2")
     ax.set_title(f"pooled GSNR by {by}")
-    ax.legend(fontsize="small")
+    _legend(ax, 2 * ag.sizes["group"])
     st = int(steps[-1]) if step is None else int(step)
     rt = _positive(stats["gsnr"].sel(split=train, step=st).values)
     re = _positive(stats["gsnr"].sel(split=test, step=st).values)
