@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from test_theory import make_stats
 
@@ -143,3 +145,65 @@ def test_gap_plot_without_theory_draws_the_measurement_and_says_why(tmp_path):
     assert "not computed — no learning rate recorded" in ax.get_title()
     fig.savefig(tmp_path / "g.png", dpi=40)
     assert _is_png(tmp_path / "g.png")
+
+
+def _many_layers(L: int):
+    from gsnr_stats.inmemory import MemoryWriter
+
+    rng = np.random.default_rng(L)
+    mw = MemoryWriter([(f"l{i}.w", (3,), f"l{i}") for i in range(L)], blocks=3)
+    for s in (0, 10):
+        for sp in ("train", "test"):
+            mw.write(s, sp, rng.normal(0.3, 1.0, (30, 3 * L)))
+            mw.end_record(s, sp)
+    return mw.dataset()
+
+
+def _outside(fig, ax) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    r = canvas.get_renderer()
+    lb, ab = ax.get_legend().get_window_extent(r), ax.get_window_extent(r)
+    return lb.x0 >= ab.x1 - 1e-6  # entirely to the right of the axes
+
+
+@pytest.mark.parametrize("L", [20, 40])
+def test_many_layers_distinct_colours_legend_outside(L):
+    st = _many_layers(L)
+    fig = plot.gsnr_trajectories(st, by="layer")
+    (ax,) = fig.axes
+    cols = [tuple(to_rgba(ln.get_color())) for ln in ax.get_lines()]
+    assert len(cols) == L and len(set(cols)) == L
+    assert _outside(fig, ax)
+    fig = plot.train_vs_test_gsnr(st, by="layer")
+    ax = fig.axes[0]
+    cols = [tuple(to_rgba(ln.get_color())) for ln in ax.get_lines()]
+    assert len(set(cols)) == L  # train/test of one layer share it, layers never
+    assert _outside(fig, ax)
+
+
+def test_few_layers_keep_default_look(stats):
+    fig = plot.gsnr_trajectories(stats, by="layer")
+    (ax,) = fig.axes
+    assert [ln.get_color() for ln in ax.get_lines()] == ["C0", "C1"]
+    assert not _outside(fig, ax)
+
+
+def test_osgr_plot_band_from_osgr_ci(stats):
+    ci = th.osgr_ci(stats, [8, 64])
+    fig = plot.osgr_plot(ci)
+    (ax,) = fig.axes
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 4  # 2 splits x 2 n
+    da = ci["osgr_lo"].transpose("step", ...)
+    lo = da.values.reshape(da.sizes["step"], -1)
+    hi = ci["osgr_hi"].transpose(*da.dims).values.reshape(da.sizes["step"], -1)
+    for i, b in enumerate(bands):
+        y = b.get_paths()[0].vertices[:, 1]
+        ok = np.isfinite(lo[:, i])
+        assert np.isclose(y.min(), min(lo[ok, i].min(), hi[ok, i].min()))
+        assert np.isclose(y.max(), max(lo[ok, i].max(), hi[ok, i].max()))
+    assert not [c for c in plot.osgr_plot(th.osgr(stats, 8)).axes[0].collections
+                if isinstance(c, PolyCollection)]
