@@ -72,3 +72,19 @@ def test_pool_aware_z_is_roughly_standard_normal(agreement):
     z = agreement[2]["z"].values.ravel()
     assert np.isfinite(z).all() and z.size == S * len(NS)
     assert abs(z.mean()) < 0.8 and 0.5 < z.std() < 1.6, (z.mean(), z.std())
+
+
+def test_scatter_shows_the_pool_aware_error(agreement):
+    from gsnr_stats import plot
+
+    fo, stats, ag = agreement
+    fig = plot.osgr_scatter(fo, stats=stats, color_by=None)
+    (ax,) = fig.axes
+    assert "pool-aware" in ax.get_ylabel()
+    (cont,) = ax.containers
+    seg = cont.lines[2][0].get_segments()
+    half = np.array([abs(s[1, 1] - s[0, 1]) / 2 for s in seg])
+    np.testing.assert_allclose(np.sort(half), np.sort(ag["se_total"].values.ravel()),
+                               rtol=1e-9)
+    # without stats the label says loudly that the pools are left out
+    assert "no pool error" in plot.osgr_scatter(fo, color_by=None).axes[0].get_ylabel()
