@@ -36,6 +36,7 @@ from typing import Any
 
 from ._dsutil import MOMENTS, default_n, held_out_split, output_dir, output_file
 from .errors import (
+    BlocksError,
     GSNRError,
     MissingDependencyError,
     MissingSplitError,
@@ -467,7 +468,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
             client = local_client(args.workers)
             scheduler = client
     try:
-        with _blame((ShardSetError, "STORES")):
+        with _blame((ShardSetError, "STORES"), (BlocksError, "--blocks")):
             stats = reduce(
                 paths, steps=args.steps, splits=args.splits, ddof=args.ddof,
                 nonfinite=args.nonfinite, blocks=args.blocks or None, progress=not args.quiet,

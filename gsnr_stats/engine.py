@@ -28,7 +28,7 @@ from . import _cf, kernels
 from ._version import __version__
 from .errors import LayoutMismatchError, NonFiniteError, ShardSetError, StoreError
 from .store import GradientStore, Layout, check_same_layout, open_store
-from .store.schema import data_checksum
+from .store.schema import BITS_DTYPES
 from .store.views import RecordView
 
 
@@ -225,23 +225,30 @@ def _gradients_partial(view: RecordView, K: int, nonfinite: str,
     segs = view.segments
     checked = view.checksummed
     sums = np.zeros((len(segs), 2), dtype=np.uint64)
-    csums = np.zeros((max(1, -(-c1 // cc) - c0 // cc), 2), dtype=np.uint64)
-    # cut at the jackknife block bounds, so each piece belongs to one block
+    n_chunks = max(1, -(-c1 // cc) - c0 // cc)
+    bits = BITS_DTYPES[view.dtype]
+    # cut at the jackknife block bounds, so each piece belongs to one block; a piece may
+    # span many consecutive segments (one kernel call per chunk row, not per write call)
     for rows in view.iter_rows(cuts=bounds[1:-1]):
         blk = min(int(np.searchsorted(bounds, rows.record_pos, side="right") - 1), K - 1)
+        s0 = rows.segment
+        local = rows.row_seg - s0
+        n_seg = int(local[-1]) + 1
         if rows.mapped:
             offs = rows.offsets
+            csums = np.zeros((n_chunks, n_seg, 2), dtype=np.uint64)
             kernels.moments_chunks(
                 view.buf, offs, rc, cc, w, rows.lo, rows.hi,
                 count[blk], mean[blk], m2[blk], omit, n_omit, bad,
-                view.ubuf, rows.check_pos, P, csums,
+                view.ubuf, np.stack((rows.row_pos, local)), P, csums,
             )
-            sums[rows.segment] += csums[: offs.shape[0]].sum(axis=0, dtype=np.uint64)
+            sums[s0:s0 + n_seg] += csums[: offs.shape[0]].sum(axis=0, dtype=np.uint64)
         else:
             raw = rows.array
             if checked:
-                sums[rows.segment] += np.array(data_checksum(raw, rows.check_pos, P,
-                                                             parallel=True), dtype=np.uint64)
+                u = np.ascontiguousarray(raw).view(bits)
+                sums[s0:s0 + n_seg] += kernels.checksum_rows_segmented(
+                    u, rows.row_pos, local, n_seg, P)
             x = np.ascontiguousarray(raw, dtype=np.float32)
             kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit, bad)
         if bad.any():

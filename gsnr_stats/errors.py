@@ -53,6 +53,10 @@ class ShardSetError(UsageError):
     shards of several runs without ``allow_mixed_runs=True``."""
 
 
+class BlocksError(UsageError):
+    """More jackknife blocks asked for than a record has samples (each block needs one)."""
+
+
 class MissingDependencyError(GSNRError, ImportError):
     """An optional extra is not installed; the message names the ``pip install``."""
 

@@ -135,31 +135,6 @@ def _chunk_update(x, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad
 
 
 @njit(nogil=True, cache=True)
-def _chunk_update_checked(x, u, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad,
-                          pos0, p_total):
-    """:func:`_chunk_update` that also returns the checksum sums of the rows' raw bits ``u``.
-
-    Each row is checksummed right after the first pass has summed it, while it is in L1
-    (a separate pass over a 2 MiB chunk afterwards came from L3 and cost ~15 % of reduce).
-    """
-    s1 = np.uint64(0)
-    t = np.uint64(0)
-    if r_hi <= r_lo:
-        return s1, t
-    s = np.zeros(ncols, dtype=np.float64)
-    for r in range(r_lo, r_hi):
-        for j in range(ncols):
-            s[j] += x[r, j]
-        base = np.uint64(pos0 + (r - r_lo) * p_total)
-        for j in range(ncols):
-            v = np.uint64(u[r, j])
-            s1 += v
-            t += ((base + np.uint64(j)) & _MASK32) * v  # see _checksum_block
-    _chunk_finish(x, s, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad)
-    return s1, t + s1
-
-
-@njit(nogil=True, cache=True)
 def _chunk_finish(x, s, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad):
     """Second pass and merge of :func:`_chunk_update`, given the column sums ``s``."""
     nb = np.float64(r_hi - r_lo)
@@ -183,9 +158,12 @@ def _chunk_finish(x, s, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, 
 @njit(parallel=True, nogil=True, cache=True)
 def moments_chunks(
     buf, offsets, rows_c, cols_c, n_params, r_lo, r_hi, count, mean, m2, omit, n_omit, bad,
-    ubuf, pos0, p_total, sums,
+    ubuf, row_info, p_total, sums,
 ):
-    """Update moments from one row of chunks mapped straight from the file.
+    """Update moments from rows of one row of chunks mapped straight from the file.
+
+    One call per chunk row (rows of many consecutive ``write`` calls together), so reduce
+    costs what its bytes cost, not what its number of writes costs.
 
     Parameters
     ----------
@@ -206,11 +184,14 @@ def moments_chunks(
         the column in ``bad``.
     ubuf : 1-D uint32 array
         ``buf`` viewed as raw bits, for the segment checksum (:func:`checksum_rows`).
-    pos0, p_total : int
-        Checksum position of element ``(r_lo, 0)`` of the first chunk, and the record's full
-        width P (a column block of a Dask task is narrower).
-    sums : (n_chunks, 2) uint64
-        Checksum sums of each chunk's rows ``r_lo..r_hi``, written (not accumulated) here.
+    row_info : (2, r_hi - r_lo) int64
+        Per row: ``row_info[0]`` the checksum position of element ``(r, 0)`` of the first
+        chunk in its segment, ``row_info[1]`` its segment's local index (nondecreasing,
+        from 0). Rows may belong to several segments; each segment is checksummed apart.
+    p_total : int
+        The record's full width P (a column block of a Dask task is narrower).
+    sums : (n_chunks, n_segments, 2) uint64
+        Checksum sums of each chunk's rows per segment, accumulated (zero them first).
         Computed while the chunk is still in cache from the two passes, so verifying costs
         no extra trip to memory.
     """
@@ -220,10 +201,8 @@ def moments_chunks(
         o = offsets[c]
         x = buf[o : o + rows_c * cols_c].reshape((rows_c, cols_c))
         u = ubuf[o : o + rows_c * cols_c].reshape((rows_c, cols_c))
-        s1, s2 = _chunk_update_checked(x, u, r_lo, r_hi, ncols, col0, count, mean, m2, omit,
-                                       n_omit, bad, pos0 + col0, p_total)
-        sums[c, 0] = s1
-        sums[c, 1] = s2
+        _chunk_update_rows(x, u, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad,
+                           row_info[0], row_info[1], sums, c)
 
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -244,6 +223,56 @@ def _checksum_block(u, r_lo, r_hi, ncols, pos0, p_total):
             # is one 32x32->64 multiply, which vectorises (a full 64-bit one does not)
             t += ((base + np.uint64(j)) & _MASK32) * v
     return s1, t + s1
+
+
+@njit(nogil=True, cache=True)
+def _chunk_update_rows(x, u, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad,
+                       row_pos, row_seg, sums, c):
+    """:func:`_chunk_update` that also adds the checksum sums of the rows' raw bits ``u``
+    to ``sums[c, row_seg[r - r_lo]]``; row ``r`` has checksum position
+    ``row_pos[r - r_lo] + col0`` in its segment (local index ``row_seg``, nondecreasing).
+
+    Each row is checksummed right after the first pass has summed it, while it is in L1
+    (a separate pass over a 2 MiB chunk afterwards came from L3 and cost ~15 % of reduce).
+    """
+    if r_hi <= r_lo:
+        return
+    s = np.zeros(ncols, dtype=np.float64)
+    s1 = np.uint64(0)
+    t = np.uint64(0)
+    cur = row_seg[0]
+    for r in range(r_lo, r_hi):
+        k = row_seg[r - r_lo]
+        if k != cur:  # flush the finished segment's sums
+            sums[c, cur, 0] += s1
+            sums[c, cur, 1] += t + s1
+            s1 = np.uint64(0)
+            t = np.uint64(0)
+            cur = k
+        for j in range(ncols):
+            s[j] += x[r, j]
+        base = np.uint64(row_pos[r - r_lo] + col0)
+        for j in range(ncols):
+            v = np.uint64(u[r, j])
+            s1 += v
+            t += ((base + np.uint64(j)) & _MASK32) * v  # see _checksum_block
+    sums[c, cur, 0] += s1
+    sums[c, cur, 1] += t + s1
+    _chunk_finish(x, s, r_lo, r_hi, ncols, col0, count, mean, m2, omit, n_omit, bad)
+
+
+@njit(nogil=True, cache=True)
+def checksum_rows_segmented(u, row_pos, row_seg, n_seg, p_total):
+    """Checksum sums ``(n_seg, 2)`` of rows ``u`` ``(n, w)`` that belong to consecutive
+    segments: row ``r`` starts at position ``row_pos[r]`` of segment ``row_seg[r]``
+    (local index). Same sums as :func:`checksum_rows` per segment."""
+    out = np.zeros((n_seg, 2), dtype=np.uint64)
+    for r in range(u.shape[0]):
+        s1, s2 = _checksum_block(u, r, r + 1, u.shape[1], row_pos[r], p_total)
+        k = row_seg[r]
+        out[k, 0] += s1
+        out[k, 1] += s2
+    return out
 
 
 @njit(nogil=True, cache=True)

@@ -32,7 +32,7 @@ from .engine import (  # noqa: F401 - names of the single-module reduce (v1 code
     same_files,
     select_keys,
 )
-from .errors import ArgumentTypeError, StoreError, UsageError
+from .errors import ArgumentTypeError, BlocksError, StoreError, UsageError
 from .store import check_same_layout, expand_paths, open_store
 
 
@@ -133,6 +133,14 @@ def reduce(
         layout = check_same_layout(stores)
         keys = select_keys(stores, steps, splits)
         K = int(blocks) if blocks else 1
+        if blocks:  # each jackknife block needs a sample: more blocks than samples is a typo
+            for key in keys:
+                n = sum(s.record(*key).n_samples for s in stores if _has(s, key))
+                if n and K > n:
+                    raise BlocksError(
+                        f"gs.reduce: blocks={K} is more than the {n} samples of record "
+                        f"(step={key[0]}, split={key[1]!r}); give at most {n} blocks (or 0)"
+                    )
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -102,6 +102,9 @@ def _cases(f):
         (["reduce", S, "-o", RO / "o.nc"], ["-o/--output", "not writable"]),
         # reduce: options
         (["reduce", S, "-o", D / "o.nc", "--blocks", "-3"], ["--blocks", "'-3'"]),
+        # more jackknife blocks than samples (was 115 s of one-sample-per-block kernel calls)
+        (["reduce", S, "-o", D / "o.nc", "--blocks", "1000000"],
+         ["--blocks", "blocks=1000000", "samples of record", "at most"]),
         (["reduce", S, "-o", D / "o.nc", "--scheduler", "nonsense"],
          ["--scheduler", "'nonsense'"]),
         (["reduce", S, "-o", D / "o.nc", "--workers", "0"], ["--workers", "'0'"]),
@@ -159,7 +162,7 @@ def _cases(f):
     ]
 
 
-N_CASES = 44
+N_CASES = 45
 
 
 def test_every_user_mistake_is_one_line_and_exit_2(files, read_only, capsys):

@@ -45,7 +45,7 @@ class ChunkRows:
     Attributes
     ----------
     segment : int
-        Index of the record segment (one ``write`` call) these rows belong to.
+        Index of the record segment (one ``write`` call) row ``lo`` belongs to.
     record_pos : int
         Position of row ``lo`` within the record (0 = its first sample).
     check_pos : int
@@ -55,6 +55,9 @@ class ChunkRows:
         Element offset in :attr:`RecordView.buf` of each column chunk of this chunk row.
     array : ndarray or None
         ``(hi - lo, c1 - c0)`` rows in the stored dtype, read through HDF5.
+    row_seg, row_pos : (hi - lo,) int64 ndarray or None
+        Segment index and checksum position (as ``check_pos``) of each row: a piece may
+        span several consecutive segments (:meth:`RecordView.plan` coalesces them).
     """
 
     segment: int
@@ -65,6 +68,8 @@ class ChunkRows:
     check_pos: int
     offsets: np.ndarray | None = None
     array: np.ndarray | None = None
+    row_seg: np.ndarray | None = None
+    row_pos: np.ndarray | None = None
 
     @property
     def mapped(self) -> bool:
@@ -209,27 +214,41 @@ class RecordView:
     def plan(self, cuts: Sequence[int] = ()) -> list[ChunkRows]:
         """The chunk-row pieces of the record in order, cut at record positions ``cuts``.
 
+        Consecutive segments (``write`` calls) stored in adjacent rows of one chunk row are
+        coalesced into one piece, so the number of pieces grows with the rows read, not with
+        the number of writes; :attr:`ChunkRows.row_seg` and :attr:`ChunkRows.row_pos` keep
+        each row's segment and checksum position so every segment is still verified.
         No data attached: :meth:`iter_rows` attaches it one piece at a time.
         """
         rc = self.chunk_shape[0]
         P = self.layout.n_params
+        segs = self.segments
+        if not segs:
+            return []
+        start = np.array([s.start for s in segs], dtype=np.int64)
+        length = np.array([s.stop - s.start for s in segs], dtype=np.int64)
+        n = int(length.sum())
+        if n == 0:
+            return []
+        seg = np.repeat(np.arange(len(segs), dtype=np.int64), length)
+        first = np.cumsum(length) - length  # record position of each segment's first row
+        within = np.arange(n, dtype=np.int64) - first[seg]
+        row = start[seg] + within  # dataset row of each record position
+        brk = np.zeros(n, dtype=bool)
+        brk[0] = True
+        brk[1:] = (row[1:] != row[:-1] + 1) | (row[1:] % rc == 0)
+        c = np.array(sorted({int(x) for x in cuts if 0 < int(x) < n}), dtype=np.int64)
+        brk[c] = True
+        a = np.flatnonzero(brk)
+        b = np.append(a[1:], n)
+        pos = within * P + self.c0
         out: list[ChunkRows] = []
-        pos = 0
-        cuts = sorted({int(c) for c in cuts})
-        for si, seg in enumerate(self.segments):
-            r = seg.start
-            while r < seg.stop:
-                crow = r // rc
-                hi = min(seg.stop, (crow + 1) * rc)
-                p = pos + (r - seg.start)
-                k = int(np.searchsorted(cuts, p, side="right"))  # next cut after p
-                if k < len(cuts):
-                    hi = min(hi, seg.start + cuts[k] - pos)
-                hi = max(hi, r + 1)
-                out.append(ChunkRows(si, crow, r - crow * rc, hi - crow * rc, p,
-                                     (r - seg.start) * P + self.c0))
-                r = hi
-            pos += seg.stop - seg.start
+        for lo_p, hi_p in zip(a.tolist(), b.tolist(), strict=True):
+            crow = int(row[lo_p]) // rc
+            lo = int(row[lo_p]) - crow * rc
+            out.append(ChunkRows(int(seg[lo_p]), crow, lo, lo + hi_p - lo_p, lo_p,
+                                 int(pos[lo_p]), row_seg=seg[lo_p:hi_p],
+                                 row_pos=pos[lo_p:hi_p]))
         return out
 
     def _mappable(self, item: ChunkRows) -> bool:
