@@ -137,7 +137,13 @@ class GradientStore:
             raise SchemaError(f"{path}: invalid format version {int(ver)}")
         self.version = int(ver)
         groups = {"moments"} | (set(TABLES) if self.version >= 2 else set())
-        self._objs = _check_links(f, path, groups)
+        objs = _check_links(f, path, groups)
+        # A file its writer has open keeps growing: h5py caches a dataset's shape per object
+        # in read-only mode, and SWMR extents of an open dataset are not reloaded, so reuse
+        # the objects only of a closed file. A live one is looked up afresh after the record
+        # table was read, which is what makes the rest cover what the records name.
+        self._objs = None if self._left_open else objs
+        del objs
         text = _attr_str(f, "layout", path)
         if len(text) > _MAX_LAYOUT_JSON:
             raise SchemaError(f"{path}: layout attribute is implausibly large")
