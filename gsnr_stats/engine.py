@@ -541,9 +541,9 @@ def build_dataset(
         "split": ("split", np.array(split_names, dtype=str), {"long_name": "data split"}),
         "param": ("param", np.arange(P, dtype=np.int64),
                   {"long_name": "flat parameter index"}),
-        "tensor": ("param", layout.tensor_of_param().astype(str),
+        "tensor": ("param", layout.tensor_of_param(),
                    {"long_name": "parameter tensor"}),
-        "layer": ("param", layout.layer_of_param().astype(str), {"long_name": "layer"}),
+        "layer": ("param", layout.layer_of_param(), {"long_name": "layer"}),
     }
     sp3 = ("step", "split", "param")
     with np.errstate(invalid="ignore"):

@@ -109,11 +109,13 @@ class Layout:
 
     def tensor_of_param(self) -> np.ndarray:
         """Tensor name of each flat parameter, shape ``(P,)``."""
-        return np.repeat(np.array(self.names, dtype=object), self.sizes)
+        # a fixed-width str array repeated directly: an object array then .astype(str) cost
+        # ~10 ms per call at P = 262,144 (a third of a reduce's time outside the kernel)
+        return np.repeat(np.array(self.names, dtype=str), self.sizes)
 
     def layer_of_param(self) -> np.ndarray:
         """Layer name of each flat parameter, shape ``(P,)``."""
-        return np.repeat(np.array(self.layers, dtype=object), self.sizes)
+        return np.repeat(np.array(self.layers, dtype=str), self.sizes)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Layout:

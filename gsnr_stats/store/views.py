@@ -289,9 +289,15 @@ class RecordView:
         rc, cc = self.chunk_shape
         nbytes = rc * cc * 4
         page = mmap.PAGESIZE
-        for o in offsets:
-            a = (int(o) * 4 // page) * page
-            self._mm.madvise(mmap.MADV_DONTNEED, a, int(o) * 4 + nbytes - a)  # type: ignore[union-attr]
+        # one madvise per run of chunks lying back to back in the file (a chunk row usually
+        # is one run): a system call per chunk cost ~25 ms of a 1 GiB reduce
+        starts = np.sort(np.asarray(offsets, dtype=np.int64)) * 4
+        if starts.size == 0:
+            return
+        breaks = np.flatnonzero(starts[1:] > starts[:-1] + nbytes) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, starts.size], strict=True):
+            a = (int(starts[lo]) // page) * page
+            self._mm.madvise(mmap.MADV_DONTNEED, a, int(starts[hi - 1]) + nbytes - a)  # type: ignore[union-attr]
 
     def __iter__(self) -> Iterator[ChunkRows]:
         return self.iter_rows()
