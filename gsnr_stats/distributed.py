@@ -52,6 +52,7 @@ from .engine import (
     build_dataset,
     check_shard,
     filter_keys,
+    identity_problems,
     numba_threads,
     record_partial,
     shard_identity,
@@ -525,38 +526,6 @@ def _tree(client: Any, futs: list[Any], tag: str) -> Any:
     return futs[0]
 
 
-def _shard_set_problems(shards: Sequence[ShardInfo], allow_mixed_runs: bool) -> list[str]:
-    """:func:`gsnr_stats.engine.shard_set_problems` on what the workers saw: the same rules
-    (a shard listed twice or copied: equal :func:`~gsnr_stats.engine.shard_identity`; several
-    run ids without ``allow_mixed_runs``) with the same messages, for shards this process may
-    not be able to open."""
-    out: list[str] = []
-    if len(shards) < 2:
-        return out
-    ids: dict[tuple[object, ...], str] = {}
-    for s in shards:
-        if s.identity in ids:
-            first = ids[s.identity]
-            if os.path.abspath(first) == os.path.abspath(s.path):
-                out.append(f"{s.path} is {first} again (listed twice): its samples would be "
-                           "counted twice; list each shard once")
-            else:
-                out.append(f"{s.path} holds the same records as {first} (run {s.run_id!r}, "
-                           "identical data checksums): a copy of one shard, whose samples "
-                           "would be counted twice; list only one of them")
-        ids.setdefault(s.identity, s.path)
-    runs: dict[str, list[str]] = {}
-    for s in shards:
-        runs.setdefault(s.run_id, []).append(s.path)
-    if len(runs) > 1 and not allow_mixed_runs:
-        parts = "; ".join(f"run_id {r!r}: {', '.join(ps[:3])}{' ...' if len(ps) > 3 else ''}"
-                          for r, ps in runs.items())
-        out.append(f"shards of {len(runs)} different runs ({parts}); the shards of one run "
-                   "share a run_id (GradientWriter(run_id=...)); to pool different runs "
-                   "anyway pass allow_mixed_runs=True (CLI: --allow-mixed-runs)")
-    return out
-
-
 def _plan(
     client: Any, files: Sequence[Path], skip_bad: bool, allow_mixed_runs: bool = False
 ) -> tuple[list[ShardInfo], Layout]:
@@ -594,7 +563,8 @@ def _plan(
             )
     # The client's pre-check (gsnr_stats.reduce) sees only the shards it can open; the
     # workers' view covers the rest (a file system mounted on the workers only).
-    problems = _shard_set_problems(good, allow_mixed_runs)
+    problems = identity_problems([(s.path, s.identity, s.run_id) for s in good],
+                                 allow_mixed_runs=allow_mixed_runs)
     if problems:
         raise ShardSetError(problems[0])
     return good, layout

@@ -343,20 +343,35 @@ def shard_set_problems(
 ) -> list[str]:
     """Why these (open, distinct) shards must not be pooled: copies of one shard, or several
     runs without ``allow_mixed_runs``; ``[]`` when they may."""
+    return identity_problems(
+        [(str(s.path), shard_identity(s), str(s.attrs["run_id"])) for s in stores],
+        allow_mixed_runs=allow_mixed_runs)
+
+
+def identity_problems(
+    shards: Sequence[tuple[str, tuple[object, ...], str]], *, allow_mixed_runs: bool = False
+) -> list[str]:
+    """:func:`shard_set_problems` on ``(path, shard_identity, run_id)`` triples: the rules
+    (a shard listed twice or copied, several run ids) and their messages, also for shards
+    only Dask workers could open (:mod:`gsnr_stats.distributed`)."""
     out: list[str] = []
-    if len(stores) < 2:
+    if len(shards) < 2:
         return out
     ids: dict[tuple[object, ...], str] = {}
-    for s in stores:
-        ident = shard_identity(s)
+    for path, ident, run_id in shards:
         if ident in ids:
-            out.append(f"{s.path} holds the same records as {ids[ident]} (run {ident[0]!r}, "
-                       "identical data checksums): a copy of one shard, whose samples would be "
-                       "counted twice; list only one of them")
-        ids.setdefault(ident, str(s.path))
+            first = ids[ident]
+            if os.path.abspath(first) == os.path.abspath(path):
+                out.append(f"{path} is {first} again (listed twice): its samples would be "
+                           "counted twice; list each shard once")
+            else:
+                out.append(f"{path} holds the same records as {first} (run {run_id!r}, "
+                           "identical data checksums): a copy of one shard, whose samples "
+                           "would be counted twice; list only one of them")
+        ids.setdefault(ident, path)
     runs: dict[str, list[str]] = {}
-    for s in stores:
-        runs.setdefault(str(s.attrs["run_id"]), []).append(str(s.path))
+    for path, _, run_id in shards:
+        runs.setdefault(run_id, []).append(path)
     if len(runs) > 1 and not allow_mixed_runs:
         parts = "; ".join(f"run_id {r!r}: {', '.join(ps[:3])}{' ...' if len(ps) > 3 else ''}"
                           for r, ps in runs.items())
