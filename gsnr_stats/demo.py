@@ -64,6 +64,7 @@ def run_demo(outdir: Path, *, quick: bool = False) -> dict[str, Path]:
     page = write_report([svd.files["mlp_store"]], outdir / "report",
                         n=[256, int(svd.summary.attrs["n_train"])])
     written["report"] = page
-    for k in ("shallow_vs_dnn/figure", "osgr_validation/figure", "report"):
+    written["report_html"] = page.with_suffix(".html")  # write_report writes both
+    for k in ("shallow_vs_dnn/figure", "osgr_validation/figure", "report", "report_html"):
         print(f"wrote {written[k]}")
     return written

@@ -19,6 +19,8 @@ def test_demo_quick(tmp_path, capsys):
                 tmp_path / "osgr_validation.png", tmp_path / "report" / "osgr.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "report" / "report.md").is_file()
+    html = tmp_path / "report" / "report.html"  # the self-contained page, printed too
+    assert f"wrote {html}" in out and "data:image/png;base64," in html.read_text()
     # the printed tables are the netCDF numbers
     svd = xr.load_dataset(tmp_path / "shallow_vs_dnn.nc")
     assert set(svd["model"].values) == {"logreg", "linear_svm", "mlp"}
