@@ -316,7 +316,12 @@ class GradientStore:
         for name, stop in (("grads", g_stop), ("loss", g_stop), ("sample_id", g_stop),
                            ("label", g_stop), ("moments/count", m_stop),
                            ("moments/mean", m_stop), ("moments/m2", m_stop)):
-            if self._obj(name).shape[0] < stop:
+            ds = self._obj(name)
+            if ds.shape[0] < stop and self._left_open:
+                # SWMR: HDF5's metadata cache can hold an object header read before the
+                # record table (the validation's first look): reload it before judging
+                ds.refresh()
+            if ds.shape[0] < stop:
                 raise SchemaError(
                     f"{path}: completed records cover {stop} rows of {name}, the file holds "
                     f"{self._obj(name).shape[0]} (truncated or damaged file)"
