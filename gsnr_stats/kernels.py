@@ -415,3 +415,240 @@ def subset_sums(x, row0, row_ptr, members, acc, col_block):  # pragma: no cover 
                 ak = acc[members[idx], a:e]
                 for j in range(w):
                     ak[j] += xr[j]
+
+
+# -- factored weights: moments of g_i = Σ_t δ_it a_itᵀ from the factors ----------------
+
+
+@njit(nogil=True, cache=True)
+def _fac_row(a, d, i, o, n_in, T, g):
+    """``g[:] = Σ_t d[i, t, o] · a[i, t, :]`` in float64 (row ``o`` of sample ``i``'s product)."""
+    for j in range(n_in):
+        g[j] = 0.0
+    for t in range(T):
+        dv = np.float64(d[i, t, o])
+        for j in range(n_in):
+            g[j] += dv * a[i, t, j]
+
+
+@njit(nogil=True, cache=True)
+def _fac_zero(d, fin, i, o, T):
+    """Whether sample ``i``'s row ``o`` is exactly zero: every ``d[i, t, o]`` is 0 and its
+    ``a`` rows are finite (``0 · inf`` is NaN in the materialised product, so not zero)."""
+    if not fin[i]:
+        return False
+    for t in range(T):
+        if d[i, t, o] != 0.0:
+            return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _fac_masked(a, d, b0, b1, o, j, T):
+    """Two-pass moments of the finite values of entry ``(o, j)`` over rows ``[b0, b1)``
+    (the rare, slow path; ``j < 0``: the bias ``Σ_t d[i, t, o]``)."""
+    n = 0.0
+    s = 0.0
+    for i in range(b0, b1):
+        v = 0.0
+        for t in range(T):
+            v += np.float64(d[i, t, o]) * (np.float64(a[i, t, j]) if j >= 0 else 1.0)
+        if np.isfinite(v):
+            s += v
+            n += 1.0
+    if n == 0.0:
+        return 0.0, 0.0, 0.0
+    mu = s / n
+    q = 0.0
+    for i in range(b0, b1):
+        v = 0.0
+        for t in range(T):
+            v += np.float64(d[i, t, o]) * (np.float64(a[i, t, j]) if j >= 0 else 1.0)
+        if np.isfinite(v):
+            e = v - mu
+            q += e * e
+    return n, mu, q
+
+
+@njit(nogil=True, cache=True)
+def _fac_constant(a, d, b0, b1, o, j, T):
+    """Whether entry ``(o, j)`` of every sample in ``[b0, b1)`` equals the first's, exactly."""
+    g0 = 0.0
+    for t in range(T):
+        g0 += np.float64(d[b0, t, o]) * a[b0, t, j]
+    for i in range(b0 + 1, b1):
+        v = 0.0
+        for t in range(T):
+            v += np.float64(d[i, t, o]) * a[i, t, j]
+        if v != g0:
+            return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _fac_weight_row(a, d, fin, b0, b1, o, n_in, T, count, mean, m2, omit, n_omit, bad):
+    """Two-pass moments of row ``o`` (entries ``o·in .. o·in + in``) over rows ``[b0, b1)``,
+    Chan-merged into the accumulators; exactly-zero rows (ReLU) cost one test each."""
+    nb = np.float64(b1 - b0)
+    s = np.zeros(n_in)
+    g = np.empty(n_in)
+    nz = 0.0
+    for i in range(b0, b1):
+        if _fac_zero(d, fin, i, o, T):
+            nz += 1.0
+            continue
+        if T == 1:  # the product without a scratch row: the common MLP case
+            dv = np.float64(d[i, 0, o])
+            for j in range(n_in):
+                s[j] += dv * a[i, 0, j]
+        else:
+            _fac_row(a, d, i, o, n_in, T, g)
+            for j in range(n_in):
+                s[j] += g[j]
+    mu = s / nb
+    q = np.zeros(n_in)
+    for i in range(b0, b1):
+        if _fac_zero(d, fin, i, o, T):
+            continue
+        if T == 1:
+            dv = np.float64(d[i, 0, o])
+            for j in range(n_in):
+                e = dv * a[i, 0, j] - mu[j]
+                q[j] += e * e
+        else:
+            _fac_row(a, d, i, o, n_in, T, g)
+            for j in range(n_in):
+                e = g[j] - mu[j]
+                q[j] += e * e
+    base = o * n_in
+    # a sum of nb exact products rounds (|s/nb − g| ≤ nb·eps·|g| when every g is equal),
+    # so a constant entry would get M2 ~ nb³eps²g² instead of the materialised store's 0
+    tiny = 4.0 * nb * nb * nb * 1.3e-32  # 4 nb³ eps², eps = 2^-53
+    for j in range(n_in):
+        qj = q[j] + nz * (mu[j] * mu[j])  # the zero rows: each deviates by -mu exactly
+        mj = mu[j]
+        if 0.0 < qj <= tiny * mj * mj and _fac_constant(a, d, b0, b1, o, j, T):
+            g0 = np.float64(0.0)
+            for t in range(T):
+                g0 += np.float64(d[b0, t, o]) * a[b0, t, j]
+            mj = g0
+            qj = 0.0
+        if np.isfinite(s[j]) and np.isfinite(qj):
+            _merge_col(count, mean, m2, base + j, nb, mj, qj)
+        elif omit:
+            n, m, qq = _fac_masked(a, d, b0, b1, o, j, T)
+            n_omit[base + j] += nb - n
+            _merge_col(count, mean, m2, base + j, n, m, qq)
+        else:
+            bad[base + j] = 1
+
+
+@njit(nogil=True, cache=True)
+def _fac_bias(d, b0, b1, o, T, count, mean, m2, omit, n_omit, bad):
+    """Two-pass moments of bias entry ``o``, ``Σ_t d[i, t, o]``, over rows ``[b0, b1)``."""
+    nb = np.float64(b1 - b0)
+    s = 0.0
+    for i in range(b0, b1):
+        for t in range(T):
+            s += np.float64(d[i, t, o])
+    mu = s / nb
+    q = 0.0
+    for i in range(b0, b1):
+        v = 0.0
+        for t in range(T):
+            v += np.float64(d[i, t, o])
+        e = v - mu
+        q += e * e
+    if np.isfinite(s) and np.isfinite(q):
+        _merge_col(count, mean, m2, o, nb, mu, q)
+    elif omit:
+        n, m, qq = _fac_masked(d, d, b0, b1, o, -1, T)
+        n_omit[o] += nb - n
+        _merge_col(count, mean, m2, o, n, m, qq)
+    else:
+        bad[o] = 1
+
+
+@njit(nogil=True, cache=True)
+def _rows_finite(a, b0, b1, fin):
+    for i in range(b0, b1):
+        ok = True
+        for t in range(a.shape[1]):
+            for j in range(a.shape[2]):
+                if not np.isfinite(a[i, t, j]):
+                    ok = False
+        fin[i] = ok
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def factored_moments(
+    a, d, r_lo, r_hi, row_block, count, mean, m2, omit, n_omit, bad,
+    bcount, bmean, bm2, bn_omit, bbad,
+):
+    """Update the moments of a factored weight (and its bias) from its factors, exactly.
+
+    Sample ``i``'s gradient of a weight ``W`` ``(out, in)`` is
+    ``g_i = Σ_t δ_it a_itᵀ`` and of its bias ``b_i = Σ_t δ_it``; for entry ``(o, j)``
+
+    .. math::
+
+        \\bar g_{oj} = \\frac{1}{n_b}\\sum_{i \\in b} \\sum_t \\delta_{ito} a_{itj}, \\qquad
+        \\mathrm{M2}_{oj} = \\sum_{i \\in b} \\Big(\\sum_t \\delta_{ito} a_{itj}
+                            - \\bar g_{oj}\\Big)^2
+
+    per row block ``b`` of ``row_block`` samples, in float64 (a product of float32 factors
+    is exact in float64), then Chan-merged into the accumulators like
+    :func:`moments_chunks`. Why two passes and not the Gram form
+    ``(Δ∘Δ)ᵀ(A∘A) − n m²``: that is the one-pass formula, which loses every digit when
+    ``|mean| ≫ std``; recomputing ``g_i`` costs a few flops per entry on factors that stay
+    in cache, which is still less than reading the materialised float32 product. No
+    ``n × P`` array is ever formed.
+
+    Parameters
+    ----------
+    a : (n, T, in) float32 or float64
+        Input factor rows (zero rows pad shorter sequences exactly).
+    d : (n, T, out) float32 or float64
+        Output-gradient factor rows.
+    r_lo, r_hi : int
+        Samples ``[r_lo, r_hi)`` of ``a``/``d`` to add.
+    row_block : int
+        Samples per two-pass block: ``row_block · T · in`` values of ``a`` should fit in L2.
+    count, mean, m2 : (out · in,) float64
+        Accumulators of the weight entries, row-major ``(out, in)``, updated in place.
+    omit : bool
+        Non-finite ``g_ioj`` are dropped per entry and counted in ``n_omit`` (exactly the
+        plain kernel's per-parameter rule applied to the materialised product), instead of
+        setting ``bad``.
+    n_omit, bad : (out · in,) float64, int64
+        As in :func:`moments_chunks`.
+    bcount, bmean, bm2, bn_omit, bbad : (out,) or (0,) arrays
+        The same for the bias ``Σ_t δ_it``; empty arrays: no bias.
+
+    Notes
+    -----
+    Parallel over output rows ``o`` within a row block; each entry is reduced in sample
+    order, so results do not depend on the thread count. A sample whose ``δ_i·o`` is zero
+    (a dead ReLU unit) and whose ``a_i`` is finite adds an exactly-zero row, counted
+    instead of multiplied.
+    """
+    T = a.shape[1]
+    n_in = a.shape[2]
+    n_out = d.shape[2]
+    with_bias = bcount.shape[0] > 0
+    fin = np.empty(a.shape[0], dtype=np.bool_)
+    step = max(1, row_block)
+    for b0 in range(r_lo, r_hi, step):
+        b1 = min(r_hi, b0 + step)
+        _rows_finite(a, b0, b1, fin)
+        for o in prange(n_out):
+            _fac_weight_row(a, d, fin, b0, b1, o, n_in, T, count, mean, m2, omit, n_omit, bad)
+            if with_bias:
+                _fac_bias(d, b0, b1, o, T, bcount, bmean, bm2, omit, bn_omit, bbad)
+
+
+def factored_row_block(t: int, n_in: int, itemsize: int, cache_bytes: int = 1 << 18) -> int:
+    """Samples per two-pass block of :func:`factored_moments`: the block's ``a`` rows
+    (``rows · t · in · itemsize`` bytes) fill about ``cache_bytes`` (half a core's L2)."""
+    per = max(1, int(t) * int(n_in) * int(itemsize))
+    return int(min(1024, max(8, cache_bytes // per)))
