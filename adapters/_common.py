@@ -659,3 +659,47 @@ def abort_record(writer: Any, step: int, split: str) -> None:
 def as_float(x: Any) -> float:
     """``float(x)`` that maps ``None`` to NaN."""
     return math.nan if x is None else float(x)
+
+
+# --------------------------------------------------------------------------------------
+# Factored records (docs/format.md, format version 4)
+# --------------------------------------------------------------------------------------
+
+
+def writer_factors(writer: Any) -> list[tuple[str, str | None, int]]:
+    """The factors a writer was opened with, ``[(weight, bias or None, rows), ...]`` in
+    declaration order (empty for a writer of full per-sample gradients)."""
+    out = []
+    for f in getattr(writer, "factors", None) or ():
+        out.append((str(f.weight), None if f.bias is None else str(f.bias), int(f.rows)))
+    return out
+
+
+def check_factored_writer(writer: Any, keep: str, where: str) -> list[tuple[str, str | None, int]]:
+    """``keep="factors"`` needs a writer opened with ``factors=`` and ``keep="grads"`` one
+    without (a factored store refuses full rows); the writer's factors."""
+    facs = writer_factors(writer)
+    if keep == "factors" and not facs:
+        raise AdapterError(
+            f"{where}: keep='factors' needs a writer opened with factors= (e.g. the adapter's "
+            "open_writer(..., factors='auto')); this writer stores full per-sample gradients")
+    if keep != "factors" and facs:
+        raise AdapterError(
+            f"{where}: the writer was opened with factors {[f[0] for f in facs]}: record "
+            f"with keep='factors' (keep={keep!r} writes full per-sample rows, which a "
+            "factored store refuses)")
+    return facs
+
+
+def plain_offsets(layout: Sequence[tuple[str, tuple[int, ...]]],
+                  factored: set[str]) -> dict[str, tuple[int, int]]:
+    """Columns ``(start, stop)`` of each tensor of ``layout`` not in ``factored``, in the
+    plain ``grads`` of a factored record (layout order, factored tensors left out)."""
+    out, off = {}, 0
+    for name, shape in layout:
+        if name in factored:
+            continue
+        size = math.prod(tuple(shape))
+        out[name] = (off, off + size)
+        off += size
+    return out

@@ -320,6 +320,36 @@ def outside_uses(losses: torch.Tensor, io: dict[str, list[Any]],
     return out
 
 
+def linear_factors(m: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], n: int,
+                   rows: int, mname: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, D)`` of a Linear over a batch of ``n``: inputs ``(n, T, in)`` and output
+    gradients ``(n, T, out)`` of all its calls, positions concatenated (``T`` = the sum of
+    each call's positions; ``(n, in)``, ``(n, out)`` for one call on ``(n, in)``), so that
+    sample ``i``'s weight gradient is :math:`\\sum_t \\delta_{it} a_{it}^\\top` and its bias
+    gradient :math:`\\sum_t \\delta_{it}`. Never called: one zero row."""
+    if len(calls) == 1 and calls[0][0].ndim == 2:
+        a, d = calls[0]
+        return a, d.to(a.dtype)
+    if not calls:
+        w = m.weight
+        return (torch.zeros((n, m.in_features), dtype=w.dtype, device=w.device),
+                torch.zeros((n, m.out_features), dtype=w.dtype, device=w.device))
+    a = torch.cat([c[0].reshape(n, -1, m.in_features) for c in calls], dim=1)
+    d = torch.cat([c[1].reshape(n, -1, m.out_features) for c in calls], dim=1).to(a.dtype)
+    if a.shape[1] > rows:
+        raise AdapterError(
+            f"torch factored record: layer {mname!r} has {a.shape[1]} positions per sample "
+            f"in this batch (inputs {[tuple(c[0].shape) for c in calls]}), the writer holds "
+            f"{rows} factor rows for it; open the writer with rows >= the longest sequence")
+    return a, d
+
+
+def auto_factored(info: dict[str, tuple[int, int, int]]) -> dict[str, int]:
+    """The layers worth factoring, ``{module name: T}``: those whose ``T`` factor rows per
+    sample are fewer numbers than the product, :math:`T (in + out) < in \\cdot out`."""
+    return {k: t for k, (t, i, o) in info.items() if t * (i + o) < i * o}
+
+
 class FastPath:
     """Per-batch moments (:meth:`moments`) or per-sample gradients (:meth:`grads_into`) of the
     selected parameters: Linear/Conv from one backward, the rest from ``vmap`` over those
@@ -460,15 +490,86 @@ class FastPath:
         multiply per element like ``vmap``'s; other fast layers are materialised in sample
         chunks and copied; the rest come from ``vmap`` over those parameters only.
         """
+        return self._fill(x, y, n, out, self._offsets, {})[1]
+
+    def check_first(self, x: Any, y: Any) -> None:
+        """The first-batch checks (loss contract, outside uses, two samples vs ``vmap``)."""
         if not self._checked:
             self.eng.check_first(x, y)  # the loss contract on the whole first batch
             self._check(x, y)
-        offs = self._offsets
+
+    def factor_rows(self, x: Any, y: Any, n: int) -> dict[str, tuple[int, int, int]]:
+        """``{module name: (T, in, out)}`` of every fast ``nn.Linear`` whose input rows are the
+        batch's samples: ``T`` factor rows per sample (the positions of all its calls)."""
+        self.check_first(x, y)
+        lin = {k: m for k, m in self.modules.items() if isinstance(m, nn.Linear)}
+        if not lin:
+            return {}
+        calls, _ = self._forward(x, y)
+        out = {}
+        for mname, m in lin.items():
+            cs = calls[mname]
+            if cs and all(a.shape[0] == n and d.shape[0] == n for a, d in cs):
+                t = sum(math.prod(a.shape[1:-1]) for a, _ in cs)
+                out[mname] = (t, m.in_features, m.out_features)
+        return out
+
+    def factors_into(self, x: Any, y: Any, n: int, out: torch.Tensor,
+                     factored: dict[str, tuple[int, bool]],
+                     offsets: dict[str, tuple[int, int]],
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Factors of the ``factored`` Linears and per-sample gradients of the rest.
+
+        Sample ``i``'s weight gradient of a factored layer is :math:`\\sum_t \\delta_{it}
+        a_{it}^\\top` over its ``T`` positions (all its calls): ``A (n, T, in)``, ``D (n, T,
+        out)`` are returned instead (``(n, in)``, ``(n, out)`` when ``T = 1``), in the
+        layer's dtype, with ``D`` the output gradient of the summed per-sample loss (each
+        sample's own). Every other selected tensor is written into ``out`` at ``offsets``
+        (the plain columns), as :meth:`grads_into` does.
+
+        Parameters
+        ----------
+        factored : dict module name -> (rows, bias tied)
+            ``rows``: the most factor rows the writer holds per sample; ``bias tied``: the
+            bias gradient :math:`\\sum_t \\delta_{it}` is the factor's (else a plain column).
+        offsets : dict tensor name -> (start, stop)
+            Plain columns of each tensor that is not a factor.
+        """
+        self.check_first(x, y)
+        gone = [k for k in factored if k not in self.modules]
+        if gone:
+            why = "; ".join(f"{k}: {', '.join(self.outside.get(k, ['differs from vmap']))}"
+                            + (" also used outside the layer's forward" if k in self.outside
+                               else "") for k in gone)
+            raise AdapterError(
+                f"torch factored record: layers {gone} cannot be factored ({why}); their "
+                "per-sample gradients are not delta_i a_i^T. Open the writer without them "
+                "(open_writer(..., factors='auto', example=...) leaves them out)")
+        calls, losses = self._fill(x, y, n, out, offsets, factored)
+        facs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for mname, (rows, tied) in factored.items():
+            m = self.modules[mname]
+            a, d = linear_factors(m, calls[mname], n, rows, mname)
+            facs[_pnames(mname, m)[0]] = (a, d)
+            if m.bias is not None and not tied:
+                dsum = d if d.ndim == 2 else d.sum(1)
+                out[:, slice(*offsets[_pnames(mname, m)[1]])].copy_(dsum)
+        return facs, losses
+
+    def _fill(self, x: Any, y: Any, n: int, out: torch.Tensor,
+              offs: dict[str, tuple[int, int]], skip: dict[str, Any],
+              ) -> tuple[dict[str, list[Any]], torch.Tensor]:
+        """Per-sample gradients of every selected tensor outside the ``skip`` layers written
+        into ``out`` at ``offs``; the fast layers' calls and the losses."""
+        self.check_first(x, y)
         losses = None
+        calls: dict[str, list[Any]] = {}
         if self.modules:
             calls, losses = self._forward(x, y)
             _check_rows(calls, n)
             for mname, m in self.modules.items():
+                if mname in skip:
+                    continue
                 names = _pnames(mname, m)
                 cs = calls[mname]
                 if not cs:  # never called: zero gradients
@@ -497,13 +598,11 @@ class FastPath:
             for name, g in grads.items():
                 out[:, slice(*offs[name])].copy_(g.reshape(n, -1))
         assert losses is not None
-        return losses
+        return calls, losses
 
     def moments(self, x: Any, y: Any, n: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``(mean (P,), M2 (P,), losses (n,))`` of one batch, float64, in layout order."""
-        if not self._checked:
-            self.eng.check_first(x, y)
-            self._check(x, y)
+        self.check_first(x, y)
         parts, losses = self._fast_part(x, y, n) if self.modules else ({}, None)
         if self.fallback is not None:
             grads, fl = self.fallback.compute(x, y)

@@ -33,9 +33,11 @@ from ._common import (
     Unpack,
     abort_record,
     as_float,
+    check_factored_writer,
     check_layout_matches,
     iter_data,
     limited_batches,
+    plain_offsets,
     preserved_host_rng,
     progress_bar,
 )
@@ -47,7 +49,7 @@ from ._torch_engine import (
     _restricted,
     _to_numpy,
 )
-from ._torch_fast import FastPath
+from ._torch_fast import FastPath, fast_modules
 from ._torch_loop import (
     StepCounter,
     actual_mode,
@@ -83,6 +85,85 @@ def _limited(batches: Iterable[Any], max_samples: int | None, where: str,
                         (x, y, sid))
 
     return limited_batches(batches, max_samples, where, _batch_len, cut, unpack)
+
+
+def factored_modules(model: nn.Module, names: list[str],
+                     facs: list[tuple[str, str | None, int]], where: str,
+                     ) -> dict[str, tuple[int, bool]]:
+    """``{module name: (rows, bias tied)}`` of a writer's factors ``(weight, bias, rows)``:
+    each weight must be the ``weight`` of an ``nn.Linear`` the fast path handles
+    (``_torch_fast.fast_modules``) and its bias, if tied, that layer's ``bias``."""
+    fast = fast_modules(model, names)
+    out: dict[str, tuple[int, bool]] = {}
+    for w, b, rows in facs:
+        mname = w[:-len(".weight")] if w.endswith(".weight") else (
+            "" if w == "weight" else None)
+        m = fast.get(mname) if mname is not None else None
+        if not isinstance(m, nn.Linear):
+            lin = sorted(k for k, v in fast.items() if isinstance(v, nn.Linear))
+            raise AdapterError(
+                f"{where}: the writer's factor {w!r} is not the weight of an nn.Linear of "
+                f"{type(model).__name__} whose parameters are all recorded and not shared; "
+                f"supported: the weights of such nn.Linear layers ({lin})")
+        bias = f"{mname}.bias" if mname else "bias"
+        if b is not None and (m.bias is None or b != bias):
+            raise AdapterError(f"{where}: factor {w!r} ties bias {b!r}; the layer's bias is "
+                               f"{bias if m.bias is not None else None!r}")
+        out[mname] = (rows, b is not None)
+    return out
+
+
+def resolve_factors(model: nn.Module, fast: FastPath, factors: Any, example: Any,
+                    where: str) -> list[tuple[str, str | None, int]]:
+    """The factors ``[(weight, bias or None, rows), ...]`` meant by ``factors``.
+
+    ``"auto"``: every fast ``nn.Linear`` whose input rows are the samples of ``example``
+    ``(inputs, targets)`` (one batch; it runs the first-batch checks, so a layer used
+    outside its forward is left out) and whose ``T`` factor rows per sample are fewer
+    numbers than its gradient, :math:`T (in + out) < in \\cdot out`
+    (``_torch_fast.auto_factored``), bias tied. A list: ``FactorSpec``-like objects (taken
+    as they are), module or weight names (bias tied when the layer has one), ``(weight,
+    bias)`` pairs; ``rows`` from ``example`` when given, else 1.
+    """
+    info: dict[str, tuple[int, int, int]] = {}
+    if example is not None:
+        if not isinstance(example, tuple | list) or len(example) != 2:
+            raise AdapterError(f"{where}: example must be one batch (inputs, targets), got "
+                               f"{type(example).__name__}")
+        x, y = example
+        info = fast.factor_rows(x, y, _batch_len(x))
+    if isinstance(factors, str) and factors == "auto":
+        if example is None:
+            raise AdapterError(
+                f"{where}: factors='auto' needs example=(inputs, targets), one batch, to see "
+                "which Linear layers take the samples' rows (and how many per sample); or "
+                "list the layers: factors=['fc1', ...]")
+        from ._torch_fast import auto_factored
+
+        mods = dict(model.named_modules())
+        return [(f"{k}.weight" if k else "weight",
+                 (f"{k}.bias" if k else "bias") if mods[k].bias is not None else None, t)
+                for k, t in auto_factored(info).items()]
+    if isinstance(factors, str) or not isinstance(factors, Sequence):
+        raise AdapterError(f"{where}: factors must be 'auto' or a list of layer names, weight "
+                           f"names, (weight, bias) pairs or FactorSpecs, got {factors!r}")
+    mods = dict(model.named_modules())
+    out = []
+    for f in factors:
+        if hasattr(f, "weight") and hasattr(f, "rows"):
+            out.append((str(f.weight), None if f.bias is None else str(f.bias), int(f.rows)))
+            continue
+        w, b = (f, "tie") if isinstance(f, str) else (tuple(f) + (None,))[:2]
+        mname = w.removesuffix(".weight") if w not in mods else w
+        m = mods.get(mname)
+        if not isinstance(m, nn.Linear):
+            raise AdapterError(f"{where}: factor {f!r} names no nn.Linear of "
+                               f"{type(model).__name__}; supported: nn.Linear layers")
+        wn = f"{mname}.weight" if mname else "weight"
+        if b == "tie":
+            b = ((f"{mname}.bias" if mname else "bias") if m.bias is not None else None)
+        out.append((wn, b, info.get(mname, (1, 0, 0))[0]))
+    return out
 
 
 class Recorder:
@@ -152,11 +233,18 @@ class Recorder:
         Batches queued for the writer thread; 0 writes synchronously.
     store_labels : bool
         Store 1-D targets (class labels, scalar regression targets) as labels.
-    keep : {"grads", "moments"}
+    keep : {"grads", "moments", "factors"}
         ``"moments"``: store per-parameter ``(count, mean, M2)`` blocks (float64) instead of
         per-sample gradients -- O(P) per block, for models too big to dump. Each block is a
         jackknife block of ``reduce(..., blocks=K)``. Per-sample losses are not stored
-        (``RecordSummary.mean_loss`` has their mean).
+        (``RecordSummary.mean_loss`` has their mean). ``"factors"``: exact factored
+        records (``docs/adapters.md``, "Factored records"): for each ``nn.Linear`` the
+        writer was opened with (``open_writer(..., factors=...)``), the inputs
+        :math:`a_{it}` and output gradients :math:`\\delta_{it}` of each sample instead of
+        its gradient :math:`\\sum_t \\delta_{it} a_{it}^\\top` (and bias :math:`\\sum_t
+        \\delta_{it}`); every other tensor as per-sample columns. Needs the fast path
+        (eval-mode BatchNorm, no active Dropout); a factored layer used outside its own
+        forward is refused.
     fast : bool, optional
         Default True. ``nn.Linear``/``nn.Conv1d``/``2d``/``3d`` gradients come from the
         layer inputs :math:`a` and output gradients :math:`\\delta` of one ordinary backward
@@ -231,7 +319,8 @@ class Recorder:
                             "torch Recorder")
         self._names = {id(p): k for k, p in zip(self._eng.names, self._params, strict=True)}
         # keep="moments", params_subset, project: see _record_small and adapters/_moments.py
-        self._keep = _moments.check_keep(keep, "torch Recorder")
+        # keep="factors": see _record_factors
+        self._keep = keep if keep == "factors" else _moments.check_keep(keep, "torch Recorder")
         self._tf = _moments.make_transform(
             list(zip(self._eng.names, self._eng.shapes, strict=True)), params_subset, project, seed)
         self._block_size = block_size
@@ -242,6 +331,19 @@ class Recorder:
                            "dropout": dropout}
         check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], "torch Recorder")
         _moments.check_writer(writer, self._tf, "torch Recorder")
+        self._factored: dict[str, tuple[int, bool]] = {}
+        self._plain: dict[str, tuple[int, int]] = {}
+        if keep != "moments":
+            facs = check_factored_writer(writer, keep, "torch Recorder")
+            if facs:
+                if self._tf.active:
+                    raise AdapterError("torch Recorder: keep='factors' stores whole tensors' "
+                                       "factors; params_subset/project do not apply")
+                self._factored = factored_modules(model, self._eng.names, facs,
+                                                  "torch Recorder")
+                done = {n for w, b, _ in facs for n in (w, b) if n is not None}
+                self._plain = plain_offsets(list(zip(self._eng.names, self._eng.shapes,
+                                                     strict=True)), done)
         self._cuda = self._eng.device.type == "cuda"
         self._buffers: BufferPool | None = None
         self._host: dict[int, np.ndarray] = {}  # data_ptr -> writer.alloc_rows buffer
@@ -459,6 +561,8 @@ class Recorder:
                   "max_samples": max_samples, "unpack": unpack, "attrs": attrs}
             if self._keep == "moments" or self._tf.active:
                 return self._record_small(data, step, split, **kw)
+            if self._keep == "factors":
+                return self._record_factors(data, step, split, **kw)
             return self._record_full(data, step, split, **kw)
 
     def _attrs(self, optimizer_step: int | None, mode: str) -> dict[str, Any]:
@@ -562,3 +666,58 @@ class Recorder:
             bar.close()
         return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep,
                              attrs.get("optimizer_step"))
+
+    def _record_factors(self, data: Any, step: int, split: str, *, batch_size: int | None,
+                        lr_v: float, epoch: float | None, max_samples: int | None,
+                        unpack: Unpack | None, attrs: dict[str, Any]) -> RecordSummary:
+        """:meth:`record` of factored records: per batch, one forward/backward gives each
+        factored Linear's inputs ``A`` and output gradients ``D``
+        (``FastPath.factors_into``); the other tensors' per-sample gradients are the plain
+        columns. Both are written through the writer thread."""
+        eng = self._eng
+        where = "torch Recorder.record"
+        if not self._uses_fast():
+            raise AdapterError(
+                f"{where}: keep='factors' needs the fast path (fast=True, the default) and a "
+                f"model without train-mode BatchNorm or Dropout: sample i's Linear gradient is "
+                f"delta_i a_i^T only when each sample's loss depends on its own rows; record "
+                f"in eval mode or with a writer without factors")
+        batches, total = iter_data(data, batch_size, where, unpack)
+        if max_samples is not None:
+            total = max_samples if total is None else min(total, max_samples)
+        ep = as_float(epoch)
+        bar = progress_bar(self.progress, total, f"step {step} {split}")
+        P_plain = max((e for _, e in self._plain.values()), default=0)
+        seen = 0
+        loss_sum: Any = 0.0
+        aw = AsyncWriter(self.writer, self.max_pending)
+        fast = self._fast_path()
+        try:
+            with aw:
+                for x, y, sid, n in _limited(batches, max_samples, where, unpack):
+                    plain = torch.empty((n, P_plain), dtype=eng.dtype, device=eng.device)
+                    facs, losses = fast.factors_into(x, y, n, plain, self._factored,
+                                                     self._plain)
+                    loss_sum = loss_sum + losses.detach().to(torch.float64).sum()
+                    ids = None if sid is None else np.asarray(
+                        sid.cpu() if isinstance(sid, torch.Tensor) else sid, dtype=np.int64)
+                    aw.write(step, split, grads=_to_numpy(plain) if P_plain else None,
+                             factors={k: (_to_numpy(a), _to_numpy(d))
+                                      for k, (a, d) in facs.items()},
+                             loss=_to_numpy(losses).astype(np.float64), sample_id=ids,
+                             label=_labels(y, n) if self.store_labels else None,
+                             lr=lr_v, epoch=ep)
+                    seen += n
+                    bar.update(n)
+                if seen == 0:
+                    raise AdapterError(
+                        f"{where}: no samples in data for record (step={step}, split={split!r})")
+                aw.end_record(step, split, **attrs)
+        except BaseException:
+            abort_record(self.writer, step, split)
+            raise
+        finally:
+            bar.close()
+        return RecordSummary(int(step), split, seen, float(loss_sum) / seen, lr_v, ep,
+                             attrs.get("optimizer_step"))
+

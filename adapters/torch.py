@@ -74,6 +74,7 @@ from ._common import (
     run_probe,
     split_batch,
 )
+from ._common import plain_offsets as _plain_offsets
 from ._moments import JLProjection, ParamSubset
 from ._torch_engine import (
     SUPPORTED,
@@ -89,7 +90,7 @@ from ._torch_engine import (
     _to_numpy,
 )
 from ._torch_fast import FastPath
-from ._torch_record import Recorder, _current_lr
+from ._torch_record import Recorder, _current_lr, factored_modules, resolve_factors
 
 __all__ = [
     "SUPPORTED",
@@ -101,6 +102,7 @@ __all__ = [
     "layout",
     "mean_loss",
     "open_writer",
+    "per_sample_factors",
     "per_sample_gradients",
     "probe_osgr",
     "record",
@@ -149,14 +151,26 @@ def open_writer(
     params_subset: Any = None,
     project: Any = None,
     seed: int = 0,
+    factors: Any = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    example: Any = None,
     **writer_kwargs: Any,
 ) -> Any:
     """A ``gsnr_stats.GradientWriter`` for ``model``'s layout with torch provenance attrs.
 
     ``writer_kwargs`` go to ``GradientWriter`` (``dtype``, ``chunks``, ``compression``,
-    ``overwrite``, ...). With ``params_subset``/``project``/``seed`` (as in
-    :class:`Recorder`) the writer gets the subsampled or projected layout, and the chosen
-    indices / projection seed are stored in its user attributes (``docs/format.md``).
+    ``overwrite``, ``factor_dtype``, ...). With ``params_subset``/``project``/``seed`` (as
+    in :class:`Recorder`) the writer gets the subsampled or projected layout, and the
+    chosen indices / projection seed are stored in its user attributes
+    (``docs/format.md``).
+
+    ``factors`` opens a factored store (record with ``Recorder(..., keep="factors")``):
+    ``"auto"`` (needs ``loss_fn`` and ``example=(inputs, targets)``, one batch) picks every
+    ``nn.Linear`` whose input rows are the samples and whose ``T`` factor rows per sample
+    are fewer numbers than its gradient, :math:`T (in + out) < in \\cdot out`, leaving out
+    layers used outside their own forward; or a list of layer names, weight names,
+    ``(weight, bias)`` pairs or ``gs.FactorSpec`` (``_torch_record.resolve_factors``).
+    ``factor_dtype`` defaults to the model's dtype.
     """
     import gsnr_stats as gs
 
@@ -165,8 +179,36 @@ def open_writer(
     a.update(attrs or {})
     lay = layout(model, include_frozen=include_frozen, param_filter=param_filter)
     tf = _moments.make_transform(lay, params_subset, project, seed)
+    if factors is not None:
+        if tf.active:
+            raise AdapterError("torch open_writer: factors= stores whole tensors' factors; "
+                               "params_subset/project do not apply")
+        specs = _factors(model, loss_fn, factors, example, include_frozen, param_filter,
+                         "torch open_writer")[0]
+        writer_kwargs["factors"] = [gs.FactorSpec(w, bias=b, rows=r) for w, b, r in specs]
+        dt = next(p for n, p in model.named_parameters() if n == lay[0][0]).dtype
+        writer_kwargs.setdefault("factor_dtype",
+                                 "float64" if dt == torch.float64 else "float32")
     return gs.GradientWriter(path, tf.layout, attrs=_moments.writer_attrs(tf, a),
                              **writer_kwargs)
+
+
+def _factors(model: nn.Module, loss_fn: Any, factors: Any, example: Any,
+             include_frozen: bool, param_filter: ParamFilter | None, where: str,
+             chunk_size: int | None = None) -> tuple[list[Any], FastPath]:
+    """The resolved factors ``[(weight, bias, rows)]`` and the fast path that checked them."""
+    if loss_fn is None and (example is not None or factors == "auto"):
+        raise AdapterError(f"{where}: factors from an example batch need loss_fn=")
+    kw = {"include_frozen": include_frozen, "param_filter": param_filter,
+          "chunk_size": chunk_size, "train_batchnorm": "error", "dropout": "error"}
+    eng = _Engine(model, loss_fn, **kw)
+    fast = FastPath(eng, lambda names: _restricted(eng, kw, names))
+    specs = resolve_factors(model, fast, factors, example, where)
+    if not specs:
+        raise AdapterError(f"{where}: no layer to factor in {type(model).__name__}; "
+                           "supported: nn.Linear layers whose input rows are the samples")
+    factored_modules(model, eng.names, specs, where)
+    return specs, fast
 
 
 
@@ -276,6 +318,65 @@ def per_sample_gradients(
         return G, _to_numpy(losses).astype(np.float64)
     return G
 
+
+
+def per_sample_factors(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    inputs: Any,
+    targets: Any,
+    *,
+    factors: Any = "auto",
+    chunk_size: int | None = None,
+    include_frozen: bool = False,
+    param_filter: ParamFilter | None = None,
+    return_loss: bool = False,
+) -> tuple[Any, ...]:
+    """Per-sample gradients with the ``nn.Linear`` ones as their exact factors.
+
+    .. math:: \\nabla_W \\ell_i = \\sum_t \\delta_{it} a_{it}^\\top, \\qquad
+              \\nabla_b \\ell_i = \\sum_t \\delta_{it}
+
+    with :math:`a_{it}` the layer's input rows of sample ``i`` (``T = 1`` for ``(n, in)``
+    inputs, the positions of ``(n, T, in)`` inputs) and :math:`\\delta_{it}` the gradient
+    of :math:`\\sum_j \\ell_j` with respect to the layer's outputs (sample ``i``'s own:
+    the losses are per sample, never mean-reduced), from one forward/backward.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, chunk_size, include_frozen, param_filter :
+        As in :func:`per_sample_gradients` (eval-mode BatchNorm, no active Dropout).
+    factors : "auto" or list
+        Which layers (see :func:`open_writer`); ``"auto"`` decides on this batch.
+    return_loss : bool
+        Also return the ``(n,)`` per-sample losses (float64).
+
+    Returns
+    -------
+    plain : ndarray (n, P_plain)
+        Per-sample gradients of every selected tensor that is not a factor (neither a
+        factored weight nor its tied bias), in :func:`layout` order.
+    factors : dict weight name -> (A, D)
+        ``A`` ``(n, in)`` or ``(n, T, in)``, ``D`` ``(n, out)`` or ``(n, T, out)``, the
+        parameters' dtype.
+    """
+    specs, fast = _factors(model, loss_fn, factors, (inputs, targets) if factors == "auto"
+                           else None, include_frozen, param_filter, "torch per_sample_factors",
+                           chunk_size)
+    eng = fast.eng
+    fac = factored_modules(model, eng.names, specs, "torch per_sample_factors")
+    fac = {k: (max(r, 1 << 30), t) for k, (r, t) in fac.items()}  # any number of positions
+    done = {n for w, b, _ in specs for n in (w, b) if n is not None}
+    offs = _plain_offsets(list(zip(eng.names, eng.shapes, strict=True)), done)
+    n = _batch_len(inputs)
+    plain = torch.empty((n, max((e for _, e in offs.values()), default=0)), dtype=eng.dtype,
+                        device=eng.device)
+    facs, losses = fast.factors_into(inputs, targets, n, plain, fac, offs)
+    out: tuple[Any, ...] = (_to_numpy(plain),
+                            {k: (_to_numpy(a), _to_numpy(d)) for k, (a, d) in facs.items()})
+    if return_loss:
+        out += (_to_numpy(losses).astype(np.float64),)
+    return out
 
 
 # --------------------------------------------------------------------------------------
