@@ -1,0 +1,177 @@
+"""Factored records from the adapters (issue 15): the factors ``(A, D)`` the adapters extract
+equal the per-sample gradients of an independent route once materialised.
+
+Sample ``i``'s gradient of a factored weight is :math:`\\sum_t \\delta_{it} a_{it}^\\top`, its
+tied bias :math:`\\sum_t \\delta_{it}`; here the products are formed in float64 from the
+stored factors (:func:`materialise`, written for these tests, independent of the store's
+``materialize``) and compared with ``torch.func`` ``vmap(grad)`` (``per_sample_gradients``,
+``fast=False``) or sklearn's closed-form per-sample gradients. float64 models: <= 1e-12
+relative; float32 models: within the float32 chain bound of ``conftest`` (both routes round
+the same forward/backward, the reference once more in its float32 products).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import U32, assert_within, f32_chain_bound
+
+torch = pytest.importorskip("torch")
+from gsnr_stats.adapters import torch as gt  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gsnr_stats.errors import AdapterError  # noqa: E402
+
+torch.set_num_threads(1)
+CE = nn.CrossEntropyLoss(reduction="none")
+K32 = 128  # terms along the longest float32 chain of these models (see test_adapter_torch)
+
+
+def materialise(plain: np.ndarray, facs: dict, layout, ties: dict[str, str]) -> np.ndarray:
+    """Full ``(n, P)`` rows in float64: factored weights as :math:`\\sum_t \\delta_t a_t^\\top`,
+    tied biases (``ties``: bias -> weight) as :math:`\\sum_t \\delta_t`, the rest from
+    ``plain`` in layout order."""
+    n = plain.shape[0]
+    cols, pos = [], 0
+    for name, shape in layout:
+        size = math.prod(shape)
+        if name in facs:
+            a, d = (np.asarray(v, np.float64) for v in facs[name])
+            a, d = a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1])
+            cols.append(np.einsum("nto,nti->noi", d, a).reshape(n, size))
+        elif name in ties:
+            d = np.asarray(facs[ties[name]][1], np.float64)
+            cols.append(d.reshape(n, -1, d.shape[-1]).sum(1))
+        else:
+            cols.append(plain[:, pos:pos + size].astype(np.float64))
+            pos += size
+    assert pos == plain.shape[1], "plain columns left over"
+    return np.concatenate(cols, axis=1)
+
+
+def _ties(model: nn.Module, facs: dict) -> dict[str, str]:
+    mods = dict(model.named_modules())
+    return {f"{w[:-7]}.bias": w for w in facs if mods[w[:-7]].bias is not None}
+
+
+class Seq(nn.Module):
+    """A Linear on (B, T, in), pooled over positions, then a Linear head."""
+
+    def __init__(self, d_in: int = 6, h: int = 8, k: int = 3) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(d_in, h), nn.Linear(h, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)).mean(1))
+
+
+class Outside(nn.Module):
+    """``fc``'s weight also reaches the loss outside its forward (a tiny penalty-like term)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(x))) + 1e-3 * self.fc.weight.sum()
+
+
+def models(kind: str, dtype: torch.dtype):
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    n = 7
+    if kind == "mlp":
+        m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+        x = torch.randn(n, 6, generator=gen)
+        want = {"0.weight", "2.weight", "4.weight"}
+    elif kind == "cnn":
+        m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(12, 4), nn.Tanh(), nn.Linear(4, 3))
+        with torch.no_grad():
+            m[1].running_mean.uniform_(-0.5, 0.5)
+            m[1].running_var.uniform_(0.5, 2.0)
+        x = torch.randn(n, 2, 6, 6, generator=gen)
+        want = {"5.weight", "7.weight"}  # the convs and BatchNorm stay per-sample columns
+    elif kind == "bn":
+        m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+        with torch.no_grad():
+            m[1].running_mean.uniform_(-0.5, 0.5)
+            m[1].running_var.uniform_(0.5, 2.0)
+        x = torch.randn(n, 6, generator=gen)
+        want = {"0.weight", "3.weight"}
+    elif kind == "seq":  # T (in + out) = 3 * 14 < 48: proj factored with T = 3 rows
+        m, x = Seq(), torch.randn(n, 3, 6, generator=gen)
+        want = {"proj.weight", "head.weight"}
+    elif kind == "seq-long":  # 5 * 14 >= 48: proj stays a product (plain columns)
+        m, x = Seq(), torch.randn(n, 5, 6, generator=gen)
+        want = {"head.weight"}
+    else:
+        raise ValueError(kind)
+    m = m.to(dtype).eval()
+    return m, x.to(dtype), torch.randint(0, 3, (n,), generator=gen), want
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bn", "seq", "seq-long"])
+def test_factors_equal_vmap(kind, dtype):
+    model, x, y, want = models(kind, dtype)
+    plain, facs, loss = gt.per_sample_factors(model, CE, x, y, return_loss=True)
+    assert set(facs) == want
+    for w, (a, d) in facs.items():
+        lin = dict(model.named_modules())[w[:-7]]
+        assert a.shape[0] == d.shape[0] == x.shape[0]
+        assert a.shape[-1] == lin.in_features and d.shape[-1] == lin.out_features
+        assert a.dtype == d.dtype == torch.empty(0, dtype=dtype).numpy().dtype
+    if kind == "seq":
+        assert facs["proj.weight"][0].shape == (7, 3, 6)
+    lay = gt.layout(model)
+    got = materialise(plain, facs, lay, _ties(model, facs))
+    ref32, ref_loss = gt.per_sample_gradients(model, CE, x, y, return_loss=True)  # vmap
+    ref = ref32.astype(np.float64)
+    if dtype == torch.float64:
+        scale = np.abs(ref).max(axis=0, keepdims=True)
+        assert_within(got, ref, 1e-12 * np.maximum(scale, 1e-300), f"{kind} factors vs vmap")
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
+    else:
+        layers = np.repeat([n.rpartition(".")[0] for n, _ in lay], [math.prod(s) for _, s in lay])
+        bound = 2 * f32_chain_bound(ref, K32, layers) + 2 * U32 * np.abs(ref)
+        assert_within(got, ref, bound, f"{kind} float32 factors vs vmap")
+        np.testing.assert_allclose(loss, ref_loss, rtol=K32 * U32)
+
+
+def test_outside_use_is_not_factored():
+    torch.manual_seed(0)
+    model = Outside().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.warns(UserWarning, match="outside"):
+        plain, facs = gt.per_sample_factors(model, CE, x, y)
+    assert set(facs) == {"out.weight"}
+    got = materialise(plain, facs, gt.layout(model), _ties(model, facs))
+    ref = gt.per_sample_gradients(model, CE, x, y)
+    assert_within(got, ref, 1e-12 * np.abs(ref).max(), "outside-use model vs vmap")
+    with pytest.warns(UserWarning, match="outside"), \
+            pytest.raises(AdapterError, match=r"fc.*outside the layer's forward"):
+        gt.per_sample_factors(model, CE, x, y, factors=["fc", "out"])
+
+
+def test_explicit_factors_and_untied_bias():
+    model, x, y, _ = models("mlp", torch.float64)
+    plain, facs = gt.per_sample_factors(model, CE, x, y, factors=[("2.weight", None), "4"])
+    assert set(facs) == {"2.weight", "4.weight"}
+    lay = gt.layout(model)
+    # 2.bias is a plain column now (untied): 0.weight, 0.bias, 2.bias
+    assert plain.shape[1] == 48 + 8 + 5
+    got = materialise(plain, facs, lay, {"4.bias": "4.weight"})
+    ref = gt.per_sample_gradients(model, CE, x, y)
+    assert_within(got, ref, 1e-12 * np.abs(ref).max(), "explicit factors vs vmap")
+    with pytest.raises(AdapterError, match="names no nn.Linear"):
+        gt.per_sample_factors(model, CE, x, y, factors=["1"])
+
+
+def test_train_mode_batchnorm_refused():
+    model, x, y, _ = models("bn", torch.float64)
+    model.train()
+    with pytest.raises(AdapterError, match="BatchNorm"):
+        gt.per_sample_factors(model, CE, x, y)
