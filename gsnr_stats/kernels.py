@@ -652,3 +652,42 @@ def factored_row_block(t: int, n_in: int, itemsize: int, cache_bytes: int = 1 <<
     (``rows · t · in · itemsize`` bytes) fill about ``cache_bytes`` (half a core's L2)."""
     per = max(1, int(t) * int(n_in) * int(itemsize))
     return int(min(1024, max(8, cache_bytes // per)))
+
+
+# -- in-training moments from a batch's closed-form sums -------------------------------
+
+
+@njit(nogil=True, cache=True)
+def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no cover - numba
+    """Merge one batch's closed-form moments into running ones; flag the unsafe elements.
+
+    ``s1`` and ``s2`` (2-D, any strides, float32 or float64) are ``Σ_i g_i / c`` and
+    ``Σ_i g_i² / c²`` of a batch of ``n`` samples (``c = scale``, the per-sample factor of
+    a mean-reduced loss). Per element, in float64:
+
+    .. math:: \\bar g_b = c\\,s_1/n,\\quad M2_b = c^2 s_2 - c\\,s_1\\,\\bar g_b,
+
+    kept only where ``M2_b >= bound · c² s2`` (``bound`` = the closed form's relative error
+    bound over the tolerance, see ``adapters/_torch_hooks.py``), then Chan-merged into
+    ``mean``/``m2`` (float64, running count ``na``). Other elements (high GSNR, non-finite)
+    are left untouched with ``bad`` set: the caller recomputes them exactly. One pass,
+    serial (the training step owns the threads). Returns the number flagged.
+    """
+    tot = na + n
+    w = n / tot
+    nbad = 0
+    for r in range(s1.shape[0]):
+        for k in range(s1.shape[1]):
+            a = np.float64(s1[r, k]) * scale
+            b = np.float64(s2[r, k]) * (scale * scale)
+            mb = a / n
+            q = b - a * mb
+            if not q >= b * bound:  # NaN-safe: a non-finite sum is flagged
+                bad[r, k] = True
+                nbad += 1
+                continue
+            bad[r, k] = False
+            d = mb - mean[r, k]
+            mean[r, k] += d * w
+            m2[r, k] += max(q, 0.0) + d * d * na * w
+    return nbad
