@@ -28,10 +28,17 @@ from ._dsutil import (
     require_paths,
     require_stats,
 )
-from .engine import check_shard_set, same_files
 from .errors import ArgumentTypeError, MissingSplitError, UsageError
 from .kernels import subset_sums
-from .store import check_same_layout, expand_paths, open_store
+from .projection import (
+    Chunk,
+    RecordMeta,
+    open_sources,
+    parts_of,
+    record_chunks,
+    record_meta,
+    same_factors,
+)
 from .theory import osgr
 from .uncertainty import _ratio_jackknife
 
@@ -294,21 +301,69 @@ def _draw_subsets(
     return A, B
 
 
+def _factor_subset_sums(
+    fac: Mapping[str, tuple[np.ndarray, np.ndarray]], meta: RecordMeta, row0: int, m: int,
+    row_ptr: np.ndarray, members: np.ndarray, acc_w: dict[str, np.ndarray],
+    acc_b: dict[str, np.ndarray],
+) -> None:
+    """Add a chunk's factored rows into the subset sums, in place.
+
+    .. math::
+
+        S_{k,W} \\mathrel{+}= \\sum_{i \\in D_k} \\sum_t \\delta_{it} a_{it}^\\top
+        = \\Delta_{D_k}^\\top A_{D_k}, \\qquad s_{k,b} \\mathrel{+}= \\sum_{i\\in D_k}\\sum_t \\delta_{it}
+
+    (the ``T`` rows of a sample flattened into the GEMM), in float64: the products of
+    float32 factors are exact, so only the sums round.
+    """
+    lo, hi = int(row_ptr[row0]), int(row_ptr[row0 + m])
+    if lo == hi:
+        return
+    mem = members[lo:hi]
+    rloc = np.repeat(np.arange(m), np.diff(row_ptr[row0:row0 + m + 1]))
+    order = np.argsort(mem, kind="stable")
+    mem, rloc = mem[order], rloc[order]
+    ks, starts = np.unique(mem, return_index=True)
+    ends = np.append(starts[1:], mem.size)
+    for f in meta.factors:
+        A, D = fac[f.weight]
+        if A.shape[0] != m or D.shape[0] != m or A.shape[2] != f.in_ or D.shape[2] != f.out:
+            raise ValueError(f"factor {f.weight!r}: chunk of shapes {A.shape}, {D.shape}, "
+                             f"expected ({m}, T, {f.in_}) and ({m}, T, {f.out})")
+        A64 = np.asarray(A, dtype=np.float64)
+        D64 = np.asarray(D, dtype=np.float64)
+        aw, ab = acc_w[f.weight], acc_b.get(f.weight)
+        for kk, s, e in zip(ks, starts, ends, strict=True):
+            r = rloc[s:e]
+            Dk = D64[r].reshape(-1, f.out)
+            aw[kk] += Dk.T @ A64[r].reshape(-1, f.in_)
+            if ab is not None:
+                ab[kk] += Dk.sum(axis=0)
+
+
 def _first_order_core(
-    chunks_a: Callable[[], Iterator[np.ndarray]],
-    chunks_b: Callable[[], Iterator[np.ndarray]] | None,
+    chunks_a: Callable[[], Iterator[Chunk]],
+    chunks_b: Callable[[], Iterator[Chunk]] | None,
     n_rows: tuple[int, int | None],
-    P: int,
+    meta: RecordMeta | int,
     subsets_a: Sequence[np.ndarray],
     subsets_b: Sequence[np.ndarray],
     col_block: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-subset ``g_{D'_k}·g_{D_k}`` and ``|g_{D_k}|²`` of subset *sums*, in one pass each.
 
-    ``chunks_b=None``: both subset families index the same record (read once).
+    ``chunks_b=None``: both subset families index the same record (read once). Plain
+    columns go through :func:`.kernels.subset_sums`; factored weights through
+    :func:`_factor_subset_sums` (a P-vector per subset, never per sample). ``meta`` an int
+    P and chunks of bare ``(rows, P)`` arrays: a record without factors.
     """
+    if not isinstance(meta, RecordMeta):
+        meta = RecordMeta(int(meta), np.arange(int(meta), dtype=np.int64))
     M = len(subsets_a)
-    acc = np.zeros((2 * M, P))
+    Pp = int(meta.plain_index.size)
+    acc = np.zeros((2 * M, Pp))
+    acc_w = {f.weight: np.zeros((2 * M, f.out, f.in_)) for f in meta.factors}
+    acc_b = {f.weight: np.zeros((2 * M, f.out)) for f in meta.factors if f.bias is not None}
     ids_a, ids_b = list(range(M)), list(range(M, 2 * M))
     if chunks_b is None:
         passes = [(chunks_a, n_rows[0], list(subsets_a) + list(subsets_b), ids_a + ids_b)]
@@ -318,41 +373,48 @@ def _first_order_core(
     for chunks, N, rows, ids in passes:
         row_ptr, members = _membership(rows, ids, int(N))
         row0 = 0
-        for x in chunks():
+        for item in chunks():
+            x, fac = item if isinstance(item, tuple) else (item, {})
             x = np.ascontiguousarray(x)
-            if x.ndim != 2 or x.shape[1] != P:
-                raise ValueError(f"gradient chunk of shape {x.shape}, expected (rows, {P})")
-            subset_sums(x, row0, row_ptr, members, acc, col_block)
-            row0 += x.shape[0]
+            m = next(iter(fac.values()))[0].shape[0] if fac else x.shape[0]
+            if x.ndim != 2 or x.shape != (m, Pp):
+                raise ValueError(f"gradient chunk of shape {x.shape}, expected ({m}, {Pp})")
+            if row0 + m > N:
+                raise ValueError(f"read more than {N} gradient rows")
+            if Pp:
+                subset_sums(x, row0, row_ptr, members, acc, col_block)
+            if meta.factors:
+                _factor_subset_sums(fac, meta, row0, m, row_ptr, members, acc_w, acc_b)
+            row0 += m
         if row0 != N:
             raise ValueError(f"read {row0} gradient rows, expected {N}")
     a, b = acc[:M], acc[M:]
-    return np.einsum("kp,kp->k", b, a), np.einsum("kp,kp->k", a, a)
+    num, den = np.einsum("kp,kp->k", b, a), np.einsum("kp,kp->k", a, a)
+    for part in (*acc_w.values(), *acc_b.values()):
+        pa = part[:M].reshape(M, -1)
+        pb = part[M:].reshape(M, -1)
+        num += np.einsum("kp,kp->k", pb, pa)
+        den += np.einsum("kp,kp->k", pa, pa)
+    return num, den
 
 
 def _record_reader(
-    source: Any, step: int, split: str, chunk_rows: int
-) -> tuple[Callable[[], Iterator[np.ndarray]], int, int]:
+    source: Any, step: int, split: str, chunk_rows: int, factored: bool
+) -> tuple[Callable[[], Iterator[Chunk]], int, int]:
     """``(chunk iterator factory, N, P)`` for one record of a store or a mapping."""
     if isinstance(source, Mapping):
         arr = np.asarray(source[(step, split)])
 
-        def it_arr() -> Iterator[np.ndarray]:
+        def it_arr() -> Iterator[Chunk]:
             for i in range(0, arr.shape[0], chunk_rows):
-                yield arr[i:i + chunk_rows]
+                yield arr[i:i + chunk_rows], {}
 
         return it_arr, int(arr.shape[0]), int(arr.shape[1])
     # shards of one run: the record's rows are those of every shard holding it, in order
-    parts = [st for st in source if any(r.step == step and r.split == split
-                                        and r.kind == "gradients" for r in st.records)]
+    parts = parts_of(source, step, split)
     N = sum(st.record(step, split).n_samples for st in parts)
     P = source[0].layout.n_params
-
-    def it_store() -> Iterator[np.ndarray]:
-        for st in parts:
-            yield from st.iter_grads(step, split, chunk_rows)
-
-    return it_store, int(N), int(P)
+    return record_chunks(parts, step, split, chunk_rows, factored), int(N), int(P)
 
 
 def osgr_first_order(
@@ -438,16 +500,7 @@ def osgr_first_order(
         if isinstance(source, Mapping):
             have = {(int(k[0]), str(k[1])) for k in source}
         else:
-            if hasattr(source, "read_grads"):
-                source = [source]
-            else:
-                files = expand_paths(source)
-                same_files(files)
-                for path in files:
-                    opened.append(open_store(path))
-                check_same_layout(opened)
-                check_shard_set(opened, allow_mixed_runs=allow_mixed_runs)
-                source = opened
+            source, opened = open_sources(source, where, allow_mixed_runs)
             have = {(int(r.step), str(r.split)) for st in source for r in st.records
                     if r.kind == "gradients"}
         if steps is None:
@@ -470,10 +523,16 @@ def osgr_first_order(
         dot = np.full((S, ns.size), np.nan)
         sq = np.full((S, ns.size), np.nan)
         for i, s in enumerate(st_list):
-            it_a, Na, P = _record_reader(source, s, sa, chunk_rows)
-            it_b, Nb, Pb = _record_reader(source, s, sb, chunk_rows)
+            if isinstance(source, Mapping):
+                fact = False
+            else:  # factored math when every shard of both records has the same factors
+                fact = same_factors(parts_of(source, s, sa) + parts_of(source, s, sb))
+            it_a, Na, P = _record_reader(source, s, sa, chunk_rows, fact)
+            it_b, Nb, Pb = _record_reader(source, s, sb, chunk_rows, fact)
             if P != Pb:
                 raise ValueError(f"step {s}: splits have {P} and {Pb} parameters")
+            meta = (record_meta(parts_of(source, s, sa)[0]) if fact
+                    else RecordMeta(int(P), np.arange(int(P), dtype=np.int64)))
             same = sa == sb
             per_pass = max(1, int(max_bytes // max(1, 2 * K * P * 8)))
             for c0 in range(0, ns.size, per_pass):
@@ -488,7 +547,7 @@ def osgr_first_order(
                     A, B = _draw_subsets(rng, Na, None if same else Nb, int(nv), K)
                     sub_a += A
                     sub_b += B
-                num, den = _first_order_core(it_a, None if same else it_b, (Na, Nb), P,
+                num, den = _first_order_core(it_a, None if same else it_b, (Na, Nb), meta,
                                              sub_a, sub_b)
                 for jj, nv in enumerate(ns[c0:c0 + per_pass]):
                     sl = slice(jj * K, (jj + 1) * K)
