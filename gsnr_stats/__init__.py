@@ -29,6 +29,7 @@ from .errors import (
 from .estimators import osgr_first_order, osgr_pools, osgr_probe, osgr_trajectory
 from .groups import aggregate
 from .inmemory import gsnr
+from .projection import project_record
 from .reduce import SkippedShardWarning, reduce
 from .store import (
     GradientStore,
@@ -91,5 +92,6 @@ __all__ = [
     "osgr_pools",
     "osgr_probe",
     "osgr_trajectory",
+    "project_record",
     "reduce",
 ]
