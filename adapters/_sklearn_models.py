@@ -186,6 +186,41 @@ class _Model:
     def _weight_mask(self) -> np.ndarray:
         raise NotImplementedError
 
+    # -- factored records ------------------------------------------------------------
+
+    def factorable(self) -> list[tuple[str, str | None]]:
+        """``(weight, tied bias or None)`` of every 2-D tensor whose per-sample gradient is
+        one outer product :math:`g_i = \\delta_i a_i^\\top` (``docs/format.md``, factored
+        records); a tied bias's per-sample gradient is that :math:`\\delta_i`."""
+        raise NotImplementedError
+
+    def _parts(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-sample loss and each tensor's per-sample gradient: ``(left (n, r), right
+        (n, c))`` for an ``(r, c)`` outer product ``left_i right_i^T``, else a block
+        ``(n, size)``."""
+        raise NotImplementedError
+
+    def loss_factors(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray,
+                     factored: set[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Per-sample loss ``(n,)``, plain gradients ``(n, P_plain)`` of the tensors not in
+        ``factored`` (neither a factored weight nor its tied bias; layout order) and
+        ``{weight: (A (n, in), D (n, out))}`` of the factored ones: for an ``(out, in)``
+        weight :math:`g_i = D_i A_i^\\top`."""
+        loss, parts = self._parts(theta, X, Y)
+        tied = {b for w, b in self.factorable() if w in factored and b is not None}
+        n = X.shape[0]
+        plain, facs = [], {}
+        for name, _ in self.layout:
+            v = parts[name]
+            if name in factored:
+                facs[name] = (v[1], v[0])
+            elif name not in tied:
+                plain.append((v[0][:, :, None] * v[1][:, None, :]).reshape(n, -1)
+                             if isinstance(v, tuple) else v)
+        G = np.concatenate(plain, axis=1) if plain else np.empty((n, 0))
+        return loss, G, facs
+
     def penalty_share(self, theta: np.ndarray, n_total: int) -> np.ndarray:
         """``∇Ω / N``: each sample's share of the penalty gradient, shape (P,)."""
         if self.pen_nonsmooth:
@@ -286,6 +321,19 @@ class _Linear(_Model):
         if self.fit_intercept:
             G[:, K * d:] = D
         return loss, G
+
+    def factorable(self) -> list[tuple[str, str | None]]:
+        if len(self.coef_shape) != 2:  # a 1-D coef_ (single-target regressor) is no matrix
+            return []
+        return [("coef", "intercept" if self.fit_intercept else None)]
+
+    def _parts(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+        loss, D = self._pieces(theta, X, Y)
+        out: dict[str, Any] = {"coef": (D, X)}  # coef_ (K, d): g = dl/df x^T
+        if self.fit_intercept:
+            out["intercept"] = D
+        return loss, out
 
     def _penalty_grad(self, theta: np.ndarray) -> np.ndarray:
         W, b = self._wb(theta)
@@ -422,6 +470,24 @@ class _MLP(_Model):
             if i > 0:
                 delta = (delta @ params[i][0].T) * self.dact(a)
         return loss, G
+
+    def factorable(self) -> list[tuple[str, str | None]]:
+        # coefs_l is (in, out): g = a delta^T, the factor's "out" side is the layer's input,
+        # so intercepts_l (the delta side) cannot be the factor's bias and stays plain
+        return [(f"coefs_{i}", None) for i in range(len(self.slices))]
+
+    def _parts(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+        acts, z = self._forward(theta, X)
+        loss, delta = self._out(z, Y)
+        params = self._unpack(theta)
+        out: dict[str, Any] = {}
+        for i in range(len(params) - 1, -1, -1):
+            out[f"coefs_{i}"] = (acts[i], delta)
+            out[f"intercepts_{i}"] = delta
+            if i > 0:
+                delta = (delta @ params[i][0].T) * self.dact(acts[i])
+        return loss, out
 
     def _penalty_grad(self, theta: np.ndarray) -> np.ndarray:
         out = np.zeros_like(theta)

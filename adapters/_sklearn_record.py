@@ -34,6 +34,7 @@ from . import _moments
 from ._common import (
     RecordSummary,
     abort_record,
+    check_factored_writer,
     check_layout_matches,
     preserved_host_rng,
     progress_bar,
@@ -109,6 +110,45 @@ def _sample_ids(sid: Any, n: int, where: str) -> np.ndarray | None:
     return a.astype(np.int64)
 
 
+def factor_specs(model: Any, factors: Any, where: str) -> list[tuple[str, str | None, int]]:
+    """The factors ``[(weight, bias or None, rows=1)]`` meant by ``factors`` for a model.
+
+    ``"auto"``: each factorable tensor (``_Model.factorable``) of shape ``(r, c)`` with
+    :math:`r + c < r c` (fewer numbers than its gradient); ``True``: all factorable tensors;
+    a list of tensor names (bias tied where the model has one), ``(weight, bias)`` pairs or
+    ``FactorSpec``-like objects (checked against the model).
+    """
+    able = dict(model.factorable())
+    shapes = dict(model.layout)
+    if factors is True or (isinstance(factors, str) and factors in ("auto", "all")):
+        auto = factors == "auto"
+        out = [(w, b, 1) for w, b in able.items()
+               if not auto or sum(shapes[w]) < math.prod(shapes[w])]
+    elif isinstance(factors, list | tuple):
+        out = []
+        for f in factors:
+            if hasattr(f, "weight") and hasattr(f, "rows"):
+                w, b, r = str(f.weight), None if f.bias is None else str(f.bias), int(f.rows)
+            elif isinstance(f, str):
+                w, b, r = f, able.get(f), 1
+            else:
+                w, b, r = str(f[0]), None if f[1] is None else str(f[1]), 1
+            if w not in able or (b is not None and b != able[w]):
+                raise AdapterError(
+                    f"{where}: {model.name} cannot store {f!r} as a factor; supported: "
+                    f"{sorted(able.items())} (weight, tied bias)")
+            out.append((w, b, r))
+    else:
+        raise AdapterError(f"{where}: factors must be 'auto', True or a list of tensor names, "
+                           f"got {factors!r}")
+    if not out:
+        raise AdapterError(
+            f"{where}: {model.name} has no tensor worth factoring (layout {model.layout}); "
+            f"supported: 2-D weights whose gradient is delta_i a_i^T ({sorted(able)}), "
+            "factors=True to factor them however small; else write full gradients")
+    return out
+
+
 class Recorder:
     """Write per-sample gradient records of a scikit-learn estimator into a writer.
 
@@ -131,9 +171,13 @@ class Recorder:
         A tqdm progress bar per record (a dict: tqdm keyword arguments).
     include_penalty : bool
         Add each sample's share ``∇Ω / N`` of the penalty gradient (``N`` the record size).
-    keep : {"grads", "moments"}
+    keep : {"grads", "moments", "factors"}
         ``"moments"`` writes ``(count, mean, M2)`` blocks (float64) instead of gradients
-        (no per-sample losses, ids or labels then).
+        (no per-sample losses, ids or labels then). ``"factors"``: exact factored records
+        for a writer opened with ``open_writer(..., factors=...)``: each factored weight
+        as :math:`A_i = x_i` (or the layer's output gradient for an MLP's ``coefs_l``)
+        and :math:`D_i = \\partial \\ell_i / \\partial f` (or the layer's input), the
+        other tensors as per-sample columns (``docs/adapters.md``, "Factored records").
     params_subset, project, seed :
         A seeded parameter subset / JL projection (``adapters/_moments.py``); the writer
         must come from ``open_writer`` with the same.
@@ -168,7 +212,14 @@ class Recorder:
         self.writer, self.estimator = writer, estimator
         self.batch_size, self.progress = int(batch_size), progress
         self.include_penalty, self.store_labels = include_penalty, store_labels
-        self._keep = _moments.check_keep(keep, "sklearn Recorder")
+        self._keep = keep if keep == "factors" else _moments.check_keep(keep, "sklearn Recorder")
+        self._facs = (check_factored_writer(writer, keep, "sklearn Recorder")
+                      if keep != "moments" else [])
+        if self._facs and include_penalty:
+            raise AdapterError(
+                "sklearn Recorder: keep='factors' with include_penalty=True: the penalty share "
+                "adds the same vector to every sample, which is no outer product; record "
+                "without the penalty (reduce's mean plus grad Omega / N is the same)")
         self._tf_args = (params_subset, project, seed)
         self._block_size = block_size
         self._tf: Any = None
@@ -183,6 +234,11 @@ class Recorder:
             tf = _moments.make_transform(src, *self._tf_args)
             check_layout_matches(self.writer, [(n, s) for n, s, _ in tf.layout], where)
             _moments.check_writer(self.writer, tf, where)
+            if self._facs:
+                if tf.active:
+                    raise AdapterError(f"{where}: keep='factors' stores whole tensors' "
+                                       "factors; params_subset/project do not apply")
+                factor_specs(model, list(self._facs), where)  # the writer's, checked
             self._tf, self._tf_src = tf, src
         return self._tf
 
@@ -256,7 +312,13 @@ class Recorder:
         try:
             for start in range(0, N, bs):
                 sl = slice(start, start + bs)
-                loss, G = model.loss_grads(model.theta, Xd[sl], Y[sl])
+                facs = None
+                if self._facs:
+                    loss, G, facs = model.loss_factors(model.theta, Xd[sl], Y[sl], {
+                        f[0] for f in self._facs})
+                    G = G if G.shape[1] else None
+                else:
+                    loss, G = model.loss_grads(model.theta, Xd[sl], Y[sl])
                 if share is not None:
                     G += share
                 if tf.active:
@@ -264,7 +326,7 @@ class Recorder:
                 if mom is not None:
                     mom.add_samples(G)
                 else:
-                    w.write(step, split, G, loss=loss,
+                    w.write(step, split, G, loss=loss, **({"factors": facs} if facs else {}),
                             sample_id=None if ids is None else ids[sl],
                             label=None if labels is None else labels[sl], lr=lr, epoch=epoch,
                             **extra)

@@ -113,7 +113,14 @@ from . import _moments
 from ._common import ProbeResult, RecordSummary, run_probe
 from ._moments import JLProjection, ParamSubset
 from ._sklearn_models import SUPPORTED, _build, _dense, _prepare, _resolve
-from ._sklearn_record import Recorder, initialised, is_fitted, sgd_lr, trajectory_args
+from ._sklearn_record import (
+    Recorder,
+    factor_specs,
+    initialised,
+    is_fitted,
+    sgd_lr,
+    trajectory_args,
+)
 from ._sklearn_record import record_trajectory as _record_trajectory
 
 __all__ = [
@@ -124,6 +131,7 @@ __all__ = [
     "flat_params",
     "layout",
     "open_writer",
+    "per_sample_factors",
     "per_sample_gradients",
     "per_sample_loss",
     "probe_osgr",
@@ -212,6 +220,37 @@ def per_sample_gradients(
     return G
 
 
+def per_sample_factors(estimator: Any, X: Any, y: Any, *, factors: Any = "auto",
+                       ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    r"""Per-sample gradients with the outer-product tensors as their exact factors.
+
+    A linear model's ``coef_`` ``(K, d)``: :math:`g_i = \delta_i x_i^\top` with
+    :math:`\delta_i = \partial \ell_i / \partial f_i` (multinomial: :math:`p_i - y_i`),
+    its intercept :math:`\delta_i` (tied). An MLP's ``coefs_l`` ``(in, out)``:
+    :math:`g_i = a_{il} \delta_{il}^\top` (layer input times output-gradient; factor
+    ``A = δ``, ``D = a``), intercepts plain. No penalty share (it is no outer product).
+
+    Parameters
+    ----------
+    estimator, X, y :
+        As in :func:`per_sample_gradients`.
+    factors : "auto", True or list
+        Which tensors (``_sklearn_record.factor_specs``): ``"auto"`` those with fewer
+        factor numbers than gradient numbers, ``True`` every factorable one.
+
+    Returns
+    -------
+    plain : ndarray (n, P_plain), float64
+        The other tensors' per-sample gradients, layout order.
+    factors : dict name -> (A (n, in), D (n, out)), float64
+        For an ``(out, in)`` tensor, :math:`g_i = D_i A_i^\top`.
+    """
+    model, Xd, Y = _prepare(estimator, X, y)
+    specs = factor_specs(model, factors, "sklearn per_sample_factors")
+    _, G, facs = model.loss_factors(model.theta, Xd, Y, {w for w, _, _ in specs})
+    return G, facs
+
+
 def per_sample_loss(estimator: Any, X: Any, y: Any) -> np.ndarray:
     """Each sample's loss :math:`\\ell_i` (the data term of the module table), shape ``(n,)``.
 
@@ -231,6 +270,10 @@ def open_writer(path: Any, estimator: Any, *, X: Any = None, y: Any = None,
     go to ``GradientWriter`` (``attrs`` are merged). ``params_subset``, ``project`` and
     ``seed`` (as in :func:`record`) give the writer the subsampled or projected layout.
 
+    ``factors`` (``"auto"``, ``True`` or a list of tensor names, see
+    :func:`per_sample_factors`) opens a factored store for ``Recorder(..., keep="factors")``
+    (factors stored in float64 unless ``factor_dtype="float32"``).
+
     An unfitted estimator has no parameters yet: pass the training data ``X``, ``y`` (and
     ``classes`` if ``y`` lacks some) and the layout is that of its initialisation, as
     :func:`record_trajectory` will fit it (the estimator itself is not touched).
@@ -245,6 +288,16 @@ def open_writer(path: Any, estimator: Any, *, X: Any = None, y: Any = None,
     tf = _moments.make_transform(layout(final, with_layers=True),
                                  kwargs.pop("params_subset", None), kwargs.pop("project", None),
                                  kwargs.pop("seed", 0))
+    factors = kwargs.pop("factors", None)
+    if factors is not None:  # a factored store (docs/adapters.md, "Factored records")
+        import gsnr_stats as gs
+
+        if tf.active:
+            raise AdapterError("sklearn open_writer: factors= stores whole tensors' factors; "
+                               "params_subset/project do not apply")
+        kwargs["factors"] = [gs.FactorSpec(w, bias=b, rows=r) for w, b, r in
+                             factor_specs(_build(final), factors, "sklearn open_writer")]
+        kwargs.setdefault("factor_dtype", "float64")  # sklearn computes in float64
     params = {}
     for k, v in final.get_params(deep=False).items():
         if v is None or isinstance(v, bool | int | float | str):

@@ -175,3 +175,77 @@ def test_train_mode_batchnorm_refused():
     model.train()
     with pytest.raises(AdapterError, match="BatchNorm"):
         gt.per_sample_factors(model, CE, x, y)
+
+
+# ---------------------------------------------------------------------------------------
+# scikit-learn: factored by nature
+# ---------------------------------------------------------------------------------------
+
+
+def sk_cases():
+    """``(name, fitted estimator, X, y)``: every factorable family, small."""
+    from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 5))
+    y3 = rng.integers(0, 3, 40)
+    y2 = (X[:, 0] + 0.3 * rng.normal(size=40) > 0).astype(int)
+    Y2 = np.c_[X @ rng.normal(size=5), X @ rng.normal(size=5)] + rng.normal(size=(40, 2))
+    return [
+        ("logreg-binary", LogisticRegression().fit(X, y2), X, y2),
+        ("logreg-multinomial", LogisticRegression().fit(X, y3), X, y3),
+        ("linearsvc", LinearSVC().fit(X, y3), X, y3),
+        ("sgd", SGDClassifier(loss="log_loss", random_state=0).fit(X, y3), X, y3),
+        ("ridge-2d", Ridge(alpha=0.5).fit(X, Y2), X, Y2),
+        ("mlp", MLPClassifier(hidden_layer_sizes=(6,), max_iter=50, random_state=0)
+         .fit(X, y3), X, y3),
+    ]
+
+
+SK_NAMES = ["logreg-binary", "logreg-multinomial", "linearsvc", "sgd", "ridge-2d", "mlp"]
+
+
+@pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+@pytest.mark.parametrize("name", SK_NAMES)
+def test_sklearn_factors_equal_gradients(name):
+    from gsnr_stats.adapters import sklearn as gsk
+
+    _, est, X, y = next(c for c in sk_cases() if c[0] == name)
+    plain, facs = gsk.per_sample_factors(est, X, y, factors=True)
+    lay = gsk.layout(est)
+    ties = {"intercept": "coef"} if "coef" in facs and dict(lay).get("intercept") else {}
+    got = materialise(plain, facs, lay, ties)
+    ref = gsk.per_sample_gradients(est, X, y)
+    # the same float64 products (linear) or the same backprop (MLP): equal to rounding
+    assert_within(got, ref, 1e-13 * np.abs(ref).max(axis=0), f"{name} factors")
+    if name == "mlp":
+        assert set(facs) == {"coefs_0", "coefs_1"} and plain.shape[1] == 6 + 3
+        assert facs["coefs_0"][1].shape == (40, 5)  # D: the layer's input rows
+    else:
+        assert set(facs) == {"coef"} and plain.shape[1] == 0
+        if name == "logreg-multinomial":  # delta_i = p_i - y_i, a_i = x_i
+            p = est.predict_proba(X)
+            p[np.arange(len(y)), y] -= 1.0
+            np.testing.assert_allclose(facs["coef"][1], p, rtol=1e-10, atol=1e-14)
+            np.testing.assert_array_equal(facs["coef"][0], X)
+
+
+@pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+def test_sklearn_factor_choice_and_errors():
+    from sklearn.linear_model import Ridge
+
+    from gsnr_stats.adapters import sklearn as gsk
+
+    cases = {c[0]: c for c in sk_cases()}
+    _, est, X, y = cases["logreg-binary"]
+    with pytest.raises(AdapterError, match="no tensor worth factoring"):
+        gsk.per_sample_factors(est, X, y)  # coef (1, 5): 6 factor numbers > 5
+    _, est, X, y = cases["logreg-multinomial"]
+    assert set(gsk.per_sample_factors(est, X, y)[1]) == {"coef"}
+    one = Ridge().fit(X, X[:, 0])  # a 1-D coef_ is no matrix
+    with pytest.raises(AdapterError, match="no tensor worth factoring"):
+        gsk.per_sample_factors(one, X, X[:, 0], factors=True)
+    with pytest.raises(AdapterError, match="cannot store 'intercept'"):
+        gsk.per_sample_factors(est, X, y, factors=["intercept"])
