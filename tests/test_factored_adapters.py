@@ -234,9 +234,8 @@ def test_sklearn_factors_equal_gradients(name):
 
 @pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
 def test_sklearn_factor_choice_and_errors():
-    from sklearn.linear_model import Ridge
-
     from gsnr_stats.adapters import sklearn as gsk
+    from sklearn.linear_model import Ridge
 
     cases = {c[0]: c for c in sk_cases()}
     _, est, X, y = cases["logreg-binary"]
