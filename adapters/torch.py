@@ -90,6 +90,7 @@ from ._torch_engine import (
     _to_numpy,
 )
 from ._torch_fast import FastPath
+from ._torch_hooks import TrainingMoments
 from ._torch_record import Recorder, _current_lr, factored_modules, resolve_factors
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "ProbeResult",
     "RecordSummary",
     "Recorder",
+    "TrainingMoments",
     "layout",
     "mean_loss",
     "open_writer",
