@@ -32,6 +32,8 @@ from .inmemory import gsnr
 from .projection import project_record
 from .reduce import SkippedShardWarning, reduce
 from .store import (
+    FactorInfo,
+    FactorSpec,
     GradientStore,
     GradientWriter,
     IncompleteRecordWarning,
@@ -54,6 +56,8 @@ __all__ = [
     "AdapterError",
     "ArgumentTypeError",
     "DiskSpaceWarning",
+    "FactorInfo",
+    "FactorSpec",
     "GSNRError",
     "GradientStore",
     "GradientWriter",

@@ -16,6 +16,7 @@ per parameter tensor). Readers of the store never look at any of this (``docs/fo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import h5py
@@ -133,11 +134,13 @@ def global_attrs(library_version: str, framework: str, framework_version: str,
     }
 
 
-def add_netcdf_view(f: h5py.File, layout: Layout) -> None:
+def add_netcdf_view(f: h5py.File, layout: Layout, factors: Sequence[Any] = ()) -> None:
     """Attach dimension scales to every dataset of a new store and set CF attributes.
 
     Call once, while creating the schema (before SWMR mode): attaching writes attributes
     to the datasets' object headers, which a SWMR writer must not do afterwards.
+    ``factors`` (format 4): ``grads`` spans the ``plain_param`` dimension, and each
+    ``factors/<k>/a``, ``delta`` gets ``(sample, t, in)``, ``(sample, t, out)``.
     """
     P = layout.n_params
     sample, moment_block = _dim(f, "sample", None), _dim(f["moments"], "moment_block", None)
@@ -145,14 +148,22 @@ def add_netcdf_view(f: h5py.File, layout: Layout) -> None:
     meta_byte = _dim(f, "meta_byte", None)
     for name in ("grads", "loss", "sample_id", "label"):
         f[name].dims[0].attach_scale(sample)
-    f["grads"].dims[1].attach_scale(param)
+    if factors:
+        plain = _dim(f, "plain_param", int(f["grads"].shape[1]))
+        f["grads"].dims[1].attach_scale(plain)
+        f["grads"].attrs["comment"] = ("the plain (not factored) parameters, in layout order; "
+                                       "factored tensors are in factors/<k>")
+        _factor_view(f, sample, factors)
+    else:
+        f["grads"].dims[1].attach_scale(param)
     f["record_meta"].dims[0].attach_scale(meta_byte)
     f["moments/count"].dims[0].attach_scale(moment_block)
     for name in ("moments/mean", "moments/m2"):
         f[name].dims[0].attach_scale(moment_block)
         f[name].dims[1].attach_scale(param)
     for name, attrs in DATA_ATTRS.items():
-        f[name].attrs.update(attrs)
+        f[name].attrs.update({k: v for k, v in attrs.items()
+                              if not (factors and name == "grads" and k == "comment")})
     # the layout: a coordinate of tensor names, and one variable per field (small: T rows)
     names = f.create_dataset("layout", data=np.array(layout.names, dtype=object),
                              dtype=h5py.string_dtype("utf-8"))
@@ -180,3 +191,20 @@ def add_netcdf_view(f: h5py.File, layout: Layout) -> None:
             if shape:
                 ds.dims[1].attach_scale(split_byte)
             ds.attrs.update(_ROW_CRC if cname == CRC_COL else COLUMN_ATTRS[tname][cname])
+
+
+def _factor_view(f: h5py.File, sample: h5py.Dataset, factors: Sequence[Any]) -> None:
+    """Scales ``t``, ``in``, ``out`` of each factor group and the factor datasets' attributes."""
+    for k, fi in enumerate(factors):
+        g = f[f"factors/{k}"]
+        t, d_in, d_out = _dim(g, "t", fi.rows), _dim(g, "in", fi.in_), _dim(g, "out", fi.out)
+        for name, width, text in (("a", d_in, "input rows a_it of the layer"),
+                                  ("delta", d_out, "output-gradient rows delta_it of the layer")):
+            ds = g[name]
+            ds.dims[0].attach_scale(sample)
+            ds.dims[1].attach_scale(t)
+            ds.dims[2].attach_scale(width)
+            ds.attrs.update({"long_name": f"{text} (zero rows pad shorter sequences)", **ONE,
+                             "comment": f"per-sample gradient of {fi.weight} = sum_t delta_t "
+                                        f"a_t^T" + (f"; of {fi.bias} = sum_t delta_t"
+                                                    if fi.bias else "")})

@@ -189,8 +189,9 @@ def _check_links(f: h5py.File, path: Path, groups: set[str]) -> dict[str, Any]:
                     raise SchemaError(f"{path}: {full} is a virtual dataset; refused")
                 if obj.external:
                     raise SchemaError(f"{path}: {full} stores its data in external files; refused")
-            elif isinstance(obj, h5py.Group) and prefix == "" and name in groups:
-                check_group(obj, full)
+            elif isinstance(obj, h5py.Group) and (prefix == "" and name in groups
+                                                  or prefix == "/factors" and "factors" in groups):
+                check_group(obj, full)  # format 4: factors/<k>/{a, delta}, one level deeper
 
     check_group(f, "")
     return objs

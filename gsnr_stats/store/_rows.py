@@ -32,12 +32,12 @@ def read_rows(store: GradientStore, step: int, split: str, start: int, stop: int
     where = store._where(step, split)
     if rec.kind != "gradients":
         raise StoreError(f"{where} holds moments only; per-sample grads were not stored")
-    P = store.layout.n_params
+    P = store.n_plain  # the columns of grads (format 4: the plain ones)
     c0, c1 = (0, P) if cols is None else (int(cols[0]), int(cols[1]))
     start, stop = int(start), int(stop)
     if not (0 <= c0 <= c1 <= P and 0 <= start <= stop <= rec.n_samples):
         raise StoreError(f"{where}: rows [{start}, {stop}) columns [{c0}, {c1}) outside the "
-                         f"record's {rec.n_samples} rows of {P} parameters")
+                         f"record's {rec.n_samples} rows of {P} columns")
     out = np.empty((stop - start, c1 - c0), store.grads_dtype)
     key = (int(step), split)
     pos = 0
@@ -63,7 +63,7 @@ def read_rows(store: GradientStore, step: int, split: str, start: int, stop: int
 def _verify(store: GradientStore, where: str, seg: Segment, lo: int, hi: int, c0: int,
             c1: int, dst: np.ndarray) -> None:
     """Read segment ``seg`` whole, check its sums, copy rows ``[lo, hi)`` into ``dst``."""
-    P = store.layout.n_params
+    P = store.n_plain
     step = max(1, _VERIFY_BLOCK_BYTES // max(1, P * store.grads_dtype.itemsize))
     s1 = s2 = 0
     for i in range(seg.start, seg.stop, step):

@@ -141,7 +141,8 @@ class SpaceCheck:
     """
 
     def __init__(self, path: Path, layout: Layout, dtype: np.dtype, chunks: tuple[int, int],
-                 planned_rows: int | None, planned_blocks: int | None) -> None:
+                 planned_rows: int | None, planned_blocks: int | None,
+                 plain: Layout | None = None, factors: Sequence[Any] = ()) -> None:
         for name, v in (("expected_rows", planned_rows), ("expected_blocks", planned_blocks)):
             if v is not None and (not isinstance(v, int | np.integer) or int(v) < 0):
                 raise ValueError(f"{path}: {name} must be an int >= 0 or None, got {v!r}")
@@ -149,7 +150,10 @@ class SpaceCheck:
         self.dtype = str(np.dtype(dtype))
         self.planned_rows = None if planned_rows is None else int(planned_rows)
         self.planned_blocks = None if planned_blocks is None else int(planned_blocks)
-        self._row_bytes = grads_row_bytes(layout.n_params, chunks, np.dtype(dtype).itemsize)
+        # a factored store (format 4): plain columns in grads, factor rows beside them
+        width = layout.n_params if plain is None else plain.n_params
+        self._row_bytes = grads_row_bytes(width, chunks, np.dtype(dtype).itemsize) + chunks[0] * sum(
+            f.stored_per_sample * f.dtype.itemsize for f in factors)
         self._block_bytes = moment_block_bytes(layout.n_params)
         self._warned: set[str] = set()
 

@@ -18,7 +18,6 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ import h5py
 import numpy as np
 
 from ..errors import SchemaError, StoreError
-from . import _rows
+from . import _factored, _rows
+from ._legacy import load_index_v1
 from ._meta import decode_meta, decode_optimizer_step, meta_extents
 from ._open import (
     _attr_str,
@@ -36,18 +36,17 @@ from ._open import (
     _open_h5,
     _superblock,  # noqa: F401 - imported from here by tests
 )
+from ._records import IncompleteRecordWarning, RecordInfo, Segment
 from .layout import Layout
 from .schema import (
     CRC_COL,
     FORMAT_NAME,
-    FORMAT_VERSION,
     KIND_GRADIENTS,
     KIND_MOMENTS,
     KIND_NAMES,
     MAX_FILTER_RATIO,
     READABLE_VERSIONS,
     TABLES,
-    V1_TABLES,
     bytes_crc,
     data_checksum,
     tables,
@@ -56,39 +55,6 @@ from .views import RecordView, check_chunk_index
 
 _MAX_LAYOUT_JSON = 64 << 20
 _NEWER_HINT = "upgrade gsnr-stats to read it"
-
-
-@dataclass(frozen=True)
-class RecordInfo:
-    """One record: a checkpoint ``step`` × a ``split`` of per-sample gradients or moments.
-
-    ``optimizer_step`` is the optimizer's update count at the checkpoint (``None``: not
-    recorded, and always in stores older than format 3); the record's JSON metadata is read
-    by :meth:`GradientStore.record_meta`.
-    """
-
-    step: int
-    split: str
-    kind: str
-    n_samples: int
-    lr: float = float("nan")
-    epoch: float = float("nan")
-    optimizer_step: int | None = None
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``[start, stop)`` of one write call, with its checksums (v2; ``None`` in v1)."""
-
-    start: int
-    stop: int
-    sum1: int | None = None
-    sum2: int | None = None
-    aux_crc: int | None = None
-
-
-class IncompleteRecordWarning(UserWarning):
-    """A store holds records whose writer never completed them; they are skipped."""
 
 
 class GradientStore:
@@ -105,6 +71,7 @@ class GradientStore:
         self.path = Path(path)
         self._chunk_index: tuple[object, np.ndarray] | None = None  # cache of views.chunk_index
         self._verified: set[tuple[tuple[int, str], int]] = set()  # segments read_grads_rows checked
+        self._fverified: set[tuple[tuple[int, str], int]] = set()  # segments' factors checked
         self._f, self._left_open = _open_h5(self.path)
         try:
             self._validate()
@@ -128,15 +95,16 @@ class GradientStore:
         ver = f.attrs.get("format_version")
         if not isinstance(ver, int | np.integer):
             raise SchemaError(f"{path}: format_version {ver!r} is not an integer")
-        if int(ver) > FORMAT_VERSION:
+        if int(ver) > max(READABLE_VERSIONS):
             raise SchemaError(
                 f"{path}: store format version {int(ver)} is newer than this gsnr-stats "
-                f"reads (version {FORMAT_VERSION}); {_NEWER_HINT}"
+                f"reads (version {max(READABLE_VERSIONS)}); {_NEWER_HINT}"
             )
         if int(ver) not in READABLE_VERSIONS:
             raise SchemaError(f"{path}: invalid format version {int(ver)}")
         self.version = int(ver)
-        groups = {"moments"} | (set(TABLES) if self.version >= 2 else set())
+        groups = {"moments"} | (set(TABLES) if self.version >= 2 else set()) | (
+            {"factors"} if self.version >= 4 else set())
         objs = _check_links(f, path, groups)
         # A file its writer has open keeps growing: h5py caches a dataset's shape per object
         # in read-only mode, and SWMR extents of an open dataset are not reloaded, so reuse
@@ -152,10 +120,12 @@ class GradientStore:
         if stored_hash != self.layout.hash:
             raise SchemaError(f"{path}: layout_hash does not match the stored layout")
         P = self.layout.n_params
+        _factored.load(self)  # factors, plain_index, n_plain (all of P before format 4)
         self._check_ds("grads", 2, (np.dtype("<f4"), np.dtype("<f2")))
-        if self._obj("grads").shape[1] != P:
+        if self._obj("grads").shape[1] != self.n_plain:
+            what = "plain columns (format 4)" if self.factors else "parameters"
             raise SchemaError(
-                f"{path}: grads has {f['grads'].shape[1]} columns, layout has {P} parameters"
+                f"{path}: grads has {f['grads'].shape[1]} columns, layout has {self.n_plain} {what}"
             )
         for name, dt in (("loss", "<f8"), ("sample_id", "<i8"), ("label", "<f8")):
             self._check_ds(name, 1, (np.dtype(dt),))
@@ -168,7 +138,7 @@ class GradientStore:
                 raise SchemaError(f"{path}: {name} has shape {self._obj(name).shape}, inconsistent")
         self.debris: dict[str, int] = {}
         if self.version == 1:
-            self._load_index_v1()
+            load_index_v1(self)
         else:
             self._load_index_v2()
         self._check_backing()
@@ -315,7 +285,8 @@ class GradientStore:
             )
         for name, stop in (("grads", g_stop), ("loss", g_stop), ("sample_id", g_stop),
                            ("label", g_stop), ("moments/count", m_stop),
-                           ("moments/mean", m_stop), ("moments/m2", m_stop)):
+                           ("moments/mean", m_stop), ("moments/m2", m_stop),
+                           *((n, g_stop) for n in self._factor_ds)):
             ds = self._obj(name)
             if ds.shape[0] < stop and self._left_open:
                 # SWMR: HDF5's metadata cache can hold an object header read before the
@@ -409,80 +380,6 @@ class GradientStore:
                 if kind == KIND_GRADIENTS else 0
             self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES.get(kind, "?"), n))
 
-    def _load_index_v1(self) -> None:
-        path = self.path
-        rows = self._obj("grads").shape[0]
-        for name in ("loss", "sample_id", "label"):
-            if self._obj(name).shape[0] < rows:
-                raise SchemaError(
-                    f"{path}: {name} has {self._obj(name).shape[0]} rows, fewer than grads ({rows})"
-                )
-        mrows = self._obj("moments/count").shape[0]
-        for name in ("moments/mean", "moments/m2"):
-            if self._obj(name).shape[0] < mrows:
-                raise SchemaError(f"{path}: {name} has shape {self._obj(name).shape}, inconsistent")
-        for name, dt in V1_TABLES.items():
-            ds = self._check_ds(name, 1, (dt,), compound=True)
-            if ds.shape[0] > _backed_rows(ds, dt.itemsize):
-                raise SchemaError(f"{path}: table {name!r} claims more rows than it stores")
-        self._grads_stop, self._moments_stop = rows, mrows
-        segs = self._obj("segments")[()]
-        recs = self._obj("records")[()]
-        by_key: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
-        for s in segs:
-            split = _decode_split(s["split"], path)
-            key = (int(s["step"]), split)
-            start, stop, kind = int(s["start"]), int(s["stop"]), int(s["kind"])
-            if kind not in KIND_NAMES:
-                raise SchemaError(f"{path}: record (step={key[0]}, split={split!r}): bad kind {kind}")
-            by_key.setdefault(key, []).append((kind, start, stop))
-        self._segments = {}
-        self.records = []
-        done: set[tuple[int, str]] = set()
-        for r in recs:
-            split = _decode_split(r["split"], path)
-            key = (int(r["step"]), split)
-            where = f"{path}: record (step={key[0]}, split={split!r})"
-            if key in done:
-                raise SchemaError(f"{where} is completed twice")
-            done.add(key)
-            kind = int(r["kind"])
-            if kind not in KIND_NAMES:
-                raise SchemaError(f"{where}: bad kind {kind}")
-            limit = rows if kind == KIND_GRADIENTS else mrows
-            total = 0
-            ranges = []
-            for skind, start, stop in by_key.get(key, []):
-                if skind != kind:
-                    raise SchemaError(f"{where}: mixes gradient and moments segments")
-                if not (0 <= start <= stop <= limit):
-                    raise SchemaError(
-                        f"{where}: segment rows [{start}, {stop}) outside the stored "
-                        f"{limit} rows (truncated file?)"
-                    )
-                ranges.append(Segment(start, stop))
-                total += stop - start
-            n = int(r["n_samples"])
-            if kind == KIND_GRADIENTS and total != n:
-                raise SchemaError(f"{where}: segments hold {total} samples, record says {n}")
-            self._segments[key] = ranges
-            self.records.append(
-                RecordInfo(key[0], split, KIND_NAMES[kind], n, float(r["lr"]), float(r["epoch"]))
-            )
-        self.incomplete = []
-        for key, segl in by_key.items():
-            if key not in done:
-                kind = segl[0][0]
-                n = sum(b - a for _, a, b in segl) if kind == KIND_GRADIENTS else 0
-                self.incomplete.append(RecordInfo(key[0], key[1], KIND_NAMES[kind], n))
-
-        def table(name: str) -> dict[str, np.ndarray]:
-            t = self._obj(name)[()]
-            return {k: np.asarray(t[k]) for k in t.dtype.names}
-
-        self.trajectory_rows = table("trajectory")
-        self.probe_rows = table("probes")
-
     def _check_backing(self) -> None:
         """Refuse a file that claims more data than its size can hold (a memory bomb)."""
         path = self.path
@@ -493,7 +390,9 @@ class GradientStore:
         # reduce allocate 64 GiB). v1 bounds the whole dataset, a writer's unstored rows too.
         slack = self.version == 1
         size = path.stat().st_size
-        if self.records and P * 2 > size * MAX_FILTER_RATIO:
+        if self.factors:
+            _factored.check_backing(self, size, slack)
+        elif self.records and P * 2 > size * MAX_FILTER_RATIO:
             # Any record holding data stores at least P float16 values at the best filter
             # ratio; a smaller file can only hold empty records, and their O(P) reduce
             # output (gigabytes for a crafted layout) would be all NaN.
@@ -502,13 +401,15 @@ class GradientStore:
                 "could hold one gradient row of (a crafted file?)"
             )
         g = self._obj("grads")
-        if self._grads_stop and self._grads_stop > _backed_rows(g, P * g.dtype.itemsize, slack):
+        Pp = self.n_plain
+        if self._grads_stop and Pp and self._grads_stop > _backed_rows(g, Pp * g.dtype.itemsize,
+                                                                       slack):
             raise SchemaError(
                 f"{path}: records claim {self._grads_stop} gradient rows of {P} parameters, "
                 f"more than the {g.id.get_storage_size()} stored bytes can hold"
             )
         if self._grads_stop and g.chunks:
-            n_chunks = -(-self._grads_stop // g.chunks[0]) * -(-P // g.chunks[1])
+            n_chunks = -(-self._grads_stop // g.chunks[0]) * -(-Pp // g.chunks[1])
             if n_chunks > max(1, size):
                 raise SchemaError(f"{path}: grads chunk shape {g.chunks} implies more chunks "
                                   "than the file has bytes")
@@ -670,25 +571,50 @@ class GradientStore:
         for seg in self._segments[(int(step), split)]:
             vals = [self._read(n, slice(seg.start, seg.stop), where)
                     for n in ("loss", "sample_id", "label")]
-            if seg.aux_crc is not None and bytes_crc(*vals) != seg.aux_crc:
-                raise self._damaged(where, "loss/sample_id/label", seg)
+            # format 4: the CRC covers the factors' bytes too (_factored.raw_rows)
+            fac = _factored.raw_rows(self, seg.start, seg.stop, where) if self.factors else []
+            if seg.aux_crc is not None and bytes_crc(*vals, *fac) != seg.aux_crc:
+                raise self._damaged(where, "loss/sample_id/label" + "/factors" * bool(fac), seg)
             for o, v in zip(out, vals, strict=True):
                 o.append(v)
         return tuple(np.concatenate(o) if o else np.zeros(0, d)  # type: ignore[return-value]
                      for o, d in zip(out, ("<f8", "<i8", "<f8"), strict=True))
+
+    @property
+    def factored(self) -> bool:
+        """Whether the store holds factored tensors (format 4; :attr:`factors`)."""
+        return bool(self.factors)
+
+    def read_factors(self, step: int, split: str, start: int = 0, stop: int | None = None
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Factors of rows ``[start, stop)`` of a record (format 4), verified.
+
+        Returns ``weight -> (A (m, rows, in), Δ (m, rows, out))`` in the stored dtype; the
+        sample's gradient of ``weight`` is ``Σ_t Δ[i, t] A[i, t]ᵀ`` (zero rows pad).
+        """
+        return _factored.read_factors(self, step, split, start, stop)
+
+    def read_plain_rows(self, step: int, split: str, start: int = 0,
+                        stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the plain columns ``(m, P_plain)`` (:attr:`plain_index`)."""
+        stop = self.record(step, split).n_samples if stop is None else stop
+        return _rows.read_rows(self, step, split, start, stop, None, True)
 
     def iter_grads(self, step: int, split: str, rows: int = 4096) -> Iterator[np.ndarray]:
         """Per-sample gradients of a record in blocks of at most ``rows`` rows (stored dtype).
 
         Streams: memory is O(rows · P) whatever the record's size. Each segment's checksum is
         verified before its last block is handed out, so a consumer never finishes on
-        damaged data.
+        damaged data. Factored stores yield materialised rows (:func:`_factored.materialize`).
         """
         rec = self.record(step, split)
         where = self._where(step, split)
         if rec.kind != "gradients":
             raise StoreError(f"{where} holds moments only; per-sample grads were not stored")
         rows = max(1, int(rows))
+        if self.factors:
+            yield from _factored.iter_grads(self, step, split, rows)
+            return
         P = self.layout.n_params
         for seg in self._segments[(int(step), split)]:
             s1 = s2 = 0
@@ -710,13 +636,15 @@ class GradientStore:
         ``verify``, the first read touching a segment reads it whole (in bounded row blocks)
         and checks its checksum, once per open store; ``verify=False`` reads only the block.
         """
+        if self.factors:  # materialised (m, c1 - c0) rows of a format 4 store
+            return _factored.read_rows(self, step, split, start, stop, cols, verify)
         return _rows.read_rows(self, step, split, start, stop, cols, verify)
 
     def read_grads(self, step: int, split: str) -> np.ndarray:
         """Per-sample gradients of a record, ``(n, P)`` in the stored dtype (float32)."""
         parts = list(self.iter_grads(step, split, rows=1 << 30))
         if not parts:
-            return np.empty((0, self.layout.n_params), self._obj("grads").dtype)
+            return np.empty((0, self.layout.n_params), _factored.out_dtype(self))
         return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def read_loss(self, step: int, split: str) -> np.ndarray:

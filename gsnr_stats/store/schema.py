@@ -4,7 +4,9 @@ Version 2 keeps every table as a group of plain 1-D column datasets (no compound
 netCDF-C/xarray abort the interpreter on v1's compound tables) and makes each table row
 carry a checksum column, written last. Version 3 (written now) adds per-record optimizer
 metadata: ``optimizer_step`` and the extent and CRC of the record's JSON metadata bytes in
-the ``record_meta`` byte dataset, as four more ``records`` columns. Versions 1 (compound
+the ``record_meta`` byte dataset, as four more ``records`` columns. Version 4 has the
+same tables and adds factored records (``factors/<k>/a``, ``factors/<k>/delta``, written
+only by a writer given ``factors=``). Versions 1 (compound
 tables, no checksums) and 2 are still read. ``docs/format.md`` is the written schema and
 crash model.
 """
@@ -21,8 +23,9 @@ from .. import kernels
 from ..errors import SchemaError
 
 FORMAT_NAME = "gsnr-stats"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 3  # stores without factored tensors
+FACTORED_VERSION = 4  # stores with factored tensors (gsnr_stats/store/_factored.py)
+READABLE_VERSIONS = (1, 2, 3, 4)
 META_MAX_BYTES = 64 << 10  # encoded JSON metadata of one record
 NO_OPTIMIZER_STEP = -1  # the optimizer_step column of a record that has none
 SPLIT_MAX_BYTES = 64

@@ -158,7 +158,7 @@ class RecordView:
         self.info: RecordInfo = store.record(step, split)
         self.segments: list[Segment] = store.segments(step, split)
         self.layout = store.layout
-        P = store.layout.n_params
+        P = store.n_plain  # format 4: a view spans the plain columns only
         self.c0, self.c1 = cols if cols is not None else (0, P)
         self.checksummed = bool(self.segments) and self.segments[0].sum1 is not None
         self.buf: np.ndarray | None = None
@@ -221,7 +221,7 @@ class RecordView:
         No data attached: :meth:`iter_rows` attaches it one piece at a time.
         """
         rc = self.chunk_shape[0]
-        P = self.layout.n_params
+        P = self.store.n_plain
         segs = self.segments
         if not segs:
             return []
@@ -365,7 +365,7 @@ def _chunk_offsets(store: GradientStore, cols: tuple[int, int] | None,
     rows, P = store.grads_rows, ds.shape[1]
     n_rows, n_cols = -(-rows // rc), -(-P // cc)
     plist = ds.id.get_create_plist()
-    mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0
+    mappable = ds.dtype == np.dtype("<f4") and plist.get_nfilters() == 0 and P > 0
     only = None
     if cols is not None and segments is not None:  # a Dask task: look up only its chunks
         c0, c1 = cols

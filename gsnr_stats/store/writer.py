@@ -30,7 +30,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import GSNRError, SchemaError, StoreError
-from . import _faults
+from . import _factored, _faults
 from ._chunkio import DirectChunks
 from ._inputs import as_vector, check_grads, check_moments, to_store_dtype
 from ._meta import check_optimizer_step, encode_meta
@@ -40,6 +40,7 @@ from ._space import SpaceCheck
 from .layout import Layout, auto_chunks, balanced_width
 from .schema import (
     CRC_COL,
+    FACTORED_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     GRAD_DTYPES,
@@ -134,6 +135,12 @@ class GradientWriter:
         before the file is created, and at each new chunk row, when their bytes
         (:meth:`estimate_bytes`) exceed the free space of the store's directory. Without
         them each new chunk row of file space is checked alone. :class:`DiskSpaceWarning`.
+    factors : sequence of FactorSpec, str or (weight, bias), optional
+        Factored tensors (format 4, ``docs/format.md``): :meth:`write` takes their factors
+        ``(A, Δ)``, ``g_W,i = Σ_t δ_it a_itᵀ`` (a tied bias: ``Σ_t δ_it``); ``grads`` holds
+        the other (plain) columns in layout order. Without factors the store is format 3.
+    factor_dtype : {"float32", "float64"}
+        Storage dtype of the factors.
 
     Notes
     -----
@@ -167,6 +174,8 @@ class GradientWriter:
         fsync: bool = False,
         expected_rows: int | None = None,
         expected_blocks: int | None = None,
+        factors: Sequence[Any] | None = None,
+        factor_dtype: str = "float32",
     ) -> None:
         self.path = Path(path)
         self._closed = True  # until the file is open: close() and __del__ do nothing
@@ -181,10 +190,13 @@ class GradientWriter:
             raise ValueError(f"direct_io must be True, False or 'auto', got {direct_io!r}")
         if self.path.exists() and not overwrite:
             raise StoreError(f"{self.path}: file exists (pass overwrite=True to replace it)")
-        P = self.layout.n_params
+        self.factors = _factored.resolve(self.layout, factors or (), factor_dtype, str(self.path))
+        self.plain_index, self._plain = _factored.plain_space(self.layout, self.factors)
+        P = self._plain.n_params  # the columns of grads: the plain ones (all without factors)
+        fast_write = fast_write and P > 0
         if chunks is None:
             chunks = auto_chunks(P, self.dtype.itemsize)
-        chunks = (int(chunks[0]), min(int(chunks[1]), P))
+        chunks = (int(chunks[0]), min(int(chunks[1]), max(1, P)))
         if chunks[0] < 1 or chunks[1] < 1:
             raise ValueError(f"chunks must be positive, got {chunks}")
         self.chunks = chunks
@@ -198,7 +210,7 @@ class GradientWriter:
             raise ValueError(f"attrs must be JSON-serialisable: {e}") from e
         self.run_id = run_id or uuid.uuid4().hex
         self._space = SpaceCheck(self.path, self.layout, self.dtype, chunks, expected_rows,
-                                 expected_blocks)
+                                 expected_blocks, self._plain, self.factors)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._space.at_create()
         cleanup_stale_tmp(self.path)
@@ -246,7 +258,7 @@ class GradientWriter:
     def _create_schema(self, f: h5py.File, framework: str, framework_version: str,
                        user_json: str, compression: str | None, compression_opts: Any,
                        fast_write: bool) -> None:
-        P = self.layout.n_params
+        P = self._plain.n_params
         chunks = self.chunks
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
@@ -259,7 +271,7 @@ class GradientWriter:
         f.attrs["user_attrs"] = user_json
         f.attrs["layout"] = self.layout.to_json()
         f.attrs["layout_hash"] = self.layout.hash
-        f.attrs["n_params"] = P
+        f.attrs["n_params"] = self.layout.n_params
         f.attrs.update(global_attrs(_library_version(), framework, framework_version,
                                     str(f.attrs["created_at"])))
         comp: dict[str, Any] = {}
@@ -272,8 +284,14 @@ class GradientWriter:
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             comp = {"dcpl": dcpl, "fill_time": "never"}
         f.create_dataset(
-            "grads", shape=(0, P), maxshape=(None, P), dtype=self.dtype, chunks=chunks, **comp,
+            "grads", shape=(0, P), maxshape=(None, P or None), dtype=self.dtype, chunks=chunks,
+            **comp,  # P = 0 (every tensor factored): a (n, 0) dataset keeps the row count
         )
+        if self.factors:
+            f.attrs["format_version"] = FACTORED_VERSION
+            f.attrs["factors"] = _factored.to_json(self.factors)
+            f.attrs["n_plain"] = P
+            _factored.create_datasets(f, self.factors)
         vec_chunk = (max(4096, chunks[0]),)
         for name, dt in (("loss", "<f8"), ("sample_id", "<i8"), ("label", "<f8")):
             f.create_dataset(name, (0,), maxshape=(None,), dtype=dt, chunks=vec_chunk)
@@ -281,6 +299,7 @@ class GradientWriter:
         mom = f.create_group("moments")
         mcols = balanced_width(P, 1 << 17)  # no near-empty last chunk (stored whole)
         mom.create_dataset("count", (0,), maxshape=(None,), dtype="<f8", chunks=(256,))
+        P = self.layout.n_params  # moments are full P, factored store or not
         mom.create_dataset("mean", (0, P), maxshape=(None, P), dtype="<f8", chunks=(1, mcols))
         mom.create_dataset("m2", (0, P), maxshape=(None, P), dtype="<f8", chunks=(1, mcols))
         for tname, cols in TABLES.items():
@@ -290,7 +309,7 @@ class GradientWriter:
                 grp.create_dataset(cname, (0, *shape), maxshape=(None, *shape), dtype=dt,
                                    chunks=(256, *shape))
         # dimension scales and CF attributes for netCDF readers: no data, nothing to append
-        add_netcdf_view(f, self.layout)
+        add_netcdf_view(f, self.layout, self.factors)
 
     def _publish(self, tmp: Path, overwrite: bool) -> None:
         """Give the finished temp file its name; refuse if another writer took it first."""
@@ -464,7 +483,7 @@ class GradientWriter:
         """
         if int(rows) < 0:
             raise ValueError(f"rows must be >= 0, got {rows}")
-        P = self.layout.n_params
+        P = self._plain.n_params
         cc = self.chunks[1]
         padded = -(-P // cc) * cc
         n = max(1, int(rows))
@@ -527,7 +546,7 @@ class GradientWriter:
         self,
         step: int,
         split: str,
-        grads: Any,
+        grads: Any = None,
         loss: Any = None,
         sample_id: Any = None,
         label: Any = None,
@@ -535,6 +554,7 @@ class GradientWriter:
         epoch: float | None = None,
         optimizer_step: int | None = None,
         meta: Mapping[str, Any] | None = None,
+        factors: Mapping[str, Any] | None = None,
     ) -> None:
         """Append per-sample gradients ``grads`` ``(n, P)`` to record ``(step, split)``.
 
@@ -566,6 +586,10 @@ class GradientWriter:
             str, int, finite float, bool, None, list/tuple, dict values (numpy scalars are
             converted; NaN/Inf are refused with :class:`SchemaError`); at most 64 KiB as
             JSON. Read back by :meth:`GradientStore.record_meta`.
+        factors : mapping, optional
+            ``{weight: (A, Δ)}`` for every factored tensor of a writer made with ``factors=``:
+            ``A`` ``(n, [T,] in)``, ``Δ`` ``(n, [T,] out)``, ``T ≤ rows``; ``grads`` is then
+            ``(n, P_plain)`` (None if ``P_plain = 0``); full ``(n, P)`` rows are refused.
 
         Notes
         -----
@@ -576,7 +600,8 @@ class GradientWriter:
         self._check_open()
         key = self._check_key(step, split)
         where = self._where(*key)
-        g = check_grads(grads, self.layout.n_params, where)
+        g, fac = (_factored.check_write(self, grads, factors, where) if self.factors or factors
+                  is not None else (check_grads(grads, self.layout.n_params, where), []))
         st = self._state(key, KIND_GRADIENTS)
         n = g.shape[0]
         rattrs = self._record_attrs(where, lr, epoch, optimizer_step, meta)
@@ -585,9 +610,9 @@ class GradientWriter:
         sid = as_vector(sample_id, "sample_id", "<i8", n, np.arange(n0, n0 + n, dtype="<i8"),
                         where)
         lab = as_vector(label, "label", "<f8", n, np.full(n, np.nan), where)
-        gs_ = to_store_dtype(g, self.dtype, self.layout, where)
+        gs_ = to_store_dtype(g, self.dtype, self._plain, where)
         s1, s2 = data_checksum(gs_)
-        aux = bytes_crc(loss_a, sid, lab)
+        aux = bytes_crc(loss_a, sid, lab, *fac)  # v4: the factors' bytes too, in order
         n_rows = self._ds("grads").shape[0]
         self._space.before_grads(n_rows, n_rows + n)  # may warn: nothing written yet
         with self._step(where):
@@ -595,6 +620,8 @@ class GradientWriter:
             self._append("loss", loss_a)
             self._append("sample_id", sid)
             self._append("label", lab)
+            for name, x in zip(_factored.dataset_names(self.factors), fac, strict=True):
+                self._append(name, x)
             self._append_row("segments", (key[0], encode_split(split), KIND_GRADIENTS, start,
                                           stop, s1, s2, aux))
         self._commit_state(key, KIND_GRADIENTS, n, rattrs)
