@@ -226,3 +226,166 @@ def test_kron_projection_norm_is_unbiased_with_the_stated_variance():
                    for s in range(n_seeds)])
     assert abs(zd.mean() - g2) < 5 * np.sqrt(2 * g2 ** 2 / k / n_seeds)
     assert abs(zd.var(ddof=1) / (2 * g2 ** 2 / k) - 1) < 0.3
+
+
+# -- on stores: a factored store and the materialised (v3) store of the same data ----------
+
+U = 2.0 ** -24  # float32 unit roundoff: one rounding of each materialised product
+
+
+def _store_pair(tmp_path, seed, T, n_rows=(37, 29), all_factored=False, tag=""):
+    """A factored store and the float32 materialised store of the same rows, steps (0, 3) ×
+    (train, test), each record in two writes (two segments); returns the float64 rows."""
+    import gsnr_stats as gs
+    from gsnr_stats.store import materialize
+
+    rng = np.random.default_rng(seed)
+    o1, i1, o2 = (int(x) for x in rng.integers(2, 9, size=3))
+    if all_factored:
+        params = [("fc1.weight", (o1, i1)), ("fc1.bias", (o1,)), ("fc2.weight", (o2, o1)),
+                  ("fc2.bias", (o2,))]
+        fdecl = [("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias")]
+    else:
+        params = [("conv", (3, 4)), ("fc1.weight", (o1, i1)), ("fc1.bias", (o1,)),
+                  ("norm", (5,)), ("fc2.weight", (o2, o1))]
+        fdecl = [("fc1.weight", "fc1.bias"), ("fc2.weight", None)]
+    lay = gs.Layout.from_params(params)
+    off = dict(zip(lay.names, lay.offsets, strict=True))
+    shp = dict(zip(lay.names, lay.shapes, strict=True))
+    facs = tuple(_FI(w, b, shp[w][0], shp[w][1], T, off[w], None if b is None else off[b])
+                 for w, b in fdecl)
+    named = {n for f in facs for n in (f.weight, f.bias) if n}
+    plain_idx = np.concatenate([np.arange(o, o + z) for n, o, z in
+                                zip(lay.names, lay.offsets, lay.sizes, strict=True)
+                                if n not in named] or [np.zeros(0, np.int64)]).astype(np.int64)
+    meta = pj.RecordMeta(lay.n_params, plain_idx, facs, lay.names, lay.offsets, lay.shapes)
+    pf, pm = tmp_path / f"fact{seed}{tag}.h5", tmp_path / f"mat{seed}{tag}.h5"
+    full: dict[tuple[int, str], np.ndarray] = {}
+    specs = [gs.FactorSpec(w, b, T) for w, b in fdecl]
+    with gs.GradientWriter(pf, params, factors=specs) as wf, gs.GradientWriter(pm, params) as wm:
+        for step in (0, 3):
+            for split, N in zip(("train", "test"), n_rows, strict=True):
+                plain, fac = _record(rng, meta, N, T, shift=0.3 if split == "train" else 0.1)
+                full[(step, split)] = _materialise(meta, plain, fac)
+                for lo, hi in ((0, N // 3), (N // 3, N)):
+                    fr = {w: (A[lo:hi], D[lo:hi]) for w, (A, D) in fac.items()}
+                    g = plain[lo:hi] if plain.shape[1] else None
+                    wf.write(step, split, grads=g, factors=fr, loss=np.zeros(hi - lo))
+                    wm.write(step, split, materialize(facs, plain_idx, lay.n_params, g, fr,
+                                                      np.float32), loss=np.zeros(hi - lo))
+    return pf, pm, full, meta
+
+
+def _first_order_ref(full, steps, ns, K, seed, splits):
+    """float64 num/den per (step, n) from the same draws, and their float32 error bounds."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    same = splits[0] == splits[1]
+    for s in steps:
+        Ga, Gb = full[(s, splits[0])], full[(s, splits[1])]
+        for nv in ns:
+            sa, sb = est._draw_subsets(rng, Ga.shape[0], None if same else Gb.shape[0], nv, K)
+            num, den = _bf(Ga, Gb, sa, sb)
+            # each stored product rounded once (relative U): |Δ g_D| <= U Σ_{i∈D} |g_i|
+            ea = [U * np.abs(Ga[a]).sum(0) for a in sa]
+            eb = [U * np.abs(Gb[b]).sum(0) for b in sb]
+            ga = [Ga[a].sum(0) for a in sa]
+            gb = [Gb[b].sum(0) for b in sb]
+            bn = [np.abs(gb_) @ x + np.abs(ga_) @ z + x @ z
+                  for x, z, ga_, gb_ in zip(ea, eb, ga, gb, strict=True)]
+            bd = [2 * np.abs(ga_) @ x + x @ x for x, ga_ in zip(ea, ga, strict=True)]
+            out[(s, nv)] = (num, den, np.array(bn), np.array(bd))
+    return out
+
+
+@pytest.mark.parametrize(("T", "seed", "all_factored"), [(1, 0, False), (3, 1, False),
+                                                         (2, 2, True)])
+def test_first_order_on_a_factored_store_equals_the_materialised(tmp_path, monkeypatch, T,
+                                                                  seed, all_factored):
+    import gsnr_stats as gs
+
+    pf, pm, full, _ = _store_pair(tmp_path, seed, T, all_factored=all_factored)
+    ns, K = [4, 9], 6
+    kw = dict(n=ns, n_subsets=K, seed=11, chunk_rows=7)
+
+    def no_materialising(*a, **k):
+        raise AssertionError("the factored path materialised rows")
+
+    monkeypatch.setattr(gs.GradientStore, "iter_grads", no_materialising)
+    rf = gs.osgr_first_order(pf, **kw)
+    monkeypatch.undo()
+    rm = gs.osgr_first_order(pm, **kw)
+    ref = _first_order_ref(full, [0, 3], ns, K, 11, ("train", "test"))
+    for i, s in enumerate((0, 3)):
+        for j, nv in enumerate(ns):
+            num, den, bn, bd = ref[(s, nv)]
+            # factored: float64 from exact products, against the float64 reference
+            np.testing.assert_allclose(rf["dot_mean"].values[i, j], num.mean() / nv ** 2,
+                                       rtol=1e-12, atol=1e-13 * np.abs(num).max() / nv ** 2)
+            np.testing.assert_allclose(rf["sqnorm_mean"].values[i, j], den.mean() / nv ** 2,
+                                       rtol=1e-12)
+            np.testing.assert_allclose(rf["osgr_first_order"].values[i, j],
+                                       num.sum() / den.sum(), rtol=1e-11,
+                                       atol=1e-13 * np.abs(num).sum() / den.sum())
+            # materialised float32 store: within the rounding of its stored products
+            dm = rm["dot_mean"].values[i, j] - rf["dot_mean"].values[i, j]
+            assert abs(dm) <= 1.01 * bn.mean() / nv ** 2 + 1e-14, (dm, bn.mean() / nv ** 2)
+            dd = rm["sqnorm_mean"].values[i, j] - rf["sqnorm_mean"].values[i, j]
+            assert abs(dd) <= 1.01 * bd.mean() / nv ** 2 + 1e-14, (dd, bd.mean() / nv ** 2)
+    np.testing.assert_allclose(rf["osgr_first_order"], rm["osgr_first_order"], rtol=1e-4)
+    # one split for both pools (disjoint halves), and a Generator seed
+    r1 = gs.osgr_first_order(pf, n=5, n_subsets=4, seed=np.random.default_rng(2),
+                             splits=("test", "test"))
+    ref1 = _first_order_ref(full, [0, 3], [5], 4, 2, ("test", "test"))
+    for i, s in enumerate((0, 3)):
+        num, den, _, _ = ref1[(s, 5)]
+        np.testing.assert_allclose(r1["osgr_first_order"].values[i, 0], num.sum() / den.sum(),
+                                   rtol=1e-11, atol=1e-13 * np.abs(num).sum() / den.sum())
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_project_record_factored_equals_materialised(tmp_path, T):
+    import gsnr_stats as gs
+
+    pf, pm, full, meta = _store_pair(tmp_path, 5 + T, T)
+    G = full[(3, "test")]
+    k = 13
+    R = np.concatenate([pj.GaussianRows(meta.n_params, k, 4, 16).block(b)
+                        for b in range(-(-meta.n_params // 16))], axis=0)
+    ref = G @ R
+    zf = gs.project_record(pf, 3, "test", k, seed=4, block_rows=16, chunk_rows=6)
+    np.testing.assert_allclose(zf, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    zm = gs.project_record(pm, 3, "test", k, seed=4, block_rows=16)
+    bound = U * np.abs(G) @ np.abs(R)  # one rounding per stored product
+    assert np.all(np.abs(zm - zf) <= 1.01 * bound + 1e-300)
+    with gs.open_store(pf) as st:  # an open store works too
+        np.testing.assert_array_equal(gs.project_record(st, 3, "test", k, seed=4,
+                                                        block_rows=16, chunk_rows=6), zf)
+    # Kronecker: factored store (its factors) == materialised store naming the weights
+    ws = ["fc1.weight", "fc2.weight"]
+    kr = _kron_ref(meta, G, 12, 4, (3, 4), ws, 16)
+    zk = gs.project_record(pf, 3, "test", 12, seed=4, kron=(3, 4), block_rows=16)
+    np.testing.assert_allclose(zk, kr, rtol=1e-12, atol=1e-12 * np.abs(kr).max())
+    zkm = gs.project_record(pm, 3, "test", 12, seed=4, kron=(3, 4), factors=ws, block_rows=16)
+    np.testing.assert_allclose(zkm, kr, rtol=1e-5, atol=1e-6 * np.abs(kr).max())
+
+
+def test_project_record_refuses_bad_arguments(tmp_path):
+    import gsnr_stats as gs
+    from gsnr_stats.errors import ArgumentTypeError, MissingSplitError, UsageError
+
+    pf, pm, _, _ = _store_pair(tmp_path, 9, 1)
+    with pytest.raises(UsageError, match="k1\\*k2"):
+        gs.project_record(pf, 0, "test", 7, kron=(2, 3))
+    with pytest.raises(UsageError, match="kron"):
+        gs.project_record(pm, 0, "test", 6, factors=["fc1.weight"])
+    with pytest.raises(UsageError, match="only 2-D"):
+        gs.project_record(pm, 0, "test", 6, kron=(2, 3), factors=["fc1.bias"])
+    with pytest.raises(UsageError, match="not a tensor"):
+        gs.project_record(pm, 0, "test", 6, kron=(2, 3), factors=["nope"])
+    with pytest.raises(MissingSplitError, match="step=1"):
+        gs.project_record(pf, 1, "test", 6)
+    with pytest.raises(ArgumentTypeError, match="kron"):
+        gs.project_record(pf, 0, "test", 6, kron=6)
+    with pytest.raises(UsageError, match="k must be >= 1"):
+        gs.project_record(pf, 0, "test", 0)
