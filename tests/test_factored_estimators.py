@@ -233,9 +233,11 @@ def test_kron_projection_norm_is_unbiased_with_the_stated_variance():
 U = 2.0 ** -24  # float32 unit roundoff: one rounding of each materialised product
 
 
-def _store_pair(tmp_path, seed, T, n_rows=(37, 29), all_factored=False, tag=""):
+def _store_pair(tmp_path, seed, T, n_rows=(37, 29), all_factored=False, tag="",
+                data_seed=None, run_id=None, factor_dtype="float32"):
     """A factored store and the float32 materialised store of the same rows, steps (0, 3) ×
-    (train, test), each record in two writes (two segments); returns the float64 rows."""
+    (train, test), each record in two writes (two segments); returns the float64 rows.
+    ``seed`` draws the layout, ``data_seed`` (default ``seed``) the rows."""
     import gsnr_stats as gs
     from gsnr_stats.store import materialize
 
@@ -262,10 +264,16 @@ def _store_pair(tmp_path, seed, T, n_rows=(37, 29), all_factored=False, tag=""):
     pf, pm = tmp_path / f"fact{seed}{tag}.h5", tmp_path / f"mat{seed}{tag}.h5"
     full: dict[tuple[int, str], np.ndarray] = {}
     specs = [gs.FactorSpec(w, b, T) for w, b in fdecl]
-    with gs.GradientWriter(pf, params, factors=specs) as wf, gs.GradientWriter(pm, params) as wm:
+    if data_seed is not None:
+        rng = np.random.default_rng(data_seed)
+    fdt = np.dtype(factor_dtype)
+    with gs.GradientWriter(pf, params, factors=specs, run_id=run_id,
+                           factor_dtype=factor_dtype) as wf, \
+            gs.GradientWriter(pm, params, run_id=run_id) as wm:
         for step in (0, 3):
             for split, N in zip(("train", "test"), n_rows, strict=True):
                 plain, fac = _record(rng, meta, N, T, shift=0.3 if split == "train" else 0.1)
+                fac = {w: (A.astype(fdt), D.astype(fdt)) for w, (A, D) in fac.items()}
                 full[(step, split)] = _materialise(meta, plain, fac)
                 for lo, hi in ((0, N // 3), (N // 3, N)):
                     fr = {w: (A[lo:hi], D[lo:hi]) for w, (A, D) in fac.items()}
@@ -389,3 +397,52 @@ def test_project_record_refuses_bad_arguments(tmp_path):
         gs.project_record(pf, 0, "test", 6, kron=6)
     with pytest.raises(UsageError, match="k must be >= 1"):
         gs.project_record(pf, 0, "test", 0)
+
+
+def test_first_order_and_projection_pool_factored_shards(tmp_path):
+    """Two factored shards of one run: their rows of a record are pooled, in order."""
+    import gsnr_stats as gs
+
+    a = _store_pair(tmp_path, 4, 2, n_rows=(20, 17), tag="a", data_seed=40, run_id="R")
+    b = _store_pair(tmp_path, 4, 2, n_rows=(15, 22), tag="b", data_seed=41, run_id="R")
+    full = {k: np.concatenate([a[2][k], b[2][k]]) for k in a[2]}
+    r = gs.osgr_first_order([a[0], b[0]], n=[6], n_subsets=5, seed=3, chunk_rows=4)
+    ref = _first_order_ref(full, [0, 3], [6], 5, 3, ("train", "test"))
+    for i, s in enumerate((0, 3)):
+        num, den, _, _ = ref[(s, 6)]
+        np.testing.assert_allclose(r["osgr_first_order"].values[i, 0], num.sum() / den.sum(),
+                                   rtol=1e-11, atol=1e-13 * np.abs(num).sum() / den.sum())
+    z = gs.project_record([a[0], b[0]], 0, "train", 5, seed=1)
+    R = pj.GaussianRows(a[3].n_params, 5, 1).block(0)
+    np.testing.assert_allclose(z, full[(0, "train")] @ R, rtol=1e-12,
+                               atol=1e-12 * np.abs(z).max())
+
+
+def test_float64_factors(tmp_path):
+    """factor_dtype='float64': the products round once in float64, still ~1e-16."""
+    import gsnr_stats as gs
+
+    pf, _, full, _ = _store_pair(tmp_path, 6, 2, factor_dtype="float64")
+    r = gs.osgr_first_order(pf, n=[5], n_subsets=4, seed=8)
+    ref = _first_order_ref(full, [0, 3], [5], 4, 8, ("train", "test"))
+    for i, s in enumerate((0, 3)):
+        num, den, _, _ = ref[(s, 5)]
+        np.testing.assert_allclose(r["osgr_first_order"].values[i, 0], num.sum() / den.sum(),
+                                   rtol=1e-11, atol=1e-13 * np.abs(num).sum() / den.sum())
+
+
+def test_damaged_factor_bytes_are_reported_not_used(tmp_path):
+    """A flipped factor value: the segment's checksum fails, our error names the file."""
+    import h5py
+
+    import gsnr_stats as gs
+    from gsnr_stats.errors import StoreError
+
+    pf, _, _, _ = _store_pair(tmp_path, 7, 1)
+    with h5py.File(pf, "r+") as f:
+        d = f["factors/0/a"]
+        d[2] = d[2] + 1.0
+    with pytest.raises(StoreError, match=str(pf.name)):
+        gs.osgr_first_order(pf, n=[3], n_subsets=2)
+    with pytest.raises(StoreError, match=str(pf.name)):
+        gs.project_record(pf, 0, "train", 4)
