@@ -513,8 +513,9 @@ class TrainingMoments:
         bad = self._bad_buffer(shape)
         u = _U[self._dtype]
         bound = 3.0 * (n + 3) * u / self.tol
-        nbad = kernels.merge_closed_form(s1.cpu().numpy(), s2.cpu().numpy(), float(n), c, na,
-                                         bound, mean, m2, bad)
+        nbad = kernels.merge_closed_form(
+            s1.contiguous().cpu().numpy().reshape(-1), s2.contiguous().cpu().numpy().reshape(-1),
+            float(n), c, na, bound, mean.reshape(-1), m2.reshape(-1), bad.reshape(-1))
         if nbad:
             self._exact_elements(wname, a, dh, c, n, na, bad, mean, m2)
         if m.bias is not None:

@@ -661,7 +661,7 @@ def factored_row_block(t: int, n_in: int, itemsize: int, cache_bytes: int = 1 <<
 def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no cover - numba
     """Merge one batch's closed-form moments into running ones; flag the unsafe elements.
 
-    ``s1`` and ``s2`` (2-D, any strides, float32 or float64) are ``Σ_i g_i / c`` and
+    ``s1`` and ``s2`` (1-D, contiguous, float32 or float64) are ``Σ_i g_i / c`` and
     ``Σ_i g_i² / c²`` of a batch of ``n`` samples (``c = scale``, the per-sample factor of
     a mean-reduced loss). Per element, in float64:
 
@@ -671,23 +671,24 @@ def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no
     bound over the tolerance, see ``adapters/_torch_hooks.py``), then Chan-merged into
     ``mean``/``m2`` (float64, running count ``na``). Other elements (high GSNR, non-finite)
     are left untouched with ``bad`` set: the caller recomputes them exactly. One pass,
-    serial (the training step owns the threads). Returns the number flagged.
+    serial (the training step owns the threads), branch-free so that it vectorises.
+    Returns the number flagged.
     """
     tot = na + n
     w = n / tot
+    naw = na * w
+    sc2 = scale * scale
     nbad = 0
-    for r in range(s1.shape[0]):
-        for k in range(s1.shape[1]):
-            a = np.float64(s1[r, k]) * scale
-            b = np.float64(s2[r, k]) * (scale * scale)
-            mb = a / n
-            q = b - a * mb
-            if not q >= b * bound:  # NaN-safe: a non-finite sum is flagged
-                bad[r, k] = True
-                nbad += 1
-                continue
-            bad[r, k] = False
-            d = mb - mean[r, k]
-            mean[r, k] += d * w
-            m2[r, k] += max(q, 0.0) + d * d * na * w
+    for j in range(s1.shape[0]):
+        a = np.float64(s1[j]) * scale
+        b = np.float64(s2[j]) * sc2
+        mb = a / n
+        q = b - a * mb
+        ok = q >= b * bound  # NaN-safe: a non-finite sum is flagged
+        bad[j] = not ok
+        nbad += 0 if ok else 1
+        mj = mean[j]
+        d = mb - mj
+        mean[j] = mj + d * w if ok else mj
+        m2[j] = m2[j] + (max(q, 0.0) + d * d * naw) if ok else m2[j]
     return nbad
