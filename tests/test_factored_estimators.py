@@ -468,3 +468,19 @@ def test_cli_first_order_on_a_factored_store(tmp_path, capsys):
     assert "first-order OSGR" in capsys.readouterr().out
     assert np.all(np.isfinite(out["f"]))
     np.testing.assert_allclose(out["f"], out["m"], rtol=1e-4)
+
+
+def test_other_per_sample_readers_see_materialised_rows(tmp_path):
+    """The xarray engine and read_grads on a factored store: the materialised store's rows
+    (float64 products cast once to float32, so equal bit for bit at T = 1)."""
+    import xarray as xr
+
+    import gsnr_stats as gs
+
+    pf, pm, full, _ = _store_pair(tmp_path, 13, 1)
+    with xr.open_dataset(pf, engine="gsnr_stats") as a, \
+            xr.open_dataset(pm, engine="gsnr_stats") as b:
+        np.testing.assert_array_equal(a["grads"].values, b["grads"].values)
+    with gs.open_store(pf) as st:
+        np.testing.assert_array_equal(st.read_grads(3, "test"),
+                                      full[(3, "test")].astype(np.float32))
