@@ -46,6 +46,7 @@ import numpy as np
 import xarray as xr
 
 from . import _cf
+from . import _factored_engine as _fe
 from .engine import (
     Partial,
     SkippedShardWarning,
@@ -101,6 +102,10 @@ class ShardInfo:
     run_id: str = ""
     framework: str = ""
     identity: tuple[object, ...] = ()  # engine.shard_identity: equal for copies of a shard
+    # format 4: the stored plain columns and the factors (_factored_engine.spans); the
+    # tasks of a factored shard cover storage positions, not flat parameters
+    n_plain: int = -1
+    spans: tuple[tuple[int, int, int, int], ...] = ()
     warnings: tuple[tuple[type[Warning], str], ...] = ()
     error: str | None = None
     error_type: type[Exception] | None = None
@@ -429,6 +434,8 @@ def inspect_shard(path: str) -> ShardInfo:
             run_id=str(store.attrs["run_id"]),
             framework=str(store.attrs["framework"]),
             identity=shard_identity(store),
+            n_plain=int(getattr(store, "n_plain", store.layout.n_params)),
+            spans=_fe.spans(getattr(store, "factors", None) or ()),
             warnings=tuple((w.category, str(w.message)) for w in caught),
         )
     except StoreError as e:
@@ -510,6 +517,35 @@ def column_blocks(n_params: int, chunk_widths: Sequence[int], columns: int | Non
         raise ValueError(f"columns must be >= 1, got {columns!r}")
     width = -(-want // unit) * unit
     return [(c, min(n_params, c + width)) for c in range(0, n_params, width)]
+
+
+def _column_groups(
+    shards: Sequence[ShardInfo], n_params: int, columns: int | None
+) -> list[tuple[list[int], list[tuple[int, int]], np.ndarray | None]]:
+    """Shards that share a column space, with its task ranges and its layout permutation.
+
+    Unfactored shards reduce flat parameters in column blocks aligned to every shard's
+    chunk width (:func:`column_blocks`). Factored shards (format 4) reduce storage
+    positions (:mod:`gsnr_stats._factored_engine`): the plain columns in blocks aligned to
+    the ``grads`` chunks, then blocks of whole weight rows of each factor; their merged
+    blocks are put back in layout order with the permutation. Shards with different
+    factors form different groups, merged on the client.
+    """
+    by: dict[tuple[int, tuple[tuple[int, int, int, int], ...]], list[int]] = {}
+    for i, s in enumerate(shards):
+        sp = tuple(s.spans)
+        by.setdefault((s.n_plain if sp else n_params, sp), []).append(i)
+    out: list[tuple[list[int], list[tuple[int, int]], np.ndarray | None]] = []
+    for (n_plain, sp), members in by.items():
+        widths = [shards[i].chunk_cols for i in members]
+        if not sp:
+            out.append((members, column_blocks(n_params, widths, columns), None))
+            continue
+        cols = column_blocks(n_plain, widths, columns) if n_plain else []
+        cols += _fe.factor_blocks(n_plain, sp, DEFAULT_COLUMNS if columns is None
+                                  else max(1, int(columns)))
+        out.append((members, cols, _fe.storage_order(n_params, sp)))
+    return out
 
 
 def _tree(client: Any, futs: list[Any], tag: str) -> Any:
@@ -657,26 +693,29 @@ def reduce_distributed(
     with _client_for(scheduler, connect_timeout) as client:
         shards, layout = _plan(client, [Path(f) for f in files], skip_bad, allow_mixed_runs)
         keys = _select(shards, steps, splits)
-        cols = column_blocks(layout.n_params, [s.chunk_cols for s in shards], columns)
+        groups = _column_groups(shards, layout.n_params, columns)
         tag = f"gsnr-{uuid.uuid4().hex[:12]}"
         leaves: list[Any] = []
         nbytes: dict[str, int] = {}
         finals: list[tuple[tuple[int, str], int, Any]] = []
         for key in keys:
-            for b, (c0, c1) in enumerate(cols):
-                futs = []
-                for i, s in enumerate(shards):
-                    n = next((r[2] for r in s.records if (r[0], r[1]) == key), None)
-                    if n is None:
-                        continue
-                    f = client.submit(
-                        partial_task, s.path, key[0], key[1], c0, c1, K, nonfinite, _task_delay,
-                        key=f"{tag}-partial-{len(leaves)}-s{i}", pure=False,
-                    )
-                    leaves.append(f)
-                    nbytes[f.key] = n * (c1 - c0) * s.itemsize
-                    futs.append(f)
-                finals.append((key, b, _tree(client, futs, f"{tag}-{len(finals)}")))
+            for g, (members, cols, _) in enumerate(groups):
+                for c0, c1 in cols:
+                    futs = []
+                    for i in members:
+                        s = shards[i]
+                        n = next((r[2] for r in s.records if (r[0], r[1]) == key), None)
+                        if n is None:
+                            continue
+                        f = client.submit(
+                            partial_task, s.path, key[0], key[1], c0, c1, K, nonfinite,
+                            _task_delay, key=f"{tag}-partial-{len(leaves)}-s{i}", pure=False,
+                        )
+                        leaves.append(f)
+                        nbytes[f.key] = n * (c1 - c0) * s.itemsize
+                        futs.append(f)
+                    if futs:
+                        finals.append((key, g, _tree(client, futs, f"{tag}-{len(finals)}")))
         try:
             if progress:
                 from distributed import as_completed
@@ -695,10 +734,16 @@ def reduce_distributed(
             client.cancel(list({f.key: f for f in leaves + [f for _, _, f in finals]}.values()))
             raise
         del leaves, finals[:]
-    by_key: dict[tuple[int, str], list[Partial]] = {}
-    for (key, _b), p in zip(order, results, strict=True):
-        by_key.setdefault(key, []).append(p)
-    parts = {key: concat_columns(ps) for key, ps in by_key.items()}
+    by_key: dict[tuple[tuple[int, str], int], list[Partial]] = {}
+    for (key, g), p in zip(order, results, strict=True):
+        by_key.setdefault((key, g), []).append(p)
+    parts: dict[tuple[int, str], Partial] = {}
+    for (key, g), ps in by_key.items():  # column blocks in order, groups in shard order
+        p = concat_columns(ps)
+        perm = groups[g][2]
+        if perm is not None:  # storage order of factored shards -> layout order
+            p = p.reorder(perm)
+        parts[key] = parts[key].merge(p) if key in parts else p
     attrs = {
         "run_id": ",".join(sorted({s.run_id for s in shards})),
         "framework": ",".join(sorted({s.framework for s in shards})),

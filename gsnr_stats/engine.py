@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from . import _cf, kernels
+from . import _factored_engine as _fe
 from ._version import __version__
 from .errors import LayoutMismatchError, NonFiniteError, ShardSetError, StoreError
 from .store import GradientStore, Layout, check_same_layout, open_store
@@ -86,6 +87,17 @@ class Partial:
             a if a >= 0 else b, self.optimizer or other.optimizer, self.source or other.source,
         )
 
+    def reorder(self, order: np.ndarray) -> Partial:
+        """The partial with column ``k`` moved to ``order[k]`` (storage to layout order)."""
+        def put(x: np.ndarray) -> np.ndarray:
+            out = np.empty_like(x)
+            out[..., order] = x
+            return out
+
+        return Partial(put(self.count), put(self.mean), put(self.m2), put(self.n_omit),
+                       self.n_samples, self.loss, self.lr, self.epoch, self.checks,
+                       self.optimizer_step, self.optimizer, self.source)
+
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Moments over all blocks."""
         acc = (self.count[0], self.mean[0], self.m2[0])
@@ -109,25 +121,39 @@ def numba_threads(n: int | None) -> Iterator[None]:
 
 
 
-def _nonfinite_error(view: RecordView, col: int) -> NonFiniteError:
-    layout = view.layout
-    t = int(np.searchsorted(np.array(layout.offsets), col, side="right") - 1)
-    local = col - layout.offsets[t]
+def _param_name(layout: Layout, flat: int) -> str:
+    """``name[i, j]`` of flat parameter ``flat``."""
+    t = int(np.searchsorted(np.array(layout.offsets), flat, side="right") - 1)
+    local = flat - layout.offsets[t]
     shape = layout.shapes[t]
     idx = np.unravel_index(local, shape) if shape else ()
-    pname = f"{layout.names[t]}[{', '.join(str(int(i)) for i in idx)}]"
-    where = f"{view.path}: record (step={view.step}, split={view.split!r})"
-    v = view.column(col)
+    return f"{layout.names[t]}[{', '.join(str(int(i)) for i in idx)}]"
+
+
+def _nonfinite_message(where: str, pname: str, flat: int, v: np.ndarray, row0: int,
+                       sample_id: Callable[[], np.ndarray], what: str = "") -> NonFiniteError:
+    """The error for values ``v`` of one parameter at record samples ``row0 ..``."""
     bad = np.flatnonzero(~np.isfinite(v))
     if bad.size:
-        sid = int(view.sample_id()[int(bad[0])])
+        i = row0 + int(bad[0])
+        sid = int(sample_id()[i])
         kind = "NaN" if np.isnan(v[bad[0]]) else "Inf"
         return NonFiniteError(
-            f"{where}: {kind} gradient for parameter {pname} (flat index {col}) at sample "
-            f"{int(bad[0])} (sample_id {sid}); {bad.size} non-finite value(s) in this record. "
+            f"{where}: {kind} gradient for parameter {pname} (flat index {flat}{what}) at "
+            f"sample {i} (sample_id {sid}); {bad.size} non-finite value(s) in this "
+            f"{'record' if row0 == 0 and not what else 'block of rows'}. "
             "Pass nonfinite='omit' to drop such samples per parameter."
         )
-    return NonFiniteError(f"{where}: non-finite gradient for parameter {pname} (flat index {col})")
+    return NonFiniteError(f"{where}: non-finite gradient for parameter {pname} (flat index {flat})")
+
+
+def _nonfinite_error(view: RecordView, col: int, flat: int | None = None) -> NonFiniteError:
+    """``col`` is the column of the stored ``grads`` (a plain column of a factored store,
+    flat parameter ``flat``)."""
+    flat = col if flat is None else flat
+    where = f"{view.path}: record (step={view.step}, split={view.split!r})"
+    return _nonfinite_message(where, _param_name(view.layout, flat), flat, view.column(col), 0,
+                              view.sample_id)
 
 
 def _block_bounds(n: int, k: int) -> np.ndarray:
@@ -168,6 +194,11 @@ def record_partial(
     if nonfinite not in ("raise", "omit"):
         raise ValueError(f"nonfinite must be 'raise' or 'omit', got {nonfinite!r}")
     K = max(1, int(blocks))
+    if getattr(store, "factors", None):  # format 4 (an attribute: no I/O for other stores)
+        rec = store.record(step, split)
+        part = _factored_partial(store, step, split, cols, K, nonfinite, progress)
+        return _finish(part, store, step, split, rec.optimizer_step,
+                       store.record_meta(step, split).get("optimizer"))
     # the store's one door for this record: metadata, per-sample values, chunk-row views
     with store.view(step, split, cols=cols) as view:
         if view.info.kind == "moments":
@@ -175,16 +206,107 @@ def record_partial(
         else:
             part = _gradients_partial(view, K, nonfinite, progress)
         ostep, opt = view.info.optimizer_step, view.meta().get("optimizer")
+    return _finish(part, store, step, split, ostep, opt)
+
+
+def _factored_partial(store: GradientStore, step: int, split: str,
+                      cols: tuple[int, int] | None, K: int, nonfinite: str,
+                      progress: Callable[[int], None] | None) -> Partial:
+    """Partial of a record of a factored store (:mod:`gsnr_stats._factored_engine`).
+
+    ``cols`` are storage positions (plain columns, then the factors' entries); ``None``
+    reduces them all and returns the columns in layout order, like any other record.
+    """
+    P = store.layout.n_params
+    order = _fe.storage_order(P, _fe.spans(store.factors))
+    c0, c1 = (0, P) if cols is None else (int(cols[0]), int(cols[1]))
+    rec = store.record(step, split)
+    if rec.kind == "moments":
+        with store.view(step, split, cols=(0, P)) as view:
+            part = _moments_partial(view, K, nonfinite, order[c0:c1])
+    else:
+        part = _factored_gradients(store, step, split, c0, c1, K, nonfinite, progress)
+    if cols is None:
+        part = part.reorder(order)
+    return part
+
+
+def _factored_gradients(store: GradientStore, step: int, split: str, c0: int, c1: int,
+                        K: int, nonfinite: str,
+                        progress: Callable[[int], None] | None) -> Partial:
+    """Storage columns ``[c0, c1)`` of a factored gradients record: the plain ones through
+    the view and the kernels of any record, the factored ones from the factors."""
+    P, Pp = store.layout.n_params, int(store.n_plain)
+    rec = store.record(step, split)
+    w = c1 - c0
+    count, mean, m2 = np.zeros((K, w)), np.zeros((K, w)), np.zeros((K, w))
+    n_omit = np.zeros(w)
+    bounds = _block_bounds(rec.n_samples, K)
+    p1 = min(c1, Pp)
+    checks = None
+    if c0 < p1:
+        with store.view(step, split, cols=(c0, p1)) as view:
+            pp = _gradients_partial(view, K, nonfinite, progress, flat=store.plain_index)
+        count[:, : p1 - c0], mean[:, : p1 - c0], m2[:, : p1 - c0] = pp.count, pp.mean, pp.m2
+        n_omit[: p1 - c0] = pp.n_omit
+        loss, checks = pp.loss, pp.checks
+    else:
+        loss = _loss_moments(store.read_loss(step, split))
+        segs = store.segments(step, split)
+        if Pp and segs and segs[0].sum1 is not None:  # nothing of the plain sums seen here
+            want = np.array([[sg.sum1, sg.sum2] for sg in segs], dtype=np.uint64)
+            what = [f"record (step={step}, split={split!r}) rows [{sg.start}, {sg.stop})"
+                    for sg in segs]
+            checks = {str(store.path): (np.zeros_like(want), want, 0, what)}
+    if checks is not None:
+        # the plain columns' checksums complete once the shard's tasks cover all P storage
+        # columns: count this task's factor columns too (Partial.verify)
+        checks = {k: (g, wt, wd + (c1 - max(c0, p1)), wh) for k, (g, wt, wd, wh)
+                  in checks.items()}
+    where = f"{store.path}: record (step={step}, split={split!r})"
+
+    def error(flat: int, v: np.ndarray, row0: int) -> NonFiniteError:
+        return _nonfinite_message(where, _param_name(store.layout, flat), flat, v, row0,
+                                  lambda: store.read_sample_id(step, split), ", factored")
+
+    a0 = max(c0, Pp)
+    if a0 < c1:
+        fc, fm, fq, fo = _fe.factor_moments(store, step, split, a0, c1, bounds, nonfinite,
+                                            error, progress)
+        count[:, a0 - c0:], mean[:, a0 - c0:], m2[:, a0 - c0:] = fc, fm, fq
+        n_omit[a0 - c0:] = fo
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, mean, np.nan)
+        m2 = np.where(count > 0, m2, np.nan)
+    part = Partial(count, mean, m2, n_omit, rec.n_samples, loss, rec.lr, rec.epoch, checks)
+    part.verify(P)  # a task covering every column: the plain checksums are complete now
+    if checks is not None and next(iter(checks.values()))[2] == P:
+        part.checks = None
+    return part
+
+
+def _finish(part: Partial, store: GradientStore, step: int, split: str, ostep: int | None,
+            opt: object) -> Partial:
+    """Attach the record's checkpoint and provenance to its partial."""
     part.optimizer_step = -1 if ostep is None else int(ostep)
     part.optimizer = "" if opt is None else json.dumps(opt, sort_keys=True)
     part.source = f"{store.path}: record (step={step}, split={split!r})"
     return part
 
 
-def _moments_partial(view: RecordView, K: int, nonfinite: str) -> Partial:
-    """Partial of a moments-only record: its stored blocks grouped into K jackknife blocks."""
-    rec, c0, c1 = view.info, view.c0, view.c1
-    w = c1 - c0
+def _moments_partial(view: RecordView, K: int, nonfinite: str,
+                     idx: np.ndarray | None = None) -> Partial:
+    """Partial of a moments-only record: its stored blocks grouped into K jackknife blocks.
+
+    Columns ``[view.c0, view.c1)``, or the flat parameters ``idx`` (a factored store's
+    column order, :mod:`gsnr_stats._factored_engine`).
+    """
+    rec = view.info
+    sel = np.arange(view.c0, view.c1) if idx is None else np.asarray(idx, np.int64)
+    c0 = int(sel[0]) if sel.size else 0
+    contiguous = sel.size == 0 or bool((np.diff(sel) == 1).all())
+    c1 = c0 + sel.size
+    w = sel.size
     count, mean, m2 = np.zeros((K, w)), np.zeros((K, w)), np.zeros((K, w))
     cnt, mu, q = view.moments()
     nb = cnt.shape[0]
@@ -193,13 +315,14 @@ def _moments_partial(view: RecordView, K: int, nonfinite: str) -> Partial:
     for b in range(len(groups) - 1):
         acc = (np.zeros(w), np.zeros(w), np.zeros(w))
         for i in range(groups[b], groups[b + 1]):
-            acc = kernels.merge_moments(acc, (np.full(w, cnt[i]), mu[i, c0:c1], q[i, c0:c1]))
+            mi, qi = (mu[i, c0:c1], q[i, c0:c1]) if contiguous else (mu[i, sel], q[i, sel])
+            acc = kernels.merge_moments(acc, (np.full(w, cnt[i]), mi, qi))
         count[b], mean[b], m2[b] = acc
     if nonfinite == "raise":
         bad = ~np.isfinite(mean) | ~np.isfinite(m2)
         bad &= count > 0
         if bad.any():
-            col = c0 + int(np.flatnonzero(bad.any(axis=0))[0])
+            col = int(sel[int(np.flatnonzero(bad.any(axis=0))[0])])
             raise NonFiniteError(
                 f"{view.path}: record (step={view.step}, split={view.split!r}): non-finite "
                 f"stored moments for parameter flat index {col}"
@@ -209,10 +332,16 @@ def _moments_partial(view: RecordView, K: int, nonfinite: str) -> Partial:
 
 
 def _gradients_partial(view: RecordView, K: int, nonfinite: str,
-                       progress: Callable[[int], None] | None) -> Partial:
-    """Partial of a per-sample-gradient record: stream its chunk rows through the kernels."""
+                       progress: Callable[[int], None] | None,
+                       flat: np.ndarray | None = None) -> Partial:
+    """Partial of a per-sample-gradient record: stream its chunk rows through the kernels.
+
+    ``flat`` maps the stored columns to flat parameters (a factored store's
+    ``plain_index``; only for error messages).
+    """
     rec, c0, c1 = view.info, view.c0, view.c1
-    P = view.layout.n_params
+    # the stored row width: P, or P_plain of a factored store (its view spans those only)
+    P = int(getattr(view.store, "n_plain", view.layout.n_params))
     w = c1 - c0
     count, mean, m2 = np.zeros((K, w)), np.zeros((K, w)), np.zeros((K, w))
     n_omit = np.zeros(w)
@@ -252,7 +381,8 @@ def _gradients_partial(view: RecordView, K: int, nonfinite: str,
             x = np.ascontiguousarray(raw, dtype=np.float32)
             kernels.moments_block(x, cc, 0, count[blk], mean[blk], m2[blk], omit, n_omit, bad)
         if bad.any():
-            raise _nonfinite_error(view, c0 + int(np.flatnonzero(bad)[0]))
+            col = c0 + int(np.flatnonzero(bad)[0])
+            raise _nonfinite_error(view, col, None if flat is None else int(flat[col]))
         if progress is not None:
             progress((rows.hi - rows.lo) * w * itemsize)
     with np.errstate(invalid="ignore"):
@@ -271,8 +401,9 @@ def _gradients_partial(view: RecordView, K: int, nonfinite: str,
     return part
 
 
-def _loss_moments(view: RecordView) -> tuple[float, float, float]:
-    v = view.loss()
+def _loss_moments(view: RecordView | np.ndarray) -> tuple[float, float, float]:
+    """``(count, mean, M2)`` of the finite per-sample losses of a view (or an array)."""
+    v = view if isinstance(view, np.ndarray) else view.loss()
     v = v[np.isfinite(v)]
     if v.size == 0:
         return (0.0, math.nan, math.nan)

@@ -149,3 +149,198 @@ def test_kernel_nonfinite_flags_or_omits_exactly_the_materialised_entries():
     assert b_omit.tolist() == [0, 0, 0, 0, 1]
     col = bsum[np.isfinite(bsum[:, 4]), 4]
     np.testing.assert_allclose(bacc[1][4], col.mean(), rtol=1e-12)
+
+
+
+# -- gs.reduce on factored stores ----------------------------------------------------------
+
+import h5py  # noqa: E402
+from conftest import U32, assert_within, moments_shift_bound  # noqa: E402
+
+import gsnr_stats as gs  # noqa: E402
+from gsnr_stats.errors import NonFiniteError, StoreError  # noqa: E402
+from gsnr_stats.reduce import record_partial  # noqa: E402
+
+
+def model(rng, plain=True, bias=True, T=1):
+    """A layout with plain tensors around two factored Linears (the second on sequences)."""
+    i1, o1, o2 = (int(x) for x in rng.integers(2, 9, size=3))
+    params = ([("conv", (3, 4))] if plain else []) + [("fc1.weight", (o1, i1))]
+    params += [("fc1.bias", (o1,))] if bias else []
+    params += ([("norm", (5,))] if plain else []) + [("fc2.weight", (o2, o1)), ("fc2.bias", (o2,))]
+    specs = [gs.FactorSpec("fc1.weight", "fc1.bias" if bias else None),
+             gs.FactorSpec("fc2.weight", "fc2.bias", rows=T)]
+    return params, specs
+
+
+def batch(rng, params, n, T, loc=0.0):
+    shapes = dict(params)
+    o1, i1 = shapes["fc1.weight"]
+    o2 = shapes["fc2.weight"][0]
+    n_plain = sum(int(np.prod(s)) for k, s in params if not k.startswith("fc"))
+    a1 = (loc + rng.standard_normal((n, i1))).astype(np.float32)
+    d1 = (loc + rng.standard_normal((n, o1)) * (rng.random((n, o1)) > 0.3)).astype(np.float32)
+    t = int(rng.integers(1, T + 1))  # a shorter sequence: zero-padded to T rows
+    a2 = (loc + rng.standard_normal((n, t, o1))).astype(np.float32)
+    d2 = (loc + rng.standard_normal((n, t, o2))).astype(np.float32)
+    g = (loc + rng.standard_normal((n, n_plain))).astype(np.float32) if n_plain else None
+    return g, {"fc1.weight": (a1, d1), "fc2.weight": (a2, d2)}
+
+
+def write_pair(tmp, rng, *, plain=True, bias=True, T=1, sizes=(17, 1, 30), chunks=(8, 4),
+               loc=0.0, run_id="r", name="f", nan=False):
+    """The same data as a factored store and as its materialised (v3, float32) store, and
+    the float64 products (exact: float64 products of float32 factors, summed over t)."""
+    params, specs = model(rng, plain, bias, T)
+    fpath, mpath = tmp / f"{name}.h5", tmp / f"{name}_mat.h5"
+    batches = []
+    with gs.GradientWriter(fpath, params, factors=specs, chunks=chunks if plain else None,
+                           run_id=run_id, overwrite=True) as wf:
+        for n in sizes:
+            g, fac = batch(rng, params, n, T, loc)
+            if nan and len(batches) == 1:
+                fac["fc1.weight"][0][0, 1] = np.nan  # record sample sizes[0]: 2nd write, row 0
+            loss = rng.standard_normal(n)
+            wf.write(0, "train", grads=g, factors=fac, loss=loss, lr=0.1)
+            batches.append((g, fac, loss))
+    with gs.open_store(fpath) as s:
+        factors, plain_index, P = s.factors, s.plain_index, s.layout.n_params
+    with np.errstate(invalid="ignore"):
+        full64 = np.concatenate([gs.store.materialize(factors, plain_index, P, g, fac,
+                                                      np.float64) for g, fac, _ in batches])
+    with gs.GradientWriter(mpath, params, chunks=(8, 8), run_id=run_id, overwrite=True) as wm:
+        for g, fac, loss in batches:
+            with np.errstate(invalid="ignore"):
+                rows = gs.store.materialize(factors, plain_index, P, g, fac, np.float32)
+            wm.write(0, "train", rows, loss=loss, lr=0.1)
+    return fpath, mpath, full64
+
+
+def block_ref(g, K):
+    """Float64 two-pass mean and M2 of K contiguous sample blocks (the engine's bounds)."""
+    n = g.shape[0]
+    b = [(k * n) // K for k in range(K + 1)]
+    return [ref_moments(g[b[k]:b[k + 1]]) for k in range(K)]
+
+
+def f32_bounds(full64, var):
+    """|Δmean|, |Δvar| allowed between reduce of the factored store (exact products) and of
+    the materialised float32 store: each value moves by <= U32 |g| when rounded."""
+    b = U32 * np.abs(full64).max(axis=0)
+    return moments_shift_bound(b, var, full64.shape[0])
+
+
+@pytest.mark.parametrize("plain,bias,T,loc", [(True, True, 1, 0.0), (True, False, 3, 0.0),
+                                              (False, True, 2, 0.0), (True, True, 1, 30.0)])
+def test_reduce_factored_equals_products_and_materialised_store(tmp_path, plain, bias, T, loc):
+    rng = np.random.default_rng(11 + T)
+    fpath, mpath, full64 = write_pair(tmp_path, rng, plain=plain, bias=bias, T=T, loc=loc)
+    K = 3
+    ds = gs.reduce(fpath, blocks=K)
+    m, q = ref_moments(full64)
+    n = full64.shape[0]
+    scale = np.abs(full64).max(axis=0) + 1e-300
+    assert int(ds["count"].values[0, 0]) == n
+    got_m, got_q = ds["mean"].values[0, 0], ds["m2"].values[0, 0]
+    assert_within(got_m, m, 1e-12 * scale, "mean")
+    np.testing.assert_allclose(got_q, q, rtol=1e-12, atol=1e-300)
+    for k, (bm, bq) in enumerate(block_ref(full64, K)):
+        assert_within(ds["block_mean"].values[0, 0, k], bm, 1e-12 * scale, "block mean")
+        np.testing.assert_allclose(ds["block_m2"].values[0, 0, k], bq, rtol=1e-12)
+    mat = gs.reduce(mpath, blocks=K)
+    dm, dv = f32_bounds(full64, q / (n - 1))
+    assert_within(mat["mean"].values[0, 0], got_m, dm * 1.01 + 1e-300, "mean vs materialised")
+    assert_within(mat["var"].values[0, 0], ds["var"].values[0, 0], dv * 1.01 + 1e-300,
+                  "var vs materialised")
+    for v in ("count", "n_dead", "n_inf", "block_count", "loss_mean", "loss_var", "lr"):
+        np.testing.assert_array_equal(ds[v].values, mat[v].values, err_msg=v)
+    for c in ("param", "tensor", "layer"):
+        assert (ds[c].values == mat[c].values).all()
+
+
+def test_storage_column_ranges_cover_the_record(tmp_path):
+    """Any partition of the storage positions (what Dask tasks cover: plain blocks aligned
+    to the chunks, factor ranges even cut inside a weight row) gives the same moments, and
+    the plain checksums are verified once the ranges add up."""
+    from gsnr_stats import _factored_engine as fe
+    from gsnr_stats.distributed import concat_columns
+
+    rng = np.random.default_rng(2)
+    fpath, _, full64 = write_pair(tmp_path, rng, T=2)
+    with gs.open_store(fpath) as s:
+        P, Pp = s.layout.n_params, s.n_plain
+        order = fe.storage_order(P, fe.spans(s.factors))
+        assert sorted(order.tolist()) == list(range(P))
+        assert (order[:Pp] == s.plain_index).all()
+        whole = record_partial(s, 0, "train", blocks=2)
+        cuts = sorted({0, 4, 8, Pp, Pp + 3, Pp + 7, P - 2, P})
+        for ranges in ([(0, P)], list(zip(cuts[:-1], cuts[1:], strict=True)),
+                       [(0, 8), (8, Pp)] + fe.factor_blocks(Pp, fe.spans(s.factors), 5)):
+            parts = [record_partial(s, 0, "train", cols=r, blocks=2) for r in ranges]
+            p = concat_columns(parts).reorder(order)
+            p.verify(P)
+            for x, y in ((p.count, whole.count), (p.mean, whole.mean), (p.m2, whole.m2)):
+                np.testing.assert_array_equal(x, y)
+    m, q = ref_moments(full64)
+    np.testing.assert_allclose(whole.total()[2], q, rtol=1e-12)
+
+
+def _poke(path, name, index):
+    with h5py.File(path, "r+") as f:
+        f[name][index] = -f[name][index] - 1
+
+
+@pytest.mark.parametrize("where", ["grads", "factors/0/a", "factors/1/delta"])
+def test_damaged_factored_store_is_refused(tmp_path, where):
+    rng = np.random.default_rng(4)
+    fpath, _, _ = write_pair(tmp_path, rng)
+    _poke(fpath, where, (20, 3) if where == "grads" else (20, 0, 1))
+    with pytest.raises(StoreError, match=r"f\.h5"):
+        gs.reduce(fpath)
+
+
+def test_nonfinite_factor_named_or_omitted_like_the_materialised_store(tmp_path):
+    rng = np.random.default_rng(5)
+    fpath, mpath, full64 = write_pair(tmp_path, rng, nan=True)
+    with pytest.raises(NonFiniteError, match=r"fc1\.weight\[\d+, 1\].*sample 17 "):
+        gs.reduce(fpath)
+    ds, mat = gs.reduce(fpath, nonfinite="omit"), gs.reduce(mpath, nonfinite="omit")
+    nonfin = ~np.isfinite(full64)
+    assert nonfin.any()
+    np.testing.assert_array_equal(ds["n_omitted"].values[0, 0], nonfin.sum(axis=0))
+    np.testing.assert_array_equal(ds["n_omitted"].values, mat["n_omitted"].values)
+    for j in np.flatnonzero(nonfin.any(axis=0)):
+        col = full64[np.isfinite(full64[:, j]), j]
+        np.testing.assert_allclose(ds["mean"].values[0, 0, j], col.mean(), rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_moments_records_in_a_factored_store(tmp_path):
+    rng = np.random.default_rng(6)
+    params, specs = model(rng)
+    P = sum(int(np.prod(s)) for _, s in params)
+    mu, m2 = rng.standard_normal(P), rng.random(P)
+    with gs.GradientWriter(tmp_path / "m.h5", params, factors=specs) as w:
+        w.write_moments(0, "train", 10, mu, m2)
+        g, fac = batch(rng, params, 12, 1)
+        w.write(1, "train", grads=g, factors=fac)
+    ds = gs.reduce(tmp_path / "m.h5")
+    np.testing.assert_allclose(ds["mean"].values[0, 0], mu, rtol=1e-15)
+    np.testing.assert_allclose(ds["m2"].values[0, 0], m2, rtol=1e-15)
+    with gs.open_store(tmp_path / "m.h5") as s:
+        full = s.read_grads(1, "train")  # materialised float32 rows: a bound, not 1e-12
+    m, _ = ref_moments(full)
+    assert_within(ds["mean"].values[1, 0], m, 4 * U32 * np.abs(full).max(axis=0) + 1e-30,
+                  "mean")
+
+
+def test_factored_and_materialised_shards_pool(tmp_path):
+    """Shards of one run, one factored and one materialised (same layout): one record."""
+    rng = np.random.default_rng(8)
+    fpath, mpath, full64 = write_pair(tmp_path, rng, sizes=(9, 14))
+    ds = gs.reduce([fpath, mpath])
+    assert int(ds["count"].values[0, 0]) == 2 * full64.shape[0]
+    both = np.concatenate([full64, full64.astype(np.float32).astype(np.float64)])
+    m, q = ref_moments(both)
+    dm, _ = f32_bounds(full64, q)
+    assert_within(ds["mean"].values[0, 0], m, dm + 1e-12 * np.abs(both).max(0), "mean")
