@@ -22,7 +22,7 @@ dtype. Their closed form :math:`M2 = \\sum g^2 - (\\sum g)^2/n` is computed in f
 (``gsnr_stats.kernels.merge_closed_form``, one pass that also Chan-merges the batch) and
 kept for an element only where its error bound :math:`3 (n + 3) u \\sum g^2` (``u`` the
 unit round-off of the GEMM dtype: products of rounded squares, any summation order) is at
-most ``tol · M2``; ``tol`` defaults to 1e-10 for a float64 model and 1e-4 for a float32
+most ``tol · M2``; ``tol`` defaults to 1e-12 for a float64 model and 1e-4 for a float32
 one (float32 GEMMs cannot promise more than ~``n u``). Every other element (high GSNR,
 where the closed form cancels) is recomputed by the two-pass formula on its materialised
 float64 products (``_torch_fast.linear_weight_moments`` on the flagged rows or columns),
@@ -72,7 +72,7 @@ from ._torch_loop import StepCounter, optimizer_meta, record_lr
 __all__ = ["TrainingMoments"]
 
 _WHERE = "torch TrainingMoments"
-_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+_TOL = {torch.float64: 1e-12, torch.float32: 1e-4}
 _U = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24}
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -538,10 +538,12 @@ class TrainingMoments:
         a64 = a.detach().to("cpu", torch.float64)
         d64 = dh.detach().to("cpu", torch.float64) * c
         if rows.size * a64.shape[1] <= cols.size * d64.shape[1]:
-            mu, q = linear_weight_moments(a64, d64[:, torch.from_numpy(rows)].contiguous(), n)
+            mu, q = linear_weight_moments(a64, d64[:, torch.from_numpy(rows)].contiguous(), n,
+                                          self.tol)
             sub_r, sub_k = np.searchsorted(rows, r), k
         else:
-            mu, q = linear_weight_moments(a64[:, torch.from_numpy(cols)].contiguous(), d64, n)
+            mu, q = linear_weight_moments(a64[:, torch.from_numpy(cols)].contiguous(), d64, n,
+                                          self.tol)
             sub_r, sub_k = r, np.searchsorted(cols, k)
         mb = mu.numpy()[sub_r, sub_k]
         qb = q.numpy()[sub_r, sub_k]

@@ -16,6 +16,10 @@ torch :class:`~gsnr_stats.adapters.torch.Recorder` (eval mode for the record and
 submodule's mode restored afterwards, global random state untouched, the optimizer's
 hyper-parameters in the record's meta). What is recorded when, and the rules under DDP,
 are in :class:`GradientCallback` and ``docs/adapters.md`` ("Lightning").
+
+:class:`TrainingMomentsCallback` records instead the per-sample gradient moments of the
+*training* batches from Lightning's own backward (``adapters/_torch_hooks.py``, no extra
+forward or backward): ``callbacks=[TrainingMomentsCallback("run.h5", every_n_epochs=1)]``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ import torch
 
 from gsnr_stats.errors import AdapterError
 
-from ._callbacks import RecordingSession, check_reiterable, named_splits
+from ._callbacks import RecordingSession, _check_every, check_reiterable, named_splits
 from ._common import RecordSummary, Unpack
 
-__all__ = ["GradientCallback"]
+__all__ = ["GradientCallback", "TrainingMomentsCallback"]
 
 _WHERE = "lightning GradientCallback"
 
@@ -266,3 +270,120 @@ class GradientCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._session.close()
+
+
+class TrainingMomentsCallback(pl.Callback):
+    """Per-sample gradient moments of the training batches, from the trainer's own backward.
+
+    A :class:`~gsnr_stats.adapters.torch.TrainingMoments` is attached to the
+    LightningModule when fitting starts (on global rank zero) and writes one moments record
+    per window, ``step = trainer.global_step`` (also its ``optimizer_step``), ``epoch`` =
+    epochs completed: the batches of every ``every_n_epochs``-th epoch, or of every
+    ``every_n_steps`` optimizer steps (a window cut by the end of fitting is written at
+    ``teardown``).
+
+    Parameters
+    ----------
+    writer : path-like or GradientWriter
+        A path: opened with ``TrainingMoments.layout(module)`` when fitting starts
+        (``writer_kwargs`` go to ``GradientWriter``), closed on ``teardown``. An open writer
+        must have that layout and stays open.
+    split : str
+        The records' split.
+    every_n_epochs, every_n_steps : int, optional
+        One of them; default ``every_n_epochs=1``.
+    reduction : "mean", "sum" or float
+        How ``training_step``'s loss combines the per-sample losses (``"mean"``:
+        ``F.cross_entropy(...)`` as usual). Lightning divides the loss by
+        ``accumulate_grad_batches`` before ``backward``: that factor is undone too.
+    writer_kwargs : dict, optional
+        ``GradientWriter`` options when ``writer`` is a path.
+    **moments_kwargs :
+        Other ``TrainingMoments`` options (``batchnorm``, ``tol``, ``block_size``,
+        ``param_filter``, ``include_frozen``).
+
+    Notes
+    -----
+    Manual optimization, mixed precision (autocast is refused by the hooks) and sharded
+    strategies are not supported. Under DDP only global rank zero records, and so only its
+    share of each batch (a warning says so).
+    """
+
+    def __init__(self, writer: Any, *, split: str = "train", every_n_epochs: int | None = None,
+                 every_n_steps: int | None = None, reduction: str | float = "mean",
+                 writer_kwargs: Mapping[str, Any] | None = None, **moments_kwargs: Any) -> None:
+        super().__init__()
+        where = "lightning TrainingMomentsCallback"
+        self.every_n_epochs, self.every_n_steps = _check_every(every_n_epochs, every_n_steps,
+                                                               where)
+        bad = sorted(set(moments_kwargs) & {"every", "optimizer", "loss_scale", "model"})
+        if bad:
+            raise AdapterError(f"{where}: {bad} are set by the callback")
+        self._target, self.split, self.reduction = writer, str(split), reduction
+        self._writer_kwargs = dict(writer_kwargs or {})
+        self._kw = dict(moments_kwargs)
+        self.tm: Any = None
+        self._done: set[int] = set()
+        self._records: list[RecordSummary] = []
+
+    @property
+    def records(self) -> list[RecordSummary]:
+        return self._records if self.tm is None else self.tm.records
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self.tm is not None:
+            return
+        from .torch import TrainingMoments
+
+        if trainer.world_size > 1:
+            warnings.warn("lightning TrainingMomentsCallback: rank zero records the moments "
+                          f"of its own 1/{trainer.world_size} of each batch only",
+                          UserWarning, stacklevel=2)
+        opts = list(trainer.optimizers)
+        kw: dict[str, Any] = dict(self._kw)
+        if self._writer_kwargs:
+            kw["writer_kwargs"] = self._writer_kwargs
+        if not hasattr(self._target, "write_moments"):
+            kw["attrs"] = {"recorded_by": "gsnr_stats.adapters.lightning."
+                                          "TrainingMomentsCallback",
+                           "lightning_version": pl.__version__}
+        self.tm = TrainingMoments(
+            self._target, pl_module, split=self.split, every=None, reduction=self.reduction,
+            loss_scale=1.0 / trainer.accumulate_grad_batches,
+            optimizer=opts[0] if len(opts) == 1 else None, **kw)
+        self.tm.attach()
+
+    def _flush(self, trainer: pl.Trainer, epoch: float) -> None:
+        step = int(trainer.global_step)
+        if self.tm is None or step in self._done or not self.tm.pending_samples:
+            return
+        self._done.add(step)
+        self.tm.flush(step, epoch=epoch, optimizer_step=step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = self.every_n_steps
+        if k is not None and trainer.global_step > 0 and trainer.global_step % k == 0:
+            nb = trainer.num_training_batches
+            frac = (batch_idx + 1) / nb if isinstance(nb, int) and nb > 0 else 0.0
+            self._flush(trainer, trainer.current_epoch + min(frac, 1.0))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        e = self.every_n_epochs
+        if e is not None and (trainer.current_epoch + 1) % e == 0:
+            self._flush(trainer, float(trainer.current_epoch + 1))
+
+    def _close(self) -> None:
+        tm, self.tm = self.tm, None
+        if tm is not None:
+            self._records = tm.records
+            tm.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._close()  # the window in progress is not written
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.tm is not None and stage == "fit":
+            self._flush(trainer, float(trainer.current_epoch))
+        self._close()
