@@ -26,6 +26,7 @@ from ._common import (
     RecordSummary,
     abort_record,
     as_float,
+    check_factored_writer,
     check_layout_matches,
     iter_data,
     limited_batches,
@@ -46,6 +47,13 @@ from ._jax_engine import (
 )
 from ._jax_models import describe, model_and_loss, with_params
 from ._jax_optax import optimizer_info
+
+JAX_NO_FACTORS = (
+    "jax adapter: factored records (keep='factors', open_writer(factors=...)) are not "
+    "written by the JAX adapter yet: a Dense/Linear layer's inputs and output gradients "
+    "inside the vmapped per-sample loss are not exposed by flax/equinox without "
+    "intercepting the layer; full per-sample gradients are written instead (the same "
+    "numbers, materialised; docs/adapters.md, 'Factored records')")
 
 
 def _resolve_lr(lr: float | Callable[[int], Any] | None, step: int) -> float:
@@ -132,9 +140,11 @@ class Recorder:
         Batches queued for the writer thread; 0 writes synchronously.
     store_labels : bool
         Store 1-D targets as labels.
-    keep : {"grads", "moments"}
+    keep : {"grads", "moments", "factors"}
         ``"moments"``: store ``(count, mean, M2)`` blocks (float64), reduced on the fly with
         the two-pass kernel, instead of per-sample gradients (no per-sample losses).
+        ``"factors"`` falls back to ``"grads"`` with a warning: the JAX adapter does not
+        write factored records yet (:data:`JAX_NO_FACTORS`).
     params_subset, project, seed, block_size :
         Parameter subsampling, JL projection and moments blocks, as in the torch
         ``Recorder`` (``adapters/_moments.py``); create the writer with the same options.
@@ -194,7 +204,12 @@ class Recorder:
         self._param_filter = param_filter
         self._collections, self._mode = collections, mode
         self._split = self._split_of(model, where)
+        if keep == "factors":
+            warnings.warn(JAX_NO_FACTORS, UserWarning, stacklevel=2)
+            keep = "grads"
         self._keep = _moments.check_keep(keep, where)
+        if keep == "grads":  # a writer opened with factors= cannot take full rows
+            check_factored_writer(writer, keep, where)
         self._tf = _moments.make_transform(self._split.layout, params_subset, project, seed)
         self._block_size = block_size
         check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], where)

@@ -41,6 +41,7 @@ engine ``_jax_engine.py``, the recorder ``_jax_record.py``, the optimizer's upda
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -65,7 +66,7 @@ from ._jax_engine import (
     caught,
 )
 from ._jax_models import describe, is_linen_pair, is_model, model_and_loss, path_name
-from ._jax_record import Recorder, _resolve_lr
+from ._jax_record import JAX_NO_FACTORS, Recorder, _resolve_lr
 from ._moments import JLProjection, ParamSubset
 
 __all__ = [
@@ -119,13 +120,18 @@ def layout(model: Any, *, param_filter: ParamFilter | None = None,
 def open_writer(path: Any, model: Any, *, param_filter: ParamFilter | None = None,
                 collections: Any = None, attrs: dict[str, Any] | None = None,
                 params_subset: Any = None, project: Any = None, seed: int = 0,
-                **writer_kwargs: Any) -> Any:
+                factors: Any = None, **writer_kwargs: Any) -> Any:
     """A ``gsnr_stats.GradientWriter`` for ``model``'s layout with JAX provenance attrs.
 
     ``params_subset``/``project``/``seed`` as in :class:`Recorder`: the writer gets the
     subsampled or projected layout and its description in the user attributes.
+    ``factors`` (as in the torch adapter) falls back to a writer of full per-sample
+    gradients, with a warning: the JAX adapter writes no factored records yet.
     """
     import gsnr_stats as gs
+
+    if factors is not None:
+        warnings.warn(JAX_NO_FACTORS, UserWarning, stacklevel=2)
 
     a: dict[str, Any] = {"framework": "jax", "framework_version": jax.__version__}
     if is_model(model):

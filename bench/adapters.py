@@ -25,6 +25,10 @@ Columns, in samples per second:
 * ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
 * ``I/O ceiling`` -- ``GradientWriter.write`` of ready gradient arrays, nothing computed: the
   dump cannot beat it (a batch of the MLP is 256 x 535,818 x 4 B = 549 MB).
+* ``gsnr torch dump keep='factors'`` (MLP) -- a factored store (issue 15,
+  ``docs/adapters.md``): each Linear's inputs and output gradients, 2,330 numbers per
+  sample instead of 535,818; with the sizes of the same records stored full and factored.
+  ``--factored`` runs only this row and ``torch.func`` (a short run).
 
 BackPACK and Opacus are not dependencies. To include them without touching the project's
 environment, install them (no dependencies: they would pull another torch) into a separate
@@ -178,6 +182,46 @@ def torch_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: 
     return _rate(n, dt)
 
 
+def torch_factored_dump(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]], where: Path,
+                        warmup: int = 1, sizes: dict[str, int] | None = None) -> float:
+    """``Recorder(keep="factors")`` into a factored store (``open_writer(factors="auto")``:
+    every Linear stored as its inputs and output gradients); the store's size in ``sizes``."""
+    from gsnr_stats.adapters import torch as gt
+
+    path = where / "torch_factored.h5"
+    with gt.open_writer(path, model, overwrite=True, factors="auto", loss_fn=loss_fn,
+                        example=batches[0]) as w:
+        rec = gt.Recorder(w, model, loss_fn, keep="factors")
+        rec.record(batches[:warmup], step=0, split="warmup")
+        t0 = time.perf_counter()
+        rec.record(batches[warmup:], step=1, split="train")
+        n = sum(len(x) for x, _ in batches[warmup:])
+        w.flush()
+        dt = time.perf_counter() - t0
+    if sizes is not None:
+        sizes["factored"] = path.stat().st_size
+    path.unlink()
+    return _rate(n, dt)
+
+
+def store_sizes(model: Any, loss_fn: Any, batches: list[tuple[Any, Any]],
+                where: Path) -> tuple[int, int]:
+    """Bytes of the same records (``batches``, one warm-up record + one) stored full and
+    factored."""
+    sizes: dict[str, int] = {}
+    torch_factored_dump(model, loss_fn, batches, where, sizes=sizes)
+    from gsnr_stats.adapters import torch as gt
+
+    path = where / "torch_full.h5"
+    with gt.open_writer(path, model, overwrite=True) as w:
+        rec = gt.Recorder(w, model, loss_fn)
+        rec.record(batches[:1], step=0, split="warmup")
+        rec.record(batches[1:], step=1, split="train")
+    full = path.stat().st_size
+    path.unlink()
+    return full, sizes["factored"]
+
+
 def write_only(layout: list[tuple[str, tuple[int, ...]]], G: np.ndarray, nb: int,
                where: Path, direct_io: bool | str = "auto") -> float:
     """The I/O ceiling: ``GradientWriter.write`` of ready (n, P) float32 arrays, no compute.
@@ -227,6 +271,7 @@ def best_of(cells: dict[str, Callable[[], float]], repeats: int,
 
 
 FAST = "gsnr per_sample_gradients(fast=True, out=buf), compute only"
+FACTORED = "gsnr torch dump keep='factors' -> factored store (disk)"
 
 
 def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
@@ -255,6 +300,19 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
             "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b),
             FAST: lambda f=fast_fn, b=batches: time_batches(f, b)}
         errs_fast = float(np.abs(fast_fn(*batches[0]) - ref).max() / np.abs(ref).max())
+        if mname.startswith("MLP"):  # issue 15: every Linear stored as its two factors
+            cells[FACTORED] = lambda m=model, b=batches: torch_factored_dump(m, lf, b, disk)
+        if args.factored:  # only the factored row (and its size): a short run
+            rates, ratio = best_of({k: cells[k] for k in ("torch.func vmap(grad)", FACTORED)},
+                                   args.repeats, "torch.func vmap(grad)")
+            full, fac = store_sizes(model, lf, batches[:3], disk)
+            for key, rate in rates.items():
+                rows.append({"model": mname, "method": key, "rate": rate, "ratio": ratio[key]})
+            rows.append({"model": mname, "method": "store size, full / factored (same records)",
+                         "rate": None, "ratio": None,
+                         "note": f"{full / 1e6:.1f} MB / {fac / 1e6:.2f} MB = "
+                                 f"{full / fac:.0f}x smaller"})
+            break
         for tname, (where, dio) in targets.items():
             cells[f"gsnr torch dump -> store ({tname})"] = (
                 lambda m=model, b=batches, w=where, d=dio: torch_dump(m, lf, b, w, d))
@@ -413,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tmpfs", action="store_true", help="do not also dump to /dev/shm")
     p.add_argument("--no-direct-io", action="store_true",
                    help="only the default writer: no direct_io=True / False cells")
+    p.add_argument("--factored", action="store_true",
+                   help="only the MLP's factored dump vs torch.func, and the store sizes")
     args = p.parse_args(argv)
+    if args.factored:
+        args.skip = ["jax"]
     if args.quick:
         args.batch, args.batches, args.repeats = 32, 1, 1
     if args.extra_path:

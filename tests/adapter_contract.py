@@ -24,6 +24,14 @@ of ``docs/format.md``):
 * :func:`check_unsupported_raise` -- unsupported models/layers raise ``AdapterError`` whose
   message says what *is* supported.
 
+:data:`FACTORED_CHECKS`, for adapters that write factored records (``AdapterCase.factors``):
+
+* :func:`check_factored_store_roundtrip` -- the adapter's factors ``(A, D)`` and plain
+  columns round-trip through a factored ``GradientWriter``, and the materialised rows
+  :math:`\\sum_t \\delta_{it} a_{it}^\\top` equal the adapter's per-sample gradients.
+* :func:`check_factored_batched_records_equal_single_write` -- the recorder's factored
+  record (``keep="factors"``), materialised, equals one big write of the full gradients.
+
 Usage in an adapter's test module (``tests/`` is on ``sys.path`` under pytest)::
 
     import pytest
@@ -68,8 +76,11 @@ from conftest import U32, assert_within, f32_batch_sum_bound, f32_chain_bound
 
 __all__ = [
     "ALL_CHECKS",
+    "FACTORED_CHECKS",
     "AdapterCase",
     "check_batched_records_equal_single_write",
+    "check_factored_batched_records_equal_single_write",
+    "check_factored_store_roundtrip",
     "check_finite_differences",
     "check_layout_matches_gradients",
     "check_store_roundtrip",
@@ -134,6 +145,17 @@ class AdapterCase:
         does not divide ``n`` so a ragged last batch is exercised.
     seed : int
         Seed of the coordinate sample.
+    factors : sequence of (weight, bias or None, rows), optional
+        The factored tensors (``gs.FactorSpec`` arguments) of a case whose adapter writes
+        factored records (``docs/format.md``, version 4); enables :data:`FACTORED_CHECKS`.
+    per_sample_factors : callable () -> (ndarray (n, P_plain), dict weight -> (A, D))
+        The adapter's factors and plain columns of the same samples as
+        ``per_sample_gradients``.
+    write_batches_factored : callable (writer, step, split, batch_size) -> None
+        As ``write_batches``, into a writer opened with ``factors`` (the adapter's recorder
+        with ``keep="factors"``).
+    factor_dtype : str
+        ``factor_dtype`` of the factored writers the checks open.
     """
 
     name: str
@@ -155,6 +177,10 @@ class AdapterCase:
     f32_terms: int = 128
     batch_size: int = 3
     seed: int = 0
+    factors: Sequence[tuple[str, str | None, int]] | None = None
+    per_sample_factors: Callable[[], tuple[np.ndarray, dict[str, Any]]] | None = None
+    write_batches_factored: Callable[[Any, int, str, int], None] | None = None
+    factor_dtype: str = "float32"
 
 
 def _sizes(case: AdapterCase) -> list[int]:
@@ -283,7 +309,69 @@ def check_store_roundtrip(case: AdapterCase, tmp_path: Path) -> None:
     )
 
 
-def check_batched_records_equal_single_write(case: AdapterCase, tmp_path: Path) -> None:
+def _factor_specs(case: AdapterCase) -> list[Any]:
+    import gsnr_stats as gs
+
+    assert case.factors, f"{case.name}: the case declares no factors"
+    return [gs.FactorSpec(w, bias=b, rows=r) for w, b, r in case.factors]
+
+
+def _rows_bound(case: AdapterCase, G: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Two routes of the adapter's own precision, one of them rounded to float32 once more
+    in the store: within ``K u_G`` colmax of the exact rows each, plus ``u |g|``."""
+    u_g = float(np.finfo(G.dtype).eps) / 2
+    return 2 * U32 * np.abs(ref) + 2 * f32_chain_bound(ref, case.f32_terms, _layers(case)) * (
+        u_g / U32)
+
+
+def check_factored_store_roundtrip(case: AdapterCase, tmp_path: Path) -> None:
+    """The adapter's factors -> factored ``GradientWriter`` -> ``open_store``: the factors
+    come back as written, and the materialised rows (``read_grads``: products in float64)
+    equal the adapter's per-sample gradients ``G`` within the float32 store rounding and
+    the adapter's own (independent routes) rounding."""
+    import gsnr_stats as gs
+
+    G = _grads(case)
+    assert case.per_sample_factors is not None, f"{case.name}: no per_sample_factors"
+    plain, facs = case.per_sample_factors()
+    done = {n for w, b, _ in case.factors or () for n in (w, b) if n is not None}
+    P_plain = sum(s for (name, _), s in zip(case.layout, _sizes(case), strict=True)
+                  if name not in done)
+    assert plain.shape == (G.shape[0], P_plain), f"{case.name}: plain shape {plain.shape}"
+    assert set(facs) == {w for w, _, _ in case.factors or ()}, f"{case.name}: factors {facs}"
+    path = Path(tmp_path) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.name)}-factored.h5"
+    with gs.GradientWriter(path, list(case.layout), attrs={"framework": case.framework},
+                           factors=_factor_specs(case), factor_dtype=case.factor_dtype) as w:
+        w.write(step=0, split="train", grads=plain if P_plain else None, factors=facs,
+                loss=np.zeros(G.shape[0]))
+        w.end_record(0, "train")
+    with gs.open_store(path) as store:
+        assert store.factored, f"{case.name}: the store is not factored"
+        assert [f.weight for f in store.factors] == [w for w, _, _ in case.factors or ()]
+        back = store.read_factors(0, "train")
+        dt = np.dtype(case.factor_dtype)
+        for k, (a, d) in facs.items():
+            n = a.shape[0]
+            for got, want in zip(back[k], (a, d), strict=True):
+                want = np.asarray(want).reshape(n, -1, want.shape[-1]).astype(dt)
+                np.testing.assert_array_equal(got[:, :want.shape[1]], want,
+                                              err_msg=f"{case.name}: factor {k} round trip")
+        rows = store.read_grads(0, "train")
+    assert rows.shape == G.shape, f"{case.name}: materialised rows {rows.shape} != {G.shape}"
+    assert_within(rows, G.astype(np.float64), _rows_bound(case, G, G),
+                  f"{case.name}: materialised factored rows differ from the gradients")
+
+
+def check_factored_batched_records_equal_single_write(case: AdapterCase,
+                                                      tmp_path: Path) -> None:
+    """A factored record written batch by batch by the recorder (``keep="factors"``)
+    equals one big ``write`` of the full gradients once materialised."""
+    assert case.write_batches_factored is not None, f"{case.name}: no factored recorder"
+    check_batched_records_equal_single_write(case, tmp_path, factored=True)
+
+
+def check_batched_records_equal_single_write(case: AdapterCase, tmp_path: Path,
+                                             factored: bool = False) -> None:
     """A record written batch by batch by the recorder equals one big ``write``."""
     import gsnr_stats as gs
 
@@ -298,22 +386,31 @@ def check_batched_records_equal_single_write(case: AdapterCase, tmp_path: Path) 
     with gs.GradientWriter(one, list(case.layout), attrs={"framework": case.framework}) as w:
         w.write(step=3, split="test", grads=G, loss=losses)
         w.end_record(3, "test")
-    with gs.GradientWriter(many, list(case.layout), attrs={"framework": case.framework}) as w:
-        case.write_batches(w, 3, "test", case.batch_size)
+    if factored:
+        many = many.with_name(f"{tag}-batched-factored.h5")
+        fw = {"factors": _factor_specs(case), "factor_dtype": case.factor_dtype}
+        with gs.GradientWriter(many, list(case.layout), attrs={"framework": case.framework},
+                               **fw) as w:
+            assert case.write_batches_factored is not None
+            case.write_batches_factored(w, 3, "test", case.batch_size)
+    else:
+        with gs.GradientWriter(many, list(case.layout),
+                               attrs={"framework": case.framework}) as w:
+            case.write_batches(w, 3, "test", case.batch_size)
     with gs.open_store(one) as a, gs.open_store(many) as b:
         assert [(r.step, r.split) for r in b.records] == [(3, "test")], (
             f"{case.name}: recorder wrote records {[(r.step, r.split) for r in b.records]}"
         )
         assert not b.incomplete, f"{case.name}: recorder left the record incomplete"
+        assert b.factored == factored, f"{case.name}: factored={b.factored}"
         ga, gb = a.read_grads(3, "test"), b.read_grads(3, "test")
         assert gb.shape == ga.shape, f"{case.name}: batched record shape {gb.shape} != {ga.shape}"
         # batch composition may change rounding inside the framework, nothing more: each
         # route is within K u_G colmax of the exact rows (u_G the adapter's own precision),
         # and a float64 adapter's rows are rounded to float32 once more (u |g|) in the store
-        u_g = float(np.finfo(G.dtype).eps) / 2
-        bound = (2 * U32 * np.abs(ga)
-                 + 2 * f32_chain_bound(ga, case.f32_terms, _layers(case)) * (u_g / U32))
-        assert_within(gb, ga, bound, f"{case.name}: batched record differs from one big write")
+        # (a factored record's products are formed from the factors in float64)
+        assert_within(gb, ga, _rows_bound(case, G, ga),
+                      f"{case.name}: batched record differs from one big write")
         la, lb = a.read_loss(3, "test"), b.read_loss(3, "test")
         if G.dtype == np.float32:  # two float32 forward passes: K u each, times max |loss|
             assert_within(lb, la, 2 * case.f32_terms * U32 * np.abs(la).max(),
@@ -350,7 +447,15 @@ ALL_CHECKS: tuple[Callable[[AdapterCase, Path], None], ...] = (
 )
 
 
+# The checks of factored records (AdapterCase.factors): the record checks again, factored.
+FACTORED_CHECKS: tuple[Callable[[AdapterCase, Path], None], ...] = (
+    check_factored_store_roundtrip,
+    check_factored_batched_records_equal_single_write,
+)
+
+
 def run_contract(case: AdapterCase, tmp_path: Path) -> None:
-    """Run every check of :data:`ALL_CHECKS` on ``case`` (stops at the first failure)."""
-    for check in ALL_CHECKS:
+    """Run every check of :data:`ALL_CHECKS` on ``case`` (stops at the first failure), and
+    :data:`FACTORED_CHECKS` when the case declares factors."""
+    for check in ALL_CHECKS + (FACTORED_CHECKS if case.factors else ()):
         check(case, tmp_path)

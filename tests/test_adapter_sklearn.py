@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from adapter_contract import ALL_CHECKS, AdapterCase
+from adapter_contract import ALL_CHECKS, FACTORED_CHECKS, AdapterCase
 from conftest import U32, U64, assert_within
 from gsnr_stats.adapters import sklearn as gk
 from sklearn import __version__ as SKLEARN_VERSION
@@ -311,13 +311,31 @@ def make_case(spec: Spec) -> AdapterCase:
         ],
         fd_max_coords=None,
         batch_size=5,
+        factors=[(w, "intercept" if w == "coef" and "intercept" in dict(gk.layout(est))
+                  else None, 1) for w in gk.per_sample_factors(est, X, y, factors=True)[1]]
+        if spec.name in FACTORED else None,
+        per_sample_factors=lambda: gk.per_sample_factors(est, X, y, factors=True),
+        write_batches_factored=lambda w, step, split, bs: gk.record(
+            w, est, X, y, step=step, split=split, batch_size=bs, keep="factors"),
+        factor_dtype="float64",
     )
+
+
+# the factored record checks on one estimator of each factorable family
+FACTORED = ["logreg-binary", "logreg-multinomial", "logreg-nointercept",
+            "linearsvc-sqhinge-ovr", "sgd-log_loss-ovr", "ridge-2d-alphas", "mlp-tanh-binary"]
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_contract(spec: Spec, check: Callable[..., None], tmp_path) -> None:
     check(make_case(spec), tmp_path)
+
+
+@pytest.mark.parametrize("check", FACTORED_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", FACTORED)
+def test_contract_factored(name: str, check: Callable[..., None], tmp_path) -> None:
+    check(make_case(next(s for s in SPECS if s.name == name)), tmp_path)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from conftest import U32, assert_within, f32_batch_sum_bound, f32_chain_bound
 
 torch = pytest.importorskip("torch")
-from adapter_contract import ALL_CHECKS, AdapterCase  # noqa: E402
+from adapter_contract import ALL_CHECKS, FACTORED_CHECKS, AdapterCase  # noqa: E402
 from gsnr_stats.adapters import torch as gt  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -106,6 +106,16 @@ def make_case(kind: str) -> AdapterCase:
     def write_batches(w, step, split, batch_size):
         gt.Recorder(w, model, CE, **kw).record((x, y), step, split, batch_size=batch_size)
 
+    def write_factored(w, step, split, batch_size):
+        gt.Recorder(w, model, CE, keep="factors").record((x, y), step, split,
+                                                         batch_size=batch_size)
+
+    factors = None
+    if kw.get("fast"):  # every Linear of these models is worth factoring (T (in+out) < in out)
+        mods = dict(model.named_modules())
+        factors = [(f"{k}.weight", f"{k}.bias", 1) for k, m in mods.items()
+                   if isinstance(m, nn.Linear)]
+
     return AdapterCase(
         name=f"torch-{label}",
         framework="torch",
@@ -122,6 +132,9 @@ def make_case(kind: str) -> AdapterCase:
         fd_max_coords=None,
         # batch statistics depend on the batch: only a whole-batch record equals one write
         batch_size=n if kind == "train-bn-batch" else 3,
+        factors=factors,
+        per_sample_factors=lambda: gt.per_sample_factors(model, CE, x, y),
+        write_batches_factored=write_factored,
     )
 
 
@@ -166,6 +179,12 @@ UNSUPPORTED = [
                                   "cnn-bn-eval-fast"])
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
 def test_contract(check, kind, tmp_path):
+    check(make_case(kind), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["mlp-fast", "cnn-bn-eval-fast"])
+@pytest.mark.parametrize("check", FACTORED_CHECKS, ids=lambda c: c.__name__)
+def test_contract_factored(check, kind, tmp_path):
     check(make_case(kind), tmp_path)
 
 

@@ -248,3 +248,31 @@ def test_sklearn_factor_choice_and_errors():
         gsk.per_sample_factors(one, X, X[:, 0], factors=True)
     with pytest.raises(AdapterError, match="cannot store 'intercept'"):
         gsk.per_sample_factors(est, X, y, factors=["intercept"])
+
+
+# ---------------------------------------------------------------------------------------
+# JAX: no factored records yet, full gradients instead (documented fallback)
+# ---------------------------------------------------------------------------------------
+
+
+def test_jax_factors_fall_back_to_full_gradients(tmp_path):
+    pytest.importorskip("jax")
+    from gsnr_stats.adapters import jax as gj
+
+    import gsnr_stats as gs
+
+    params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+    def loss(p, x, y):
+        return ((x @ p["w"] + p["b"] - y) ** 2).sum()
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    y = np.ones((4, 2), np.float32)
+    with pytest.warns(UserWarning, match="not written by the JAX adapter"):
+        w = gj.open_writer(tmp_path / "j.h5", params, factors="auto")
+    with w, pytest.warns(UserWarning, match="full per-sample gradients"):
+        gj.Recorder(w, params, loss, keep="factors").record((x, y), 0, "train", batch_size=3)
+    with gs.open_store(tmp_path / "j.h5") as s:
+        assert not s.factored
+        np.testing.assert_array_equal(s.read_grads(0, "train"),
+                                      gj.per_sample_gradients(params, loss, x, y))
