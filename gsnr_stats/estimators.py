@@ -304,9 +304,10 @@ def _draw_subsets(
 def _factor_subset_sums(
     fac: Mapping[str, tuple[np.ndarray, np.ndarray]], meta: RecordMeta, row0: int, m: int,
     row_ptr: np.ndarray, members: np.ndarray, acc_w: dict[str, np.ndarray],
-    acc_b: dict[str, np.ndarray],
+    acc_b: dict[str, np.ndarray], gram: frozenset[str] = frozenset(),
 ) -> None:
-    """Add a chunk's factored rows into the subset sums, in place.
+    """Add a chunk's factored rows into the subset sums, in place (weights in ``gram``:
+    their bias only).
 
     .. math::
 
@@ -332,13 +333,55 @@ def _factor_subset_sums(
                              f"expected ({m}, T, {f.in_}) and ({m}, T, {f.out})")
         A64 = np.asarray(A, dtype=np.float64)
         D64 = np.asarray(D, dtype=np.float64)
-        aw, ab = acc_w[f.weight], acc_b.get(f.weight)
+        aw, ab = acc_w.get(f.weight), acc_b.get(f.weight)
         for kk, s, e in zip(ks, starts, ends, strict=True):
             r = rloc[s:e]
             Dk = D64[r].reshape(-1, f.out)
-            aw[kk] += Dk.T @ A64[r].reshape(-1, f.in_)
+            if f.weight not in gram:
+                aw[kk] += Dk.T @ A64[r].reshape(-1, f.in_)
             if ab is not None:
                 ab[kk] += Dk.sum(axis=0)
+
+
+def _cross_gram(X: tuple[np.ndarray, np.ndarray], Y: tuple[np.ndarray, np.ndarray]
+                ) -> np.ndarray:
+    """``H_ij = g_{X,i}·g_{Y,j} = Σ_{t,s} (δ_it·δ_js)(a_it·a_js)`` of one factored weight,
+    float64 ``(u_X, u_Y)``, never forming an ``(out, in)`` gradient."""
+    (AX, DX), (AY, DY) = X, Y
+    H = np.zeros((AX.shape[0], AY.shape[0]))
+    for t in range(AX.shape[1]):
+        for u in range(AY.shape[1]):
+            H += (AX[:, t] @ AY[:, u].T) * (DX[:, t] @ DY[:, u].T)
+    return H
+
+
+def _indicator(subsets: Sequence[np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """``V (M, |keep|)``: ``V[k, j] = 1`` where row ``keep[j]`` is in subset k."""
+    V = np.zeros((len(subsets), keep.size))
+    for k, sub in enumerate(subsets):
+        V[k, np.searchsorted(keep, sub)] = 1.0
+    return V
+
+
+def _gram_choice(meta: RecordMeta, sizes: tuple[int, int], u: tuple[int, int], M: int,
+                 method: str, max_bytes: int) -> frozenset[str]:
+    """Weights whose inner products go through sample Gram matrices (``method="auto"``: those
+    where it takes fewer multiply-adds than the subset sums and its blocks fit max_bytes).
+
+    Subset sums: ``(Σ|D_k| + Σ|D'_k|)·T·out·in``; Gram: ``(u_A² + u_B u_A)·(T²(in+out) + 2M)``
+    with ``u`` the rows any subset holds (``u_B = 0`` for one pool).
+    """
+    if method == "sums":
+        return frozenset()
+    out = set()
+    for f in meta.factors:
+        cells = u[0] * u[0] + u[1] * u[0]
+        gram = cells * (f.rows ** 2 * (f.in_ + f.out) + 2 * M)
+        sums = (sizes[0] + sizes[1]) * f.rows * f.out * f.in_
+        mem = 8 * (cells + (u[0] + u[1]) * f.rows * (f.in_ + f.out))
+        if method == "gram" or (gram < sums and mem <= max_bytes):
+            out.add(f.weight)
+    return frozenset(out)
 
 
 def _first_order_core(
@@ -349,29 +392,41 @@ def _first_order_core(
     subsets_a: Sequence[np.ndarray],
     subsets_b: Sequence[np.ndarray],
     col_block: int = 2048,
+    method: str = "sums",
+    max_bytes: int = 1 << 30,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-subset ``g_{D'_k}·g_{D_k}`` and ``|g_{D_k}|²`` of subset *sums*, in one pass each.
 
     ``chunks_b=None``: both subset families index the same record (read once). Plain
     columns go through :func:`.kernels.subset_sums`; factored weights through
-    :func:`_factor_subset_sums` (a P-vector per subset, never per sample). ``meta`` an int
-    P and chunks of bare ``(rows, P)`` arrays: a record without factors.
+    :func:`_factor_subset_sums` (a P-vector per subset, never per sample) or, as
+    :func:`_gram_choice` says for ``method``, through Gram matrices
+    (:func:`_cross_gram` over the rows the subsets hold: ``g_{D'}·g_D = 1_{D'}ᵀ H 1_D``).
+    ``meta`` an int P and chunks of bare ``(rows, P)`` arrays: a record without factors.
     """
     if not isinstance(meta, RecordMeta):
         meta = RecordMeta(int(meta), np.arange(int(meta), dtype=np.int64))
     M = len(subsets_a)
     Pp = int(meta.plain_index.size)
+    one = chunks_b is None
+    keeps = ([np.unique(np.concatenate([*subsets_a, *subsets_b]))] if one else
+             [np.unique(np.concatenate(list(x))) for x in (subsets_a, subsets_b)])
+    gram = _gram_choice(meta, (sum(map(len, subsets_a)), sum(map(len, subsets_b))),
+                        (keeps[0].size, 0 if one else keeps[1].size), M, method, max_bytes)
     acc = np.zeros((2 * M, Pp))
-    acc_w = {f.weight: np.zeros((2 * M, f.out, f.in_)) for f in meta.factors}
+    acc_w = {f.weight: np.zeros((2 * M, f.out, f.in_)) for f in meta.factors
+             if f.weight not in gram}
     acc_b = {f.weight: np.zeros((2 * M, f.out)) for f in meta.factors if f.bias is not None}
+    held: list[dict[str, list[list[np.ndarray]]]] = []  # Gram weights' rows, per pass
     ids_a, ids_b = list(range(M)), list(range(M, 2 * M))
-    if chunks_b is None:
+    if one:
         passes = [(chunks_a, n_rows[0], list(subsets_a) + list(subsets_b), ids_a + ids_b)]
     else:
         passes = [(chunks_a, n_rows[0], list(subsets_a), ids_a),
                   (chunks_b, n_rows[1], list(subsets_b), ids_b)]
-    for chunks, N, rows, ids in passes:
+    for (chunks, N, rows, ids), keep in zip(passes, keeps, strict=True):
         row_ptr, members = _membership(rows, ids, int(N))
+        held.append({w: [[], []] for w in gram})
         row0 = 0
         for item in chunks():
             x, fac = item if isinstance(item, tuple) else (item, {})
@@ -384,12 +439,25 @@ def _first_order_core(
             if Pp:
                 subset_sums(x, row0, row_ptr, members, acc, col_block)
             if meta.factors:
-                _factor_subset_sums(fac, meta, row0, m, row_ptr, members, acc_w, acc_b)
+                _factor_subset_sums(fac, meta, row0, m, row_ptr, members, acc_w, acc_b, gram)
+            if gram:
+                sel = keep[(keep >= row0) & (keep < row0 + m)] - row0
+                for w, (la, ld) in held[-1].items():
+                    la.append(np.asarray(fac[w][0][sel], dtype=np.float64))
+                    ld.append(np.asarray(fac[w][1][sel], dtype=np.float64))
             row0 += m
         if row0 != N:
             raise ValueError(f"read {row0} gradient rows, expected {N}")
     a, b = acc[:M], acc[M:]
     num, den = np.einsum("kp,kp->k", b, a), np.einsum("kp,kp->k", a, a)
+    if gram:
+        Va = _indicator(subsets_a, keeps[0])
+        Vb = _indicator(subsets_b, keeps[0 if one else 1])
+    for w in sorted(gram):
+        X = [tuple(np.concatenate(x) for x in h[w]) for h in held]
+        HVa = _cross_gram(X[0], X[0]) @ Va.T
+        den += np.einsum("ku,uk->k", Va, HVa)
+        num += np.einsum("ku,uk->k", Vb, HVa if one else _cross_gram(X[1], X[0]) @ Va.T)
     for part in (*acc_w.values(), *acc_b.values()):
         pa = part[:M].reshape(M, -1)
         pb = part[M:].reshape(M, -1)
@@ -431,6 +499,7 @@ def osgr_first_order(
     chunk_rows: int = 4096,
     max_bytes: int = 1 << 30,
     allow_mixed_runs: bool = False,
+    factored: str = "auto",
 ) -> xr.Dataset:
     """First-order OSGR from stored per-sample gradients: one streaming pass per record.
 
@@ -474,6 +543,16 @@ def osgr_first_order(
     allow_mixed_runs : bool
         Pool shards of different runs (refused by default, as in :func:`gsnr_stats.reduce`;
         a shard given twice or a copy of one is always refused).
+    factored : {"auto", "sums", "gram"}
+        How a factored weight (format v4 records, ``docs/format.md``) enters, never through
+        a P-vector per sample: ``"sums"`` forms each subset's sum
+        :math:`\\sum_{i\\in D}\\sum_t \\delta_{it} a_{it}^\\top = \\Delta_D^\\top A_D` (a
+        P-vector per subset, float64 GEMMs); ``"gram"`` the sample Gram matrix
+        :math:`H_{ij} = \\sum_{t,s} (\\delta_{it}\\cdot\\delta_{js})(a_{it}\\cdot a_{js})` over
+        the rows the subsets hold, ``g_{D'}·g_D = 1_{D'}ᵀ H 1_D`` (no P-vector at all);
+        ``"auto"`` the one with fewer multiply-adds, Gram only when its blocks fit
+        ``max_bytes``. Plain columns always take the subset sums. Same draws, same numbers
+        (float64 rounding) either way.
 
     Returns
     -------
@@ -493,6 +572,9 @@ def osgr_first_order(
     ns = _n_grid(n)
     K = require_int(n_subsets, "n_subsets", where, minimum=1)
     require_int(chunk_rows, "chunk_rows", where, minimum=1)
+    if factored not in ("auto", "sums", "gram"):
+        raise UsageError(f"{where}: factored must be 'auto', 'sums' or 'gram', got "
+                         f"{describe(factored)}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     sa, sb = splits
     opened: list[Any] = []
@@ -548,7 +630,8 @@ def osgr_first_order(
                     sub_a += A
                     sub_b += B
                 num, den = _first_order_core(it_a, None if same else it_b, (Na, Nb), meta,
-                                             sub_a, sub_b)
+                                             sub_a, sub_b, method=factored,
+                                             max_bytes=int(max_bytes))
                 for jj, nv in enumerate(ns[c0:c0 + per_pass]):
                     sl = slice(jj * K, (jj + 1) * K)
                     R[i, c0 + jj], se[i, c0 + jj] = _ratio_jackknife(num[sl], den[sl])

@@ -103,9 +103,10 @@ def _bf(Ga, Gb, sa, sb):
     return np.array(num), np.array(den)
 
 
+@pytest.mark.parametrize("method", ["sums", "gram", "auto"])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_factored_subset_sums_equal_materialised(T, seed):
+def test_factored_subset_sums_equal_materialised(T, seed, method):
     rng = np.random.default_rng(seed)
     meta, _ = _model(rng, T)
     pa, fa = _record(rng, meta, 61, T, shift=0.2)
@@ -113,7 +114,7 @@ def test_factored_subset_sums_equal_materialised(T, seed):
     Ga, Gb = _materialise(meta, pa, fa), _materialise(meta, pb, fb)
     sa, sb = est._draw_subsets(np.random.default_rng(3), 61, 47, 9, 7)
     num, den = est._first_order_core(_chunks(pa, fa, 13), _chunks(pb, fb, 20), (61, 47), meta,
-                                     sa, sb)
+                                     sa, sb, method=method)
     rn, rd = _bf(Ga, Gb, sa, sb)
     np.testing.assert_allclose(num, rn, rtol=1e-12, atol=1e-12 * np.abs(rn).max())
     np.testing.assert_allclose(den, rd, rtol=1e-12)
@@ -124,10 +125,29 @@ def test_factored_subset_sums_equal_materialised(T, seed):
     np.testing.assert_allclose(den, d2, rtol=1e-12)
     # one pool: disjoint halves, one pass
     sa, sb = est._draw_subsets(np.random.default_rng(4), 61, None, 12, 5)
-    num, den = est._first_order_core(_chunks(pa, fa, 8), None, (61, None), meta, sa, sb)
+    num, den = est._first_order_core(_chunks(pa, fa, 8), None, (61, None), meta, sa, sb,
+                                     method=method)
     rn, rd = _bf(Ga, Ga, sa, sb)
     np.testing.assert_allclose(num, rn, rtol=1e-12, atol=1e-12 * np.abs(rn).max())
     np.testing.assert_allclose(den, rd, rtol=1e-12)
+
+
+def test_gram_choice_follows_the_operation_count():
+    """Gram for few rows against wide layers, subset sums for many rows; memory caps Gram."""
+    f = _FI("w", None, 512, 784, 1, 0, None)
+    meta = pj.RecordMeta(512 * 784, np.zeros(0, dtype=np.int64), (f,))
+    # K = 16 pairs of n = 64 from pools of 256: Gram 256²(1296 + 32) < 2048·401408
+    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 1 << 30) == {"w"}
+    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 1 << 20) == set()
+    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "sums", 1 << 30) == set()
+    # 2·512² (1296 + 32) = 7.0e8 < 8.2e8: Gram; subsets spread over 60,000 rows: sums
+    assert est._gram_choice(meta, (1024, 1024), (512, 512), 16, "auto", 1 << 40) == {"w"}
+    assert est._gram_choice(meta, (1024, 1024), (600, 600), 16, "auto", 1 << 40) == set()
+    assert est._gram_choice(meta, (1024, 1024), (60000, 60000), 16, "auto", 1 << 40) == set()
+    f2 = _FI("w", None, 4, 3, 1, 0, None)  # a narrow layer: sums
+    meta2 = pj.RecordMeta(12, np.zeros(0, dtype=np.int64), (f2,))
+    assert est._gram_choice(meta2, (64, 64), (64, 64), 8, "auto", 1 << 30) == set()
+    assert est._gram_choice(meta2, (64, 64), (64, 64), 8, "gram", 1) == {"w"}
 
 
 def test_factored_subset_sums_no_plain_columns():
@@ -139,10 +159,12 @@ def test_factored_subset_sums_no_plain_columns():
     plain, fac = _record(rng, meta, 30, 2)
     G = _materialise(meta, plain, fac)
     sa, sb = est._draw_subsets(np.random.default_rng(1), 30, None, 6, 4)
-    num, den = est._first_order_core(_chunks(plain, fac, 7), None, (30, None), meta, sa, sb)
     rn, rd = _bf(G, G, sa, sb)
-    np.testing.assert_allclose(num, rn, rtol=1e-12, atol=1e-12 * np.abs(rn).max())
-    np.testing.assert_allclose(den, rd, rtol=1e-12)
+    for method in ("sums", "gram"):
+        num, den = est._first_order_core(_chunks(plain, fac, 7), None, (30, None), meta, sa,
+                                         sb, method=method)
+        np.testing.assert_allclose(num, rn, rtol=1e-12, atol=1e-12 * np.abs(rn).max())
+        np.testing.assert_allclose(den, rd, rtol=1e-12)
 
 
 @pytest.mark.parametrize("T", [1, 4])
@@ -306,21 +328,23 @@ def _first_order_ref(full, steps, ns, K, seed, splits):
     return out
 
 
-@pytest.mark.parametrize(("T", "seed", "all_factored"), [(1, 0, False), (3, 1, False),
-                                                         (2, 2, True)])
+@pytest.mark.parametrize(("T", "seed", "all_factored", "method"),
+                         [(1, 0, False, "sums"), (1, 0, False, "gram"), (3, 1, False, "sums"),
+                          (3, 1, False, "gram"), (2, 2, True, "auto")])
 def test_first_order_on_a_factored_store_equals_the_materialised(tmp_path, monkeypatch, T,
-                                                                  seed, all_factored):
+                                                                  seed, all_factored, method):
     import gsnr_stats as gs
 
     pf, pm, full, _ = _store_pair(tmp_path, seed, T, all_factored=all_factored)
     ns, K = [4, 9], 6
     kw = dict(n=ns, n_subsets=K, seed=11, chunk_rows=7)
+    kwf = dict(kw, factored=method)
 
     def no_materialising(*a, **k):
         raise AssertionError("the factored path materialised rows")
 
     monkeypatch.setattr(gs.GradientStore, "iter_grads", no_materialising)
-    rf = gs.osgr_first_order(pf, **kw)
+    rf = gs.osgr_first_order(pf, **kwf)
     monkeypatch.undo()
     rm = gs.osgr_first_order(pm, **kw)
     ref = _first_order_ref(full, [0, 3], ns, K, 11, ("train", "test"))
@@ -343,7 +367,7 @@ def test_first_order_on_a_factored_store_equals_the_materialised(tmp_path, monke
     np.testing.assert_allclose(rf["osgr_first_order"], rm["osgr_first_order"], rtol=1e-4)
     # one split for both pools (disjoint halves), and a Generator seed
     r1 = gs.osgr_first_order(pf, n=5, n_subsets=4, seed=np.random.default_rng(2),
-                             splits=("test", "test"))
+                             splits=("test", "test"), factored=method)
     ref1 = _first_order_ref(full, [0, 3], [5], 4, 2, ("test", "test"))
     for i, s in enumerate((0, 3)):
         num, den, _, _ = ref1[(s, 5)]
