@@ -2,11 +2,13 @@
 
 :func:`osgr_trajectory` (loss decreases along recorded optimizer steps), :func:`osgr_probe`
 (virtual-step probes), :func:`osgr_first_order` (``Σ g_{D'}·g_D / Σ |g_D|²`` from stored
-per-sample gradients, one streaming pass per record through :func:`.kernels.subset_sums`)
+per-sample gradients, one streaming pass per record through :func:`.kernels.subset_sums`;
+factored weights of format v4 records through ``Δ_Dᵀ A_D`` or sample Gram matrices)
 and :func:`osgr_pools` (their expectation given the two finite pools); each attaches the
-theoretical :func:`~.theory.osgr` and a jackknife SE over draws (``docs/theory.md``). The
-only analytics module that reads stores, through the public :class:`~.store.GradientStore`
-API (``open_store``, ``records``, ``record``, ``iter_grads``), never h5py.
+theoretical :func:`~.theory.osgr` and a jackknife SE over draws (``docs/theory.md``). With
+:mod:`.projection` (record chunks, JL projections) the analytics that read stores, through
+the public :class:`~.store.GradientStore` API (``open_store``, ``records``, ``record``,
+``iter_grads``, ``read_factors``, ``read_plain_rows``), never h5py.
 """
 
 from __future__ import annotations
