@@ -508,3 +508,22 @@ def test_other_per_sample_readers_see_materialised_rows(tmp_path):
     with gs.open_store(pf) as st:
         np.testing.assert_array_equal(st.read_grads(3, "test"),
                                       full[(3, "test")].astype(np.float32))
+
+
+def test_a_factored_and_a_materialised_shard_of_one_run_pool(tmp_path):
+    """Shards of one run, one factored and one not: the materialising route, same numbers."""
+    import gsnr_stats as gs
+
+    a = _store_pair(tmp_path, 4, 1, n_rows=(20, 17), tag="a", data_seed=50, run_id="R")
+    b = _store_pair(tmp_path, 4, 1, n_rows=(15, 22), tag="b", data_seed=51, run_id="R")
+    full = {k: np.concatenate([a[2][k], b[2][k]]) for k in a[2]}
+    r = gs.osgr_first_order([a[0], b[1]], n=[6], n_subsets=5, seed=3)
+    ref = _first_order_ref(full, [0, 3], [6], 5, 3, ("train", "test"))
+    for i, s in enumerate((0, 3)):
+        num, den, bn, bd = ref[(s, 6)]
+        assert abs(r["dot_mean"].values[i, 0] - num.mean() / 36) <= 1.01 * bn.mean() / 36
+        assert abs(r["sqnorm_mean"].values[i, 0] - den.mean() / 36) <= 1.01 * bd.mean() / 36
+    z = gs.project_record([a[0], b[1]], 0, "train", 5, seed=1)
+    R = pj.GaussianRows(a[3].n_params, 5, 1).block(0)
+    G = full[(0, "train")]
+    assert np.all(np.abs(z - G @ R) <= 1.01 * U * np.abs(G) @ np.abs(R) + 1e-300)
