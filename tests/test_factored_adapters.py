@@ -177,6 +177,50 @@ def test_train_mode_batchnorm_refused():
         gt.per_sample_factors(model, CE, x, y)
 
 
+def test_recorder_sequences_padded_and_refused(tmp_path):
+    """A Linear on (B, T, in) recorded with rows=4: T=3 batches are zero-padded (the sums are
+    unchanged), the record materialises to vmap's gradients; T=5 > rows is refused."""
+    import gsnr_stats as gs
+
+    torch.manual_seed(5)
+    model = Seq(6, 16).double().eval()  # T (in + out) = 4 * 22 < 96
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 3, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    ex = (torch.randn(2, 4, 6, dtype=torch.float64), y[:2])  # an example with T = 4
+    with gt.open_writer(tmp_path / "s.h5", model, factors="auto", loss_fn=CE,
+                        example=ex) as w:
+        assert [(f.weight, f.bias, f.rows) for f in w.factors] == [
+            ("proj.weight", "proj.bias", 4), ("head.weight", "head.bias", 1)]
+        gt.Recorder(w, model, CE, keep="factors").record((x, y), 0, "train", batch_size=4)
+        rec = gt.Recorder(w, model, CE, keep="factors")
+        with pytest.raises(AdapterError, match=r"'proj' has 5 positions.*holds 4"):
+            rec.record([(torch.randn(3, 5, 6, dtype=torch.float64), y[:3])], 1, "train")
+    with gs.open_store(tmp_path / "s.h5") as s:
+        assert s.factored and [r.step for r in s.records] == [0]
+        a, d = s.read_factors(0, "train")["proj.weight"]
+        assert a.shape == (7, 4, 6) and d.shape == (7, 4, 16)
+        assert not a[:, 3].any() and not d[:, 3].any()  # the padding row
+        got = s.read_grads(0, "train")
+    ref = gt.per_sample_gradients(model, CE, x, y)
+    assert_within(got, ref, 2 * U32 * np.abs(ref), "padded sequence record vs vmap")
+
+
+def test_writer_and_keep_must_agree(tmp_path):
+    model, x, y, _ = models("mlp", torch.float32)
+    with pytest.raises(AdapterError, match="needs example"):
+        gt.open_writer(tmp_path / "a.h5", model, factors="auto", loss_fn=CE)
+    with gt.open_writer(tmp_path / "f.h5", model, factors=["0", "2"]) as w:
+        with pytest.raises(AdapterError, match="record with keep='factors'"):
+            gt.Recorder(w, model, CE)
+        rec = gt.Recorder(w, model, CE, keep="factors", fast=False)
+        with pytest.raises(AdapterError, match="needs the fast path"):
+            rec.record((x, y), 0, "train")
+    with gt.open_writer(tmp_path / "g.h5", model) as w, \
+            pytest.raises(AdapterError, match="needs a writer opened with factors="):
+        gt.Recorder(w, model, CE, keep="factors")
+
+
 # ---------------------------------------------------------------------------------------
 # scikit-learn: factored by nature
 # ---------------------------------------------------------------------------------------
