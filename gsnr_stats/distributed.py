@@ -454,7 +454,8 @@ def partial_task(
     nonfinite: str,
     delay: float = 0.0,
 ) -> Partial:
-    """One task: moments of record ``(step, split)`` of shard ``path`` over columns ``[c0, c1)``.
+    """One task: moments of record ``(step, split)`` of shard ``path`` over columns ``[c0, c1)``
+    (storage positions of a factored shard: :func:`_column_groups`).
 
     ``delay`` (seconds slept first) is for tests only: it keeps tasks running long enough to
     kill a worker mid-reduce.

@@ -7,7 +7,9 @@ rows from h5py (:func:`gsnr_stats.kernels.moments_block`). It never sees an HDF5
 offset. :class:`Partial` merges across shards, blocks and Dask tasks;
 :func:`build_dataset` assembles the labelled Dataset. Used in-process by
 :func:`gsnr_stats.reduce.reduce` and on workers by :mod:`gsnr_stats.distributed`.
-Memory is O(P) plus a few chunk rows, whatever N.
+Memory is O(P) plus a few chunk rows, whatever N. Records of factored stores (format 4)
+take the same path for their plain columns and :mod:`gsnr_stats._factored_engine` for
+their factored weights.
 """
 
 from __future__ import annotations
@@ -180,6 +182,10 @@ def record_partial(
         The record.
     cols : (int, int), optional
         Column range ``[c0, c1)``; ``c0`` must be a multiple of the chunk width. Default: all.
+        In a factored store (format 4) columns are storage positions: the plain columns,
+        then each factor's weight entries (row-major) and bias
+        (:func:`gsnr_stats._factored_engine.storage_order` maps them to flat parameters;
+        without ``cols`` the result is in layout order, as for any store).
     blocks : int
         Number K of contiguous sample blocks whose moments are kept apart (jackknife).
     nonfinite : {"raise", "omit"}
@@ -207,6 +213,16 @@ def record_partial(
             part = _gradients_partial(view, K, nonfinite, progress)
         ostep, opt = view.info.optimizer_step, view.meta().get("optimizer")
     return _finish(part, store, step, split, ostep, opt)
+
+
+def record_nbytes(store: GradientStore, key: tuple[int, str]) -> int:
+    """Bytes of per-sample values :func:`record_partial` reads for record ``key``: the
+    stored columns and, in a factored store, the factor rows (for progress bars)."""
+    n = store.record(*key).n_samples
+    per = int(getattr(store, "n_plain", store.layout.n_params)) * store.grads_dtype.itemsize
+    per += sum(f.rows * (f.in_ + f.out) * f.dtype.itemsize
+               for f in getattr(store, "factors", None) or ())
+    return n * per
 
 
 def _factored_partial(store: GradientStore, step: int, split: str,

@@ -28,6 +28,7 @@ from .engine import (  # noqa: F401 - names of the single-module reduce (v1 code
     filter_keys,
     numba_threads,
     open_shards,
+    record_nbytes,
     record_partial,
     same_files,
     select_keys,
@@ -108,6 +109,16 @@ def reduce(
     -------
     xarray.Dataset
         Dims ``step``, ``split``, ``param`` (and ``block``); see ``docs/format.md``.
+
+    Notes
+    -----
+    Factored records (format 4: a Linear's per-sample gradient ``Σ_t δ_t a_tᵀ`` kept as
+    its factors) give the same Dataset as the materialised products, computed from the
+    factors exactly (float64 products and two-pass moments, never an ``n × P`` array;
+    :mod:`gsnr_stats._factored_engine`). The only difference from reducing a materialised
+    float32 store is that store's float32 rounding of each product. With
+    ``nonfinite="omit"`` a sample is dropped from exactly the entries whose product is
+    NaN/Inf (as in the materialised rows).
     """
     require_paths(paths, "gs.reduce")
     if isinstance(ddof, bool) or ddof not in (0, 1):
@@ -145,10 +156,7 @@ def reduce(
         if progress:
             from tqdm.auto import tqdm
 
-            total = sum(
-                s.record(*k).n_samples * layout.n_params * s.grads_dtype.itemsize
-                for k in keys for s in stores if _has(s, k)
-            )
+            total = sum(record_nbytes(s, k) for k in keys for s in stores if _has(s, k))
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="reduce")
         parts: dict[tuple[int, str], Partial] = {}
         with numba_threads(threads):
