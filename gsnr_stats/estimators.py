@@ -357,6 +357,17 @@ def _cross_gram(X: tuple[np.ndarray, np.ndarray], Y: tuple[np.ndarray, np.ndarra
     return H
 
 
+def _gram_times(X: tuple[np.ndarray, np.ndarray], Y: tuple[np.ndarray, np.ndarray],
+                V: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
+    """``H_XY Vᵀ`` ``(u_X, M)`` with ``H`` (:func:`_cross_gram`) formed in row blocks of at
+    most ``block_bytes``: memory O(u_Y) per row, never the whole ``u_X × u_Y``."""
+    b = max(1, block_bytes // (8 * max(1, Y[0].shape[0])))
+    out = np.empty((X[0].shape[0], V.shape[0]))
+    for r in range(0, X[0].shape[0], b):
+        out[r:r + b] = _cross_gram((X[0][r:r + b], X[1][r:r + b]), Y) @ V.T
+    return out
+
+
 def _indicator(subsets: Sequence[np.ndarray], keep: np.ndarray) -> np.ndarray:
     """``V (M, |keep|)``: ``V[k, j] = 1`` where row ``keep[j]`` is in subset k."""
     V = np.zeros((len(subsets), keep.size))
@@ -368,10 +379,12 @@ def _indicator(subsets: Sequence[np.ndarray], keep: np.ndarray) -> np.ndarray:
 def _gram_choice(meta: RecordMeta, sizes: tuple[int, int], u: tuple[int, int], M: int,
                  method: str, max_bytes: int) -> frozenset[str]:
     """Weights whose inner products go through sample Gram matrices (``method="auto"``: those
-    where it takes fewer multiply-adds than the subset sums and its blocks fit max_bytes).
+    where it takes fewer multiply-adds than the subset sums and the rows it holds fit
+    max_bytes).
 
     Subset sums: ``(Σ|D_k| + Σ|D'_k|)·T·out·in``; Gram: ``(u_A² + u_B u_A)·(T²(in+out) + 2M)``
-    with ``u`` the rows any subset holds (``u_B = 0`` for one pool).
+    with ``u`` the rows any subset holds (``u_B = 0`` for one pool), holding
+    ``(u_A + u_B)·T·(in + out)`` float64 factor values (``H`` is formed in 64 MiB blocks).
     """
     if method == "sums":
         return frozenset()
@@ -380,7 +393,7 @@ def _gram_choice(meta: RecordMeta, sizes: tuple[int, int], u: tuple[int, int], M
         cells = u[0] * u[0] + u[1] * u[0]
         gram = cells * (f.rows ** 2 * (f.in_ + f.out) + 2 * M)
         sums = (sizes[0] + sizes[1]) * f.rows * f.out * f.in_
-        mem = 8 * (cells + (u[0] + u[1]) * f.rows * (f.in_ + f.out))
+        mem = 8 * (u[0] + u[1]) * f.rows * (f.in_ + f.out)
         if method == "gram" or (gram < sums and mem <= max_bytes):
             out.add(f.weight)
     return frozenset(out)
@@ -457,9 +470,9 @@ def _first_order_core(
         Vb = _indicator(subsets_b, keeps[0 if one else 1])
     for w in sorted(gram):
         X = [tuple(np.concatenate(x) for x in h[w]) for h in held]
-        HVa = _cross_gram(X[0], X[0]) @ Va.T
+        HVa = _gram_times(X[0], X[0], Va)
         den += np.einsum("ku,uk->k", Va, HVa)
-        num += np.einsum("ku,uk->k", Vb, HVa if one else _cross_gram(X[1], X[0]) @ Va.T)
+        num += np.einsum("ku,uk->k", Vb, HVa if one else _gram_times(X[1], X[0], Va))
     for part in (*acc_w.values(), *acc_b.values()):
         pa = part[:M].reshape(M, -1)
         pb = part[M:].reshape(M, -1)

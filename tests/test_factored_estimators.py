@@ -138,7 +138,9 @@ def test_gram_choice_follows_the_operation_count():
     meta = pj.RecordMeta(512 * 784, np.zeros(0, dtype=np.int64), (f,))
     # K = 16 pairs of n = 64 from pools of 256: Gram 256²(1296 + 32) < 2048·401408
     assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 1 << 30) == {"w"}
-    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 1 << 20) == set()
+    # it holds 512 rows of 1296 float64 values (5.3 MB)
+    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 6 << 20) == {"w"}
+    assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "auto", 5 << 20) == set()
     assert est._gram_choice(meta, (1024, 1024), (256, 256), 16, "sums", 1 << 30) == set()
     # 2·512² (1296 + 32) = 7.0e8 < 8.2e8: Gram; subsets spread over 60,000 rows: sums
     assert est._gram_choice(meta, (1024, 1024), (512, 512), 16, "auto", 1 << 40) == {"w"}
@@ -148,6 +150,20 @@ def test_gram_choice_follows_the_operation_count():
     meta2 = pj.RecordMeta(12, np.zeros(0, dtype=np.int64), (f2,))
     assert est._gram_choice(meta2, (64, 64), (64, 64), 8, "auto", 1 << 30) == set()
     assert est._gram_choice(meta2, (64, 64), (64, 64), 8, "gram", 1) == {"w"}
+
+
+def test_gram_blocks_equal_one_block():
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(37, 2, 5)), rng.normal(size=(37, 2, 4)))
+    Y = (rng.normal(size=(23, 2, 5)), rng.normal(size=(23, 2, 4)))
+    V = (rng.random((6, 23)) < 0.3).astype(np.float64)
+    full = est._cross_gram(X, Y) @ V.T
+    np.testing.assert_allclose(est._gram_times(X, Y, V, block_bytes=8 * 23 * 5), full,
+                               rtol=1e-14, atol=1e-14 * np.abs(full).max())
+    # the Gram entries are the per-sample gradients' inner products
+    g = np.einsum("nto,nti->noi", X[1], X[0]).reshape(37, -1)
+    h = np.einsum("nto,nti->noi", Y[1], Y[0]).reshape(23, -1)
+    np.testing.assert_allclose(est._cross_gram(X, Y), g @ h.T, rtol=1e-12, atol=1e-12)
 
 
 def test_factored_subset_sums_no_plain_columns():
