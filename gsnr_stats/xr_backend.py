@@ -144,7 +144,7 @@ class _Reader:
         parts = [st.read_grads_rows(*self.gk[r], lo, hi, (c0, c1), verify=self.src.verify)
                  for r, lo, hi in _pieces(self.gs, a, b)]
         return (np.concatenate(parts, axis=0) if parts
-                else np.empty((0, c1 - c0), st.grads_dtype))
+                else np.empty((0, c1 - c0), _grads_dtype(st)))
 
     def _aux(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         st, k = self.src.store, self.gk[r]
@@ -183,6 +183,12 @@ class _PerParam:
     def __call__(self, spans: list[tuple[int, int]]) -> np.ndarray:
         (a, b), = spans
         return self.names[np.searchsorted(self.offsets, np.arange(a, b), side="right") - 1]
+
+
+def _grads_dtype(store: GradientStore) -> np.dtype:
+    """dtype of the rows ``read_grads_rows`` returns: factored stores materialise them in
+    float32 at least (``gsnr_stats/store/_factored.py``)."""
+    return np.result_type(store.grads_dtype, np.float32) if store.factored else store.grads_dtype
 
 
 def _lazy(dims: tuple[str, ...], shape: tuple[int, ...], dtype: Any, fetch: Callable,
@@ -247,6 +253,10 @@ def _build(store: GradientStore, path: str, verify: bool, drop: list[str]) -> xr
     rd = _Reader(src, [(r.step, r.split) for r in grad], gs_,
                  [(r.step, r.split) for r in mom], ms_)
     rc, cc = store.grads_chunks
+    if store.factored:
+        # materialised rows: every column window reads its rows' plain columns and factors,
+        # so a chunk spans all of P and about 32 MiB of rows
+        rc, cc = max(1, (32 << 20) // (4 * max(1, P))), max(1, P)
     offsets = np.array(lay.offsets, np.int64)
     coords: dict[str, Any] = {
         "step": ("sample", np.repeat([r.step for r in grad], gn).astype(np.int64),
@@ -297,8 +307,12 @@ def _build(store: GradientStore, path: str, verify: bool, drop: list[str]) -> xr
     for name, (vals, dt, attrs) in rec_cols.items():
         coords[name] = ("record", np.array(vals, dtype=dt).reshape(len(recs)), attrs)
     grads_attrs = {"long_name": "per-sample gradient of each sample's own loss", **ONE}
+    if store.factored:
+        grads_attrs["comment"] = ("materialised from the factored records on read: "
+                                  "g_W,i = sum_t delta_it a_it^T for the tensors in "
+                                  "attribute factors")
     data: dict[str, Any] = {
-        "grads": _lazy(("sample", "param"), (N, P), store.grads_dtype, rd.grads, grads_attrs,
+        "grads": _lazy(("sample", "param"), (N, P), _grads_dtype(store), rd.grads, grads_attrs,
                        {"sample": rc, "param": cc}),
         "loss": _lazy(("sample",), (N,), "<f8", partial(rd.aux, 0, "<f8"),
                       {"long_name": "per-sample loss (NaN where not written)", **ONE}),
@@ -323,6 +337,8 @@ def _build(store: GradientStore, path: str, verify: bool, drop: list[str]) -> xr
     attrs.update({
         "user_attrs": json.dumps(a["user_attrs"]),
         "layout": lay.to_json(), "n_params": int(P),
+        **({"factors": json.dumps([f.to_dict() for f in store.factors]),
+            "n_plain": int(store.n_plain)} if store.factored else {}),
         "Conventions": CONVENTIONS,
         "title": "completed records of a gsnr-stats gradient store",
         "source": os.path.abspath(path),

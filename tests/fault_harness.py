@@ -21,6 +21,9 @@ Modes (``argv[1]``):
     the N-th and the kernel kills the child at that system call (strace counts per process).
 ``randkill SEED COUNT`` / ``randint SEED COUNT``
     SIGKILL / SIGINT sent by the parent at a random moment.
+``fhookkill K0 K1 [STEP]`` / ``fhookraise K0 K1 [STEP]``
+    as ``hookkill`` / ``hookraise``, striking a factored writer (:func:`work_factored`,
+    format 4: factor datasets written beside the plain columns in every write).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 import numpy as np
 
 import gsnr_stats  # noqa: F401 - the writer imports the package lazily; pay it once, before forking
-from gsnr_stats.store import GradientWriter, _faults
+from gsnr_stats.store import FactorSpec, GradientWriter, _faults
 from gsnr_stats.store.schema import data_checksum
 
 # load the writer's (serial) checksum kernel once here, not in every forked child
@@ -87,6 +90,34 @@ def work(path: str, rep: int, records: int = 3) -> None:
                 w.write_trajectory(step, 0.1, 1.0 / (step + 1), 2.0 / (step + 1))
 
 
+FLAYOUT = [("fc.weight", (6, 5)), ("fc.bias", (6,)), ("norm", (3,)), ("seq.weight", (4, 6))]
+FFACTORS = [("fc.weight", "fc.bias"), FactorSpec("seq.weight", rows=3)]
+
+
+def factored(step: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Plain columns (norm) and float32 factors of factored record ``step``."""
+    r = np.random.default_rng(2000 + step)
+    n = 6 + 2 * step  # 6, 8 rows: 4 writes of <= 4 rows in all (few fault steps)
+    f32 = np.float32
+    return r.normal(size=(n, 3)).astype(f32), {
+        "fc.weight": (r.normal(size=(n, 5)).astype(f32), r.normal(size=(n, 6)).astype(f32)),
+        "seq.weight": (r.normal(size=(n, 2, 6)).astype(f32), r.normal(size=(n, 2, 4)).astype(f32)),
+    }
+
+
+def work_factored(path: str, rep: int, records: int = 2) -> None:
+    """A factored writer: ``records`` records of 4-row writes, each completed by end_record."""
+    with GradientWriter(path, FLAYOUT, factors=FFACTORS, chunks=(4, 3)) as w:
+        for step in range(records):
+            g, fac = factored(step)
+            for lo in range(0, len(g), 4):
+                sl = slice(lo, lo + 4)
+                w.write(step, "train", g[sl], factors={k: (a[sl], d[sl]) for k, (a, d) in fac.items()},
+                        loss=np.full(len(g[sl]), step), lr=0.1)
+            w.end_record(step, "train")
+            os.write(rep, f"done {step}\n".encode())
+
+
 def _hook_at(k: int, action) -> None:
     n = [0]
 
@@ -100,6 +131,9 @@ def _hook_at(k: int, action) -> None:
 
 def child(mode: str, arg: int, path: str, rep: int) -> int:
     """Body of one forked trial; returns the exit code."""
+    body = work
+    if mode.startswith("fhook"):
+        body, mode = work_factored, mode[1:]
     if mode == "hookkill":
         _hook_at(arg, lambda label: os.kill(os.getpid(), signal.SIGKILL))
     elif mode == "hookint":
@@ -115,7 +149,10 @@ def child(mode: str, arg: int, path: str, rep: int) -> int:
         os.close(fd)
         os.unlink(path + ".scratch")
     try:
-        work(path, rep, records=10_000 if mode.startswith("rand") else 3)
+        if body is work:
+            work(path, rep, records=10_000 if mode.startswith("rand") else 3)
+        else:
+            work_factored(path, rep)
     except KeyboardInterrupt:
         os.write(rep, b"interrupted\n")
         return 3
@@ -179,7 +216,8 @@ def main(argv: list[str]) -> None:
         path = os.path.join(outdir, f"{mode}{i}.h5")
         res = trial(mode, arg, path, delay)
         print(json.dumps(res), flush=True)
-        if mode in ("hookkill", "hookint", "hookraise", "syscall") and res["end"] == ["finished"]:
+        if mode.lstrip("f") in ("hookkill", "hookint", "hookraise", "syscall") \
+                and res["end"] == ["finished"]:
             break  # past the last write step: every step has been hit
 
 

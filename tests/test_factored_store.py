@@ -274,3 +274,30 @@ def test_damaged_factor_bytes_are_detected(tmp_path, rng, name):
                      lambda: s.read_loss(*key), lambda: s.read_grads_rows(*key, 0, 1)):
             with pytest.raises(StoreError, match=r"record \(step=0, split='train'\).*factors"):
                 read()
+
+
+@pytest.mark.parametrize("all_factored", [False, True])
+def test_xarray_views_of_a_factored_store(tmp_path, rng, all_factored):
+    xr = pytest.importorskip("xarray")
+    if all_factored:
+        params = [("a.weight", (3, 4)), ("a.bias", (3,))]
+        factors = [("a.weight", "a.bias", 3, 4)]
+    else:
+        params, factors = _model(rng, n_layers=2)
+    path = tmp_path / "x.h5"
+    data = _write(path, rng, params, factors, rows=2, T=2)
+    with gs.open_store(path) as s:
+        want = np.concatenate([s.read_grads(*k) for k in sorted(data)])
+        n_plain = s.n_plain
+    with xr.open_dataset(path, engine="gsnr_stats") as ds:
+        assert ds["grads"].dtype == np.float32 and ds.attrs["n_plain"] == n_plain
+        np.testing.assert_array_equal(ds["grads"].values, want)
+        np.testing.assert_array_equal(ds["grads"][1:5, 2:7].values, want[1:5, 2:7])
+    engines = [e for e in ("netcdf4", "h5netcdf") if e in xr.backends.list_engines()]
+    for engine in engines:  # the raw netCDF face: every dataset, with named dimensions
+        with xr.open_dataset(path, engine=engine) as raw:
+            assert raw["grads"].dims == ("sample", "plain_param")
+            assert raw.sizes["plain_param"] == n_plain and raw.sizes["sample"] == want.shape[0]
+        with xr.open_dataset(path, engine=engine, group="factors/0") as g0:
+            assert g0["a"].dims == ("sample", "t", "in") and g0["delta"].dims[2] == "out"
+            assert g0["a"].shape == (want.shape[0], 2, factors[0][3])

@@ -44,11 +44,14 @@ def _open(path: Path) -> gs.GradientStore:
         return gs.open_store(path)
 
 
-def check_file(path: Path, done: list[int], reduce: bool = False) -> tuple[int, int]:
+def check_file(path: Path, done: list[int], reduce: bool = False,
+               factored: bool = False) -> tuple[int, int]:
     """Every record reported done is intact; every record read as complete is whole.
 
     Returns (completed records, incomplete records).
     """
+    if factored:
+        return check_factored(path, done)
     if not path.exists():
         assert not done, f"{path}: records {done} were reported complete, the file is missing"
         return 0, 0
@@ -89,6 +92,32 @@ def check_file(path: Path, done: list[int], reduce: bool = False) -> tuple[int, 
     return len(steps), n_incomplete
 
 
+def check_factored(path: Path, done: list[int]) -> tuple[int, int]:
+    """check_file for fault_harness.work_factored: plain columns and factors bit for bit,
+    materialised rows equal to gs.store.materialize of the written factors."""
+    if not path.exists():
+        assert not done, f"{path}: records {done} were reported complete, the file is missing"
+        return 0, 0
+    with _open(path) as store:
+        steps = [r.step for r in store.records]
+        assert set(done) <= set(steps), (path, done, steps)
+        for s in steps:
+            g, fac = fh.factored(s)
+            assert store.record(s, "train").n_samples == len(g)
+            np.testing.assert_array_equal(store.read_plain_rows(s, "train"), g)
+            got = store.read_factors(s, "train")
+            for k, (a, d) in fac.items():
+                np.testing.assert_array_equal(got[k][0][:, : a.reshape(len(g), -1, a.shape[-1]).shape[1]],
+                                              a.reshape(len(g), -1, a.shape[-1]))
+                np.testing.assert_array_equal(got[k][1][:, : d.reshape(len(g), -1, d.shape[-1]).shape[1]],
+                                              d.reshape(len(g), -1, d.shape[-1]))
+            want = gs.store.materialize(store.factors, store.plain_index, store.layout.n_params,
+                                        g, fac, np.float32)
+            np.testing.assert_array_equal(store.read_grads(s, "train"), want)
+            assert (store.read_loss(s, "train") == s).all()
+        return len(steps), len(store.incomplete)
+
+
 def run_campaigns(tmp_path: Path, campaigns: dict[str, list[str]]) -> dict[str, list[dict]]:
     """Run harness campaigns side by side (one process each); their JSON lines by name."""
     procs = {}
@@ -123,6 +152,9 @@ def _campaigns() -> dict[str, list[str]]:
         "hookkill": [py, HARNESS, "hookkill", "1 100000"],
         "hookraise": [py, HARNESS, "hookraise", "1 100000"],
         "hookint": [py, HARNESS, "hookint", "1 100000 3"],  # every third step
+        # a factored writer (format 4): a kill at every 7th step, an exception at every 11th
+        "fhookkill": [py, HARNESS, "fhookkill", "1 100000 7"],
+        "fhookraise": [py, HARNESS, "fhookraise", "3 100000 11"],
         # kills and Ctrl-Cs from outside, at random moments of a long writer
         "randkill": [py, HARNESS, "randkill", "11 30"],
         "randint": [py, HARNESS, "randint", "12 50"],
@@ -145,6 +177,8 @@ _AT_LEAST = {
     "hookkill": {"kills": 200, "incomplete": 20},
     "hookraise": {"raised": 100, "incomplete": 20},
     "hookint": {"ints": 50, "incomplete": 5},
+    "fhookkill": {"kills": 20, "incomplete": 8},
+    "fhookraise": {"raised": 12, "incomplete": 4},
     "randkill": {"kills": 10},
     "randint": {"ints": 10},
     "syscall": {"kills": 200, "incomplete": 20},
@@ -160,7 +194,7 @@ def test_fault_campaign(tmp_path, name):
     n = {"kills": 0, "ints": 0, "raised": 0, "incomplete": 0}
     for i, r in enumerate(results):
         path = Path(r["path"])
-        if name in ("hookkill", "syscall", "randkill"):
+        if name in ("hookkill", "fhookkill", "syscall", "randkill"):
             if r["signal"] == signal.SIGKILL:
                 n["kills"] += 1
             else:
@@ -178,9 +212,10 @@ def test_fault_campaign(tmp_path, name):
                 assert len(r["end"]) == 1 and r["end"][0].startswith(
                     "error gsnr_stats.errors.StoreError:"), r
                 assert "injected at" in r["end"][0] and str(path) in r["end"][0], r
-        _, n_inc = check_file(path, r["done"], reduce=i % 16 == 0)
+        _, n_inc = check_file(path, r["done"], reduce=i % 16 == 0 and name[0] != "f",
+                              factored=name[0] == "f")
         n["incomplete"] += n_inc
-    if name.startswith("hook") or name == "syscall":
+    if name.lstrip("f").startswith("hook") or name == "syscall":
         _sweep(results, name)
     print(name, n)
     for what, least in _AT_LEAST[name].items():

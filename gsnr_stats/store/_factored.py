@@ -327,7 +327,8 @@ def load(store: GradientStore) -> None:
     store.n_plain = int(store.plain_index.size)
     n_plain = store._f.attrs.get("n_plain")
     if not isinstance(n_plain, int | np.integer) or int(n_plain) != store.n_plain:
-        raise SchemaError(f"{path}: n_plain attribute {n_plain!r} does not match the layout and "
+        shown = int(n_plain) if isinstance(n_plain, int | np.integer) else repr(n_plain)
+        raise SchemaError(f"{path}: n_plain attribute {shown} does not match the layout and "
                           f"factors ({store.n_plain} plain columns)")
     grp = store._obj("factors")
     if not isinstance(grp, h5py.Group):
