@@ -657,7 +657,7 @@ def factored_row_block(t: int, n_in: int, itemsize: int, cache_bytes: int = 1 <<
 # -- in-training moments from a batch's closed-form sums -------------------------------
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")  # no per-element zero-division check
 def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no cover - numba
     """Merge one batch's closed-form moments into running ones; flag the unsafe elements.
 
@@ -678,11 +678,12 @@ def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no
     w = n / tot
     naw = na * w
     sc2 = scale * scale
+    inv = 1.0 / n
     nbad = 0
     for j in range(s1.shape[0]):
         a = np.float64(s1[j]) * scale
         b = np.float64(s2[j]) * sc2
-        mb = a / n
+        mb = a * inv
         q = b - a * mb
         ok = q >= b * bound  # NaN-safe: a non-finite sum is flagged
         bad[j] = not ok
