@@ -235,6 +235,11 @@ def test_kron_projection_factored_equals_materialised(T):
     z1 = pj.project_chunks(_chunks(plain, fac, 5), meta, k, 2, kron, ["fc2.weight"],
                            block_rows=7)
     np.testing.assert_allclose(z1, ref1, rtol=1e-12, atol=1e-12 * np.abs(ref1).max())
+    # a plain 2-D tensor of a factored record ("conv", stored as columns) Kronecker-projected
+    ref2 = _kron_ref(meta, G, k, 2, kron, ["conv", "fc1.weight"], 7)
+    z2 = pj.project_chunks(_chunks(plain, fac, 5), meta, k, 2, kron, ["conv", "fc1.weight"],
+                           block_rows=7)
+    np.testing.assert_allclose(z2, ref2, rtol=1e-12, atol=1e-12 * np.abs(ref2).max())
 
 
 def test_kron_projection_norm_is_unbiased_with_the_stated_variance():
