@@ -238,6 +238,8 @@ def _info_store(store: Any) -> None:
           f"dtype {store.grads_dtype}, chunks {store.grads_chunks}, compression {comp}")
     for n, sh, layer, o in zip(lay.names, lay.shapes, lay.layers, lay.offsets, strict=True):
         print(f"    {n:<32} {str(tuple(sh)):<20} layer {layer:<20} offset {o}")
+    for line in store.describe_factors():  # format 4: factored tensors and the saving
+        print(line)
     print(f"  records: {len(store.records)} complete")
     for r in store.records:
         extra = f" lr={r.lr:g}" if r.lr == r.lr else ""

@@ -301,3 +301,25 @@ def test_xarray_views_of_a_factored_store(tmp_path, rng, all_factored):
         with xr.open_dataset(path, engine=engine, group="factors/0") as g0:
             assert g0["a"].dims == ("sample", "t", "in") and g0["delta"].dims[2] == "out"
             assert g0["a"].shape == (want.shape[0], 2, factors[0][3])
+
+
+def test_info_shows_the_factored_tensors_and_the_saving(tmp_path, rng, capsys):
+    from gsnr_stats.cli import main as cli_main
+
+    params = [("fc.weight", (30, 20)), ("fc.bias", (30,)), ("norm", (7,)),
+              ("seq.weight", (10, 40))]
+    factors = [("fc.weight", "fc.bias", 30, 20), ("seq.weight", None, 10, 40)]
+    path = tmp_path / "i.h5"
+    data = _write(path, rng, params, factors, rows=2, T=2, records=1, writes=2)
+    n = sum(p.shape[0] for p, _ in data.values())
+    assert cli_main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format gsnr-stats v4" in out
+    assert "factored tensors (format 4): 2, factor dtype float32; grads holds the P_plain=7 " \
+           "plain columns of P=1037" in out
+    assert "fc.weight + bias fc.bias  (30, 20), rows T=2: 100 values a sample instead of 630" in out
+    assert "seq.weight  (10, 40), rows T=2: 100 values a sample instead of 400" in out
+    stored, full = n * 4 * (7 + 100 + 100), n * 4 * 1037
+    with gs.open_store(path) as s:
+        assert s.describe_factors()[-1].endswith(f"materialised ({full / stored:.1f}x smaller)")
+        assert f"{stored} bytes stored" in out or f"{stored / 1e3:.1f} kB stored" in out

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 FACTOR_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 _MAX_FACTORS_JSON = 16 << 20
 _TMP_BYTES = 64 << 20  # float64 scratch of one materialised product block
-_CHUNK_BYTES = 1 << 20  # target bytes of one factor dataset chunk
+_CHUNK_BYTES = 256 << 10  # target bytes of one factor dataset chunk (stored whole: small)
 _LOCK = threading.Lock()  # one verification of a segment's factors at a time (Dask threads)
 _MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -558,3 +558,25 @@ def factor_bytes(store: GradientStore) -> tuple[int, int]:
     stored = n * (store.n_plain * store.grads_dtype.itemsize
                   + sum(f.stored_per_sample * f.dtype.itemsize for f in store.factors))
     return int(stored), int(n * store.layout.n_params * item)
+
+
+def summary_lines(store: GradientStore) -> list[str]:
+    """What ``gsnr-stats info`` prints about a factored store (``[]`` for other stores):
+    the factored tensors, values stored per sample vs materialised, and the bytes saved."""
+    if not store.factors:
+        return []
+    from ._space import _fmt
+
+    P = store.layout.n_params
+    out = [f"  factored tensors (format 4): {len(store.factors)}, factor dtype "
+           f"{store.factors[0].dtype.name}; grads holds the P_plain={store.n_plain} plain columns "
+           f"of P={P}"]
+    for fi in store.factors:
+        bias = f" + bias {fi.bias}" if fi.bias else ""
+        out.append(f"    {fi.weight}{bias}  ({fi.out}, {fi.in_}), rows T={fi.rows}: "
+                   f"{fi.stored_per_sample} values a sample instead of {fi.materialised_per_sample}")
+    stored, full = factor_bytes(store)
+    ratio = f" ({full / stored:.1f}x smaller)" if stored else ""
+    out.append(f"  per-sample values of the records: {_fmt(stored)} stored, {_fmt(full)} "
+               f"materialised{ratio}")
+    return out

@@ -585,6 +585,10 @@ class GradientStore:
         """Whether the store holds factored tensors (format 4; :attr:`factors`)."""
         return bool(self.factors)
 
+    def describe_factors(self) -> list[str]:
+        """Lines for ``gsnr-stats info``: factored tensors and bytes saved (``[]``: none)."""
+        return _factored.summary_lines(self)
+
     def read_factors(self, step: int, split: str, start: int = 0, stop: int | None = None
                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Factors of rows ``[start, stop)`` of a record (format 4), verified.
