@@ -500,28 +500,80 @@ class TrainingMoments:
 
     def _linear(self, mname: str, m: nn.Module, call: _Call, n: int, c: float,
                 na: float) -> None:
-        """Weight by the closed form (flagged elements exactly), bias by two-pass."""
+        """Weight and bias by the closed form, flagged elements exactly."""
         names = _pnames(mname, m)
         wname = names[0][1]
         a, dh = call.a, call.d.to(call.a.dtype)
-        s1 = call.own[wname][0].detach()
-        s2 = (dh * dh).T @ (a * a)
-        lo, hi = self._off[wname]
-        shape = m.weight.shape
+        d2 = dh * dh
+        bound = 3.0 * (n + 3) * _U[self._dtype] / self.tol
+        # sum g: autograd's own weight gradient of this call; sum g^2: one GEMM
+        self._closed(wname, call.own[wname][0], d2.T @ (a * a), n, c, na, bound,
+                     lambda tol: self._exact_weight(a, dh, c, n, tol))
+        if m.bias is not None:
+            bname = names[1][1]
+            own = call.own.get(bname, ())
+            s1 = own[0] if len(own) == 1 else dh.sum(0)
+            self._closed(bname, s1, d2.sum(0), n, c, na, bound,
+                         lambda tol: self._exact_bias(dh, c))
+
+    def _closed(self, name: str, s1: torch.Tensor, s2: torch.Tensor, n: int, c: float,
+                na: float, bound: float, exact: Callable[[float], Any]) -> None:
+        """Merge one parameter's closed-form batch moments (``merge_closed_form``); the
+        flagged elements from ``exact(tol)`` -> float64 (mean, M2) of the whole tensor or a
+        callable giving them for the flagged index arrays."""
+        lo, hi = self._off[name]
+        shape = tuple(self._params[name].shape)
         mean = self._mean[lo:hi].reshape(shape)
         m2 = self._m2[lo:hi].reshape(shape)
         bad = self._bad_buffer(shape)
-        u = _U[self._dtype]
-        bound = 3.0 * (n + 3) * u / self.tol
         nbad = kernels.merge_closed_form(
-            s1.contiguous().cpu().numpy().reshape(-1), s2.contiguous().cpu().numpy().reshape(-1),
+            s1.detach().contiguous().cpu().numpy().reshape(-1),
+            s2.detach().contiguous().cpu().numpy().reshape(-1),
             float(n), c, na, bound, mean.reshape(-1), m2.reshape(-1), bad.reshape(-1))
-        if nbad:
-            self._exact_elements(wname, a, dh, c, n, na, bad, mean, m2)
-        if m.bias is not None:
-            d64 = dh.to(torch.float64) * c
+        if not nbad:
+            return
+        idx = np.nonzero(bad)
+        mb, qb = exact(self.tol)(idx)
+        if not (np.isfinite(mb).all() and np.isfinite(qb).all()):
+            j = int(np.flatnonzero(~(np.isfinite(mb) & np.isfinite(qb)))[0])
+            raise NonFiniteError(f"{_WHERE}: non-finite gradient for parameter {name} "
+                                 f"(element {tuple(int(v[j]) for v in idx)})")
+        tot = na + n
+        d = mb - mean[idx]
+        mean[idx] += d * (n / tot)
+        m2[idx] += qb + d * d * (na * n / tot)
+
+    @staticmethod
+    def _exact_bias(dh: torch.Tensor, c: float) -> Callable[[Any], tuple[Any, Any]]:
+        """Two-pass moments of the flagged bias elements: their columns of delta."""
+        def get(idx: Any) -> tuple[np.ndarray, np.ndarray]:
+            (k,) = idx
+            d64 = dh[:, torch.from_numpy(k)].to("cpu", torch.float64) * c
             mu = d64.mean(0)
-            self._merge(names[1][1], na, n, mu, ((d64 - mu) ** 2).sum(0))
+            return mu.numpy(), ((d64 - mu) ** 2).sum(0).numpy()
+        return get
+
+    @staticmethod
+    def _exact_weight(a: torch.Tensor, dh: torch.Tensor, c: float, n: int, tol: float
+                      ) -> Callable[[Any], tuple[Any, Any]]:
+        """Flagged weight elements: ``linear_weight_moments`` (float64 products, two-pass
+        where its bound asks) on the flagged output rows or input columns, whichever is
+        less work."""
+        def get(idx: Any) -> tuple[np.ndarray, np.ndarray]:
+            r, k = idx
+            rows, cols = np.unique(r), np.unique(k)
+            a64 = a.detach().to("cpu", torch.float64)
+            d64 = dh.detach().to("cpu", torch.float64) * c
+            if rows.size * a64.shape[1] <= cols.size * d64.shape[1]:
+                mu, q = linear_weight_moments(
+                    a64, d64[:, torch.from_numpy(rows)].contiguous(), n, tol)
+                sub = (np.searchsorted(rows, r), k)
+            else:
+                mu, q = linear_weight_moments(
+                    a64[:, torch.from_numpy(cols)].contiguous(), d64, n, tol)
+                sub = (r, np.searchsorted(cols, k))
+            return mu.numpy()[sub], q.numpy()[sub]
+        return get
 
     def _bad_buffer(self, shape: Any) -> np.ndarray:
         """A reusable flag array of ``shape`` (the kernel writes every element)."""
@@ -529,32 +581,6 @@ class TrainingMoments:
         if key not in self._bad:
             self._bad[key] = np.zeros(key, dtype=np.bool_)
         return self._bad[key]
-
-    def _exact_elements(self, wname: str, a: torch.Tensor, dh: torch.Tensor, c: float, n: int,
-                        na: float, bad: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
-        """Flagged weight elements: two-pass moments of their float64 products, merged."""
-        r, k = np.nonzero(bad)
-        rows, cols = np.unique(r), np.unique(k)
-        a64 = a.detach().to("cpu", torch.float64)
-        d64 = dh.detach().to("cpu", torch.float64) * c
-        if rows.size * a64.shape[1] <= cols.size * d64.shape[1]:
-            mu, q = linear_weight_moments(a64, d64[:, torch.from_numpy(rows)].contiguous(), n,
-                                          self.tol)
-            sub_r, sub_k = np.searchsorted(rows, r), k
-        else:
-            mu, q = linear_weight_moments(a64[:, torch.from_numpy(cols)].contiguous(), d64, n,
-                                          self.tol)
-            sub_r, sub_k = r, np.searchsorted(cols, k)
-        mb = mu.numpy()[sub_r, sub_k]
-        qb = q.numpy()[sub_r, sub_k]
-        if not (np.isfinite(mb).all() and np.isfinite(qb).all()):
-            j = int(np.flatnonzero(~(np.isfinite(mb) & np.isfinite(qb)))[0])
-            raise NonFiniteError(f"{_WHERE}: non-finite gradient for parameter {wname} "
-                                 f"(element {(int(r[j]), int(k[j]))})")
-        tot = na + n
-        d = mb - mean[r, k]
-        mean[r, k] += d * (n / tot)
-        m2[r, k] += qb + d * d * (na * n / tot)
 
     def _merge(self, name: str, na: float, n: int, mu: torch.Tensor, q: torch.Tensor) -> None:
         """Chan-merge a parameter's batch moments (float64) into the running ones."""
