@@ -323,3 +323,21 @@ def test_info_shows_the_factored_tensors_and_the_saving(tmp_path, rng, capsys):
     with gs.open_store(path) as s:
         assert s.describe_factors()[-1].endswith(f"materialised ({full / stored:.1f}x smaller)")
         assert f"{stored} bytes stored" in out or f"{stored / 1e3:.1f} kB stored" in out
+
+
+def test_factored_estimate_bounds_the_file_size(tmp_path, rng):
+    params = [("fc.weight", (64, 100)), ("fc.bias", (64,)), ("norm", (5,))]
+    p = tmp_path / "e.h5"
+    n = 300
+    with gs.GradientWriter(p, params, factors=[("fc.weight", "fc.bias")], chunks=(16, 5)) as w:
+        est = w.estimate_bytes(n)
+        G = rng.normal(size=(n, 5)).astype(np.float32)
+        for lo in range(0, n, 50):  # whole chunk rows of the plain columns go through pwritev
+            w.write(0, "train", G[lo:lo + 50],
+                    factors={"fc.weight": (rng.normal(size=(50, 100)), rng.normal(size=(50, 64)))})
+    size = p.stat().st_size
+    full = gs.estimate_store_bytes(params, n)
+    assert size <= est < full / 5, (size, est, full)
+    with gs.open_store(p) as s:
+        assert s.read_grads(0, "train").shape == (n, 6469)
+        np.testing.assert_array_equal(s.read_plain_rows(0, "train"), G)

@@ -151,6 +151,8 @@ class SpaceCheck:
         self.planned_rows = None if planned_rows is None else int(planned_rows)
         self.planned_blocks = None if planned_blocks is None else int(planned_blocks)
         # a factored store (format 4): plain columns in grads, factor rows beside them
+        self._factored = bool(factors)
+        self._factor_slack = 2 * len(factors) * ((256 << 10) + _ALIGN + _INDEX_BYTES_PER_CHUNK)
         width = layout.n_params if plain is None else plain.n_params
         self._row_bytes = grads_row_bytes(width, chunks, np.dtype(dtype).itemsize) + chunks[0] * sum(
             f.stored_per_sample * f.dtype.itemsize for f in factors)
@@ -158,9 +160,19 @@ class SpaceCheck:
         self._warned: set[str] = set()
 
     def estimate(self, n_rows: int = 0, n_blocks: int = 0, n_records: int = 1) -> int:
-        """:func:`estimate_store_bytes` with this writer's layout, dtype and chunks."""
-        return estimate_store_bytes(self.layout, n_rows, self.dtype, self.chunks,
-                                    n_blocks=n_blocks, n_records=n_records)
+        """:func:`estimate_store_bytes` with this writer's layout, dtype and chunks.
+
+        A factored writer's rows cost their plain columns and factor rows (``_row_bytes``
+        per chunk row of ``grads``), plus at most one partly filled chunk per factor dataset.
+        """
+        if not self._factored:
+            return estimate_store_bytes(self.layout, n_rows, self.dtype, self.chunks,
+                                        n_blocks=n_blocks, n_records=n_records)
+        rc = self.chunks[0]
+        return (estimate_store_bytes(self.layout, 0, self.dtype, self.chunks, n_blocks=n_blocks,
+                                     n_records=n_records)
+                + -(-int(n_rows) // rc) * self._row_bytes + self._factor_slack
+                + _VEC_DATASETS * _chunks_bytes(int(n_rows), max(4096, rc), 8))
 
     def _free(self) -> int | None:
         try:

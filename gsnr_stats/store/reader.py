@@ -392,7 +392,7 @@ class GradientStore:
         size = path.stat().st_size
         if self.factors:
             _factored.check_backing(self, size, slack)
-        elif self.records and P * 2 > size * MAX_FILTER_RATIO:
+        if self.records and P * 2 > size * MAX_FILTER_RATIO:
             # Any record holding data stores at least P float16 values at the best filter
             # ratio; a smaller file can only hold empty records, and their O(P) reduce
             # output (gigabytes for a crafted layout) would be all NaN.
