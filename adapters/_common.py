@@ -703,3 +703,55 @@ def plain_offsets(layout: Sequence[tuple[str, tuple[int, ...]]],
         out[name] = (off, off + size)
         off += size
     return out
+
+
+class WriteBlocks:
+    """Consecutive batches' ``write`` arguments merged into blocks of about ``rows`` samples
+    (at most ``max_bytes``), queued on an :class:`AsyncWriter`.
+
+    A factored batch is small (an MLP's 256 samples are 2.4 MB) and each ``write`` costs a
+    fixed ~1 ms per dataset (loss, ids, labels, plain columns, two per factor), more than
+    the GPU takes to compute the batch: merging amortises it. The arrays are concatenated
+    on the writer thread. Batches with and without ids (or labels) are not merged.
+    """
+
+    def __init__(self, aw: AsyncWriter, step: int, split: str, rows: int = 4096,
+                 max_bytes: int = 64 << 20, **fixed: Any) -> None:
+        self.aw, self.step, self.split = aw, step, split
+        self.rows, self.max_bytes, self.fixed = rows, max_bytes, fixed
+        self._parts: list[dict[str, Any]] = []
+        self._n = self._bytes = 0
+
+    def add(self, n: int, **kw: Any) -> None:
+        """Queue one batch of ``n`` rows (``grads``, ``factors``, ``loss``, ``sample_id``,
+        ``label``: arrays, a dict of ``(A, D)`` pairs, or None)."""
+        if self._parts and [v is None for v in self._parts[0].values()] != [
+                v is None for v in kw.values()]:
+            self.flush()
+        size = sum(a.nbytes for v in kw.values() if v is not None
+                   for a in (v.values() if isinstance(v, dict) else (v,))
+                   for a in (a if isinstance(a, tuple) else (a,)))
+        self._parts.append(kw)
+        self._n += n
+        self._bytes += size
+        if self._n >= self.rows or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Queue the merged block (nothing if empty)."""
+        if not self._parts:
+            return
+        parts, self._parts, self._n, self._bytes = self._parts, [], 0, 0
+
+        def cat(key: str, parts: list[dict[str, Any]] = parts) -> Callable[[], Any]:
+            def run() -> Any:
+                vs = [p[key] for p in parts]
+                if vs[0] is None:
+                    return None
+                if isinstance(vs[0], dict):
+                    return {k: tuple(np.concatenate([v[k][j] for v in vs]) for j in (0, 1))
+                            for k in vs[0]}
+                return np.concatenate(vs)
+            return run
+
+        self.aw.write(self.step, self.split, **{k: cat(k) for k in parts[0]}, **self.fixed)
