@@ -1,6 +1,8 @@
 """Benchmark: ``gs.reduce`` vs a plain sequential h5py read, numpy float64 and xarray+dask.
 
-Run: ``.venv/bin/python bench/reduce.py`` (``--quick`` for a small smoke run).
+Run: ``.venv/bin/python bench/reduce.py`` (``--quick`` for a small smoke run,
+``--factored-only`` for just the factored-record row: one record of the MLP
+784-512-256-10 stored factored vs the same record stored materialised, issue 15).
 
 All ratios come from one run on one machine (it is shared and noisy): each contender is
 timed ``--repeat`` times and the best time is kept. The store is generated uncompressed
@@ -54,6 +56,70 @@ def many_writes(tmp: Path, n: int, p: int, repeat: int) -> tuple[float, float]:
     t1, tm = best(lambda: gs.reduce(one), repeat), best(lambda: gs.reduce(many), repeat)
     os.unlink(one), os.unlink(many)
     return t1, tm
+
+
+MLP = ((784, 512), (512, 256), (256, 10))  # (in, out) of the Linears of an MNIST MLP
+
+
+def mlp_factors(rng: np.random.Generator, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Factors shaped like a ReLU MLP's: inputs mostly zero (MNIST borders), hidden
+    activations and their output gradients zero where the unit is off, dense logits' δ."""
+    out = {}
+    for k, (i, o) in enumerate(MLP):
+        a = rng.random((n, i), dtype=np.float32)
+        a[rng.random((n, i)) < (0.8 if k == 0 else 0.5)] = 0
+        d = rng.standard_normal((n, o), dtype=np.float32) * np.float32(1e-2)
+        if k < len(MLP) - 1:
+            d[rng.random((n, o)) < 0.5] = 0  # dead ReLU units pass no gradient back
+        out[f"fc{k + 1}.weight"] = (a, d)
+    return out
+
+
+def factored_vs_materialised(tmp: Path, n: int, repeat: int) -> dict[str, float]:
+    """Best reduce times of one record of the MLP 784-512-256-10 stored factored (float32
+    factors, all weights and biases factored) and stored materialised (v3, float32)."""
+    params, specs = [], []
+    for k, (i, o) in enumerate(MLP):
+        params += [(f"fc{k + 1}.weight", (o, i)), (f"fc{k + 1}.bias", (o,))]
+        specs.append(gs.FactorSpec(f"fc{k + 1}.weight", f"fc{k + 1}.bias"))
+    fac = mlp_factors(np.random.default_rng(2), n)
+    fpath, mpath = tmp / "factored.h5", tmp / "materialised.h5"
+    with gs.GradientWriter(fpath, params, factors=specs, overwrite=True) as w:
+        for r in range(0, n, 256):
+            w.write(0, "train", factors={k: (a[r:r + 256], d[r:r + 256])
+                                         for k, (a, d) in fac.items()})
+    with gs.open_store(fpath) as s:
+        infos, plain, P = s.factors, s.plain_index, s.layout.n_params
+    with gs.GradientWriter(mpath, params, overwrite=True) as w:
+        for r in range(0, n, 256):
+            part = {k: (a[r:r + 256], d[r:r + 256]) for k, (a, d) in fac.items()}
+            w.write(0, "train", gs.store.materialize(infos, plain, P, None, part, np.float32))
+    df, dm = gs.reduce(fpath), gs.reduce(mpath)  # compile + page cache
+    t_f = best(lambda: gs.reduce(fpath), repeat)
+    t_m = best(lambda: gs.reduce(mpath), repeat)
+    scale = np.abs(dm["mean"].values).max()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dvar = np.nanmax(np.abs(df["var"].values / dm["var"].values - 1))
+    res = {"factored_n": n, "factored_P": P, "factored_bytes": os.path.getsize(fpath),
+           "materialised_bytes": os.path.getsize(mpath), "factored_reduce_s": t_f,
+           "materialised_reduce_s": t_m,
+           "factored_max_dmean_rel": float(np.nanmax(np.abs(df["mean"].values
+                                                            - dm["mean"].values)) / scale),
+           "factored_max_dvar_rel": float(dvar)}
+    os.unlink(fpath), os.unlink(mpath)
+    return res
+
+
+def print_factored(r: dict[str, float], repeat: int) -> None:
+    print(f"MLP 784-512-256-10 (P = {r['factored_P']}), one record of {r['factored_n']} "
+          f"samples, page cache, best of {repeat}: factored {r['factored_bytes'] / 1e6:.1f} MB, "
+          f"materialised {r['materialised_bytes'] / 1e9:.2f} GB")
+    print(f"| factored record: gs.reduce | {r['factored_reduce_s'] * 1e3:.0f} ms | "
+          f"{r['materialised_reduce_s'] / r['factored_reduce_s']:.2f}x of the materialised "
+          f"store's {r['materialised_reduce_s'] * 1e3:.0f} ms |")
+    print(f"  same numbers: max |Δmean| / max|mean| {r['factored_max_dmean_rel']:.1e}, max "
+          f"|Δvar| / var {r['factored_max_dvar_rel']:.1e} (float32 rounding of the "
+          "materialised products)")
 
 
 def best(fn, repeat: int) -> float:
@@ -112,11 +178,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write the generated stores")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--factored-only", action="store_true",
+                    help="only the factored-record row (issue 15)")
     args = ap.parse_args()
     n, p = (256, 16384) if args.quick else (2048, 262144)
     sub = 64 if args.quick else 256  # rows for the slow numpy / dask contenders
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="gsnr-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    fact = factored_vs_materialised(tmp, 256 if args.quick else 2048, args.repeat)
+    if args.factored_only:
+        print_factored(fact, args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps(fact, indent=1))
+        return
     small, large, comp = tmp / "n1.h5", tmp / "n4.h5", tmp / "lzf.h5"
     make_store(small, n, p)
     make_store(large, 4 * n, p)
@@ -142,7 +216,7 @@ def main() -> None:
         "numpy_GBps": gbs(t_np), "dask_GBps": gbs(t_dask),
         "lzf_h5py_read_GBps": gbs(t_h5c), "lzf_reduce_GBps": gbs(t_redc),
         "rss_MiB_N": rss1, "rss_MiB_4N": rss4,
-        "many_writes": n_w, "many_writes_s": t_many, "one_write_s": t_one,
+        "many_writes": n_w, "many_writes_s": t_many, "one_write_s": t_one, **fact,
     }
     print(f"store {n} x {p} float32 ({nbytes / 2**30:.2f} GiB), page cache, best of {args.repeat}")
     print("| path | GB/s | reduce / path |")
@@ -158,6 +232,7 @@ def main() -> None:
     print(f"peak RSS of reduce: N={n}: {rss1:.0f} MiB, N={4 * n}: {rss4:.0f} MiB")
     print(f"| {n_w} one-row writes ({n_w * p_w * 4 / 1e6:.2f} MB) vs one write | "
           f"{t_many * 1e3:.1f} ms vs {t_one * 1e3:.1f} ms | {t_many / t_one:.2f}x |")
+    print_factored(fact, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     for f in (small, large, comp):

@@ -71,6 +71,37 @@ def test_kernel_matches_float64_two_pass_of_products(n, T, n_in, n_out, dtype, r
     assert_moments(bacc, d.astype(np.float64).sum(axis=1))
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_kernel_sparse_inputs(nonfinite):
+    """One-hot-like inputs (at most 1/16 nonzero: the kernel's sparse path, zero products
+    counted, not formed) give the same moments; a non-finite δ or a next to zeros makes
+    exactly the materialised product's entries non-finite there too."""
+    rng = np.random.default_rng(12)
+    n, n_in, n_out = 150, 64, 7
+    a = np.zeros((n, 1, n_in), np.float32)
+    a[np.arange(n), 0, rng.integers(0, n_in, n)] = rng.standard_normal(n) + 3.0
+    d = rng.standard_normal((n, 1, n_out)).astype(np.float32)
+    d[rng.random((n, 1, n_out)) < 0.3] = 0
+    if nonfinite:
+        d[5, 0, 2] = np.inf  # 0·inf: NaN wherever a_5 is 0
+        a[70, 0, 3] = np.nan
+        d[70, 0, :] = 0.0
+    with np.errstate(invalid="ignore"):
+        g = products(a, d)
+    acc, n_omit, bad, bacc, *_ = run_kernel(a, d, row_block=50, omit=nonfinite)
+    assert not bad.any()
+    if not nonfinite:
+        assert_moments(acc, g)
+        return
+    nonfin = ~np.isfinite(g)
+    np.testing.assert_array_equal(n_omit, nonfin.sum(axis=0))
+    for j in range(g.shape[1]):
+        col = g[~nonfin[:, j], j]
+        m, q = ref_moments(col[:, None])
+        np.testing.assert_allclose([acc[1][j], acc[2][j]], [m[0], q[0]], rtol=1e-12,
+                                   atol=1e-14)
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_kernel_large_mean_small_std(T):
     """|mean| = 1e4·std: the Gram form (Δ∘Δ)ᵀ(A∘A) − n m² would lose every digit."""
