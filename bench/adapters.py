@@ -25,10 +25,11 @@ Columns, in samples per second:
 * ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
 * ``I/O ceiling`` -- ``GradientWriter.write`` of ready gradient arrays, nothing computed: the
   dump cannot beat it (a batch of the MLP is 256 x 535,818 x 4 B = 549 MB).
-* ``gsnr torch dump keep='factors'`` (MLP) -- a factored store (issue 15,
-  ``docs/adapters.md``): each Linear's inputs and output gradients, 2,330 numbers per
-  sample instead of 535,818; with the sizes of the same records stored full and factored.
-  ``--factored`` runs only this row and ``torch.func`` (a short run).
+* ``gsnr torch dump keep='factors'`` -- a factored store (issue 15, ``docs/adapters.md``):
+  each Linear's inputs and output gradients (the MLP: 2,330 numbers per sample instead of
+  535,818; the CNN: its convolutions as per-sample columns, its two Linears factored).
+  ``--factored`` runs only the MLP's row, ``torch.func``, and the sizes of the same records
+  stored full and factored (a short run).
 
 BackPACK and Opacus are not dependencies. To include them without touching the project's
 environment, install them (no dependencies: they would pull another torch) into a separate
@@ -300,8 +301,8 @@ def bench_torch(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]
             "torch.func vmap(grad)": lambda f=ref_fn, b=batches: time_batches(f, b),
             FAST: lambda f=fast_fn, b=batches: time_batches(f, b)}
         errs_fast = float(np.abs(fast_fn(*batches[0]) - ref).max() / np.abs(ref).max())
-        if mname.startswith("MLP"):  # issue 15: every Linear stored as its two factors
-            cells[FACTORED] = lambda m=model, b=batches: torch_factored_dump(m, lf, b, disk)
+        # issue 15: every Linear stored as its two factors (the CNN's convs as columns)
+        cells[FACTORED] = lambda m=model, b=batches: torch_factored_dump(m, lf, b, disk)
         if args.factored:  # only the factored row (and its size): a short run
             rates, ratio = best_of({k: cells[k] for k in ("torch.func vmap(grad)", FACTORED)},
                                    args.repeats, "torch.func vmap(grad)")
