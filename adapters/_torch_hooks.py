@@ -116,11 +116,13 @@ class _Call:
     """One call of a hooked layer in a forward: input rows, output gradient, and the
     gradient its own backward nodes sent to each parameter."""
 
-    __slots__ = ("a", "d", "own")
+    __slots__ = ("a", "d", "done", "n", "own")
 
     def __init__(self, a: torch.Tensor) -> None:
-        self.a = a
+        self.a: torch.Tensor | None = a
+        self.n = int(a.shape[0]) if a.ndim else 0
         self.d: torch.Tensor | None = None
+        self.done = False  # merged during the backward (the Linear closed form)
         self.own: dict[str, list[torch.Tensor]] = {}
 
 
@@ -283,6 +285,10 @@ class TrainingMoments:
         self._total: dict[str, torch.Tensor] = {}
         self._queued = False
         self._bn_seen = False
+        # the outside-use check holds the gradients it compares (autograd then copies
+        # them instead of moving them into .grad): on the first backward of each window
+        self._check_due = True
+        self._bufs: dict[tuple[Any, ...], torch.Tensor] = {}
 
     # -- layout and writer ----------------------------------------------------------------
 
@@ -369,7 +375,7 @@ class TrainingMoments:
 
     def _total_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(g: torch.Tensor) -> None:
-            if self._queued:  # a backward in which a hooked layer took part
+            if self._queued and self._check_due:  # a checked backward of a hooked layer
                 self._total[name] = g
         return hook
 
@@ -402,12 +408,26 @@ class TrainingMoments:
 
             out.register_hook(grad_hook)
             ids = {id(p): full for (attr, full), p in zip(names, mine.values(), strict=True)}
+            wname = names[0][1]
             for node, i, full in _own_nodes(out, inp[0], ids):
                 call.own.setdefault(full, [])
 
                 def node_hook(gi: Any, go: Any, i: int = i, full: str = full) -> None:
-                    if gi[i] is not None:
-                        call.own[full].append(gi[i])
+                    g = gi[i]
+                    if g is None:
+                        return
+                    if full == wname and self._fast_now(mname, mod, call):
+                        # the weight's own gradient: merge now, so that autograd can move
+                        # it into .grad and the layer's tensors are freed as usual
+                        self._linear(mname, mod, call, g)
+                        if self._check_due:
+                            call.own[full].append(g)
+                        else:
+                            call.own.clear()
+                        call.a = call.d = None
+                        call.done = True
+                        return
+                    call.own[full].append(g)
 
                 node.register_hook(node_hook)
 
@@ -423,13 +443,35 @@ class TrainingMoments:
         return float(self.reduction)
 
     def _finish(self) -> None:
-        """End of a backward (autograd's queued callback): reduce its batch, free it."""
+        """End of a backward (autograd's queued callback): reduce the rest of its batch."""
         self._queued = False
-        calls = {k: [c for c in cs if c.d is not None] for k, cs in self._calls.items()}
+        calls = {k: [c for c in cs if c.d is not None or c.done]
+                 for k, cs in self._calls.items()}
         total, self._total = self._total, {}
         for cs in self._calls.values():
             cs.clear()
-        rows = {c.a.shape[0] for cs in calls.values() for c in cs}
+        try:
+            self._finish_batch(calls, total)
+        except BaseException:
+            self._drop_window()
+            raise
+
+    def _drop_window(self) -> None:
+        """A failed backward leaves the window's moments unusable: start a new window."""
+        self._blocks = []
+        self._reset()
+        self._batches = 0
+        self._check_due = True
+
+    def _fast_now(self, mname: str, m: nn.Module, call: _Call) -> bool:
+        """A Linear on (B, in) called once in this forward: closed form in the backward."""
+        return (isinstance(m, nn.Linear) and len(self._calls[mname]) == 1
+                and call.a is not None and call.a.ndim == 2 and call.d is not None
+                and self._gemm_safe(call.a))
+
+    def _finish_batch(self, calls: dict[str, list[_Call]],
+                      total: dict[str, torch.Tensor]) -> None:
+        rows = {c.n for cs in calls.values() for c in cs}
         if not rows:
             return
         if len(rows) != 1:
@@ -437,7 +479,9 @@ class TrainingMoments:
                 f"{_WHERE}: the hooked layers saw inputs with {sorted(rows)} rows in one "
                 "backward; their first dimension must be the batch's samples")
         n = rows.pop()
-        self._check_outside(calls, total)
+        if self._check_due:
+            self._check_outside(calls, total)
+            self._check_due = False
         c = self._factor(n)
         na = float(self._count)
         for mname, m in self._modules.items():
@@ -448,10 +492,7 @@ class TrainingMoments:
                                                          dtype=torch.float64),
                                 torch.zeros(self._params[full].shape, dtype=torch.float64))
                 continue
-            if (isinstance(m, nn.Linear) and len(cs) == 1 and cs[0].a.ndim == 2
-                    and len(cs[0].own.get(_pnames(mname, m)[0][1], ())) == 1
-                    and self._gemm_safe(cs[0].a)):
-                self._linear(mname, m, cs[0], n, c, na)
+            if all(cl.done for cl in cs):
                 continue
             pairs = [(cl.a, cl.d * c) for cl in cs]
             for (_, full), (mu, q) in zip(_pnames(mname, m), module_moments(m, pairs, n),
@@ -498,22 +539,36 @@ class TrainingMoments:
                 "penalty on the weights, a tied use): their per-sample gradients are not the "
                 "layer's delta_i a_i^T. Leave them out (param_filter=) or use the Recorder")
 
-    def _linear(self, mname: str, m: nn.Module, call: _Call, n: int, c: float,
-                na: float) -> None:
-        """Weight and bias by the closed form, flagged elements exactly."""
+    def _buf(self, key: str, shape: Any, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor reused across batches (fresh pages per batch cost page faults)."""
+        k = (key, tuple(shape), like.dtype, like.device)
+        b = self._bufs.get(k)
+        if b is None:
+            b = self._bufs[k] = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+        return b
+
+    def _linear(self, mname: str, m: nn.Module, call: _Call, gw: torch.Tensor) -> None:
+        """Weight and bias by the closed form, flagged elements exactly (module docstring);
+        ``gw`` is autograd's own weight gradient of this call (``sum g / c``)."""
         names = _pnames(mname, m)
         wname = names[0][1]
-        a, dh = call.a, call.d.to(call.a.dtype)
-        d2 = dh * dh
+        a = call.a
+        dh = call.d.to(a.dtype)
+        n = call.n
+        c = self._factor(n)
+        na = float(self._count)
+        d2 = torch.mul(dh, dh, out=self._buf(mname + ":d2", dh.shape, dh))
+        a2 = torch.mul(a, a, out=self._buf(mname + ":a2", a.shape, a))
+        s2 = torch.mm(d2.t(), a2, out=self._buf(mname + ":s2", m.weight.shape, a))
         bound = 3.0 * (n + 3) * _U[self._dtype] / self.tol
-        # sum g: autograd's own weight gradient of this call; sum g^2: one GEMM
-        self._closed(wname, call.own[wname][0], d2.T @ (a * a), n, c, na, bound,
+        self._closed(wname, gw, s2, n, c, na, bound,
                      lambda tol: self._exact_weight(a, dh, c, n, tol))
         if m.bias is not None:
             bname = names[1][1]
             own = call.own.get(bname, ())
             s1 = own[0] if len(own) == 1 else dh.sum(0)
-            self._closed(bname, s1, d2.sum(0), n, c, na, bound,
+            s2b = torch.sum(d2, 0, out=self._buf(mname + ":s2b", m.bias.shape, a))
+            self._closed(bname, s1, s2b, n, c, na, bound,
                          lambda tol: self._exact_bias(dh, c))
 
     def _closed(self, name: str, s1: torch.Tensor, s2: torch.Tensor, n: int, c: float,
@@ -676,6 +731,7 @@ class TrainingMoments:
             self._reset()
             self._batches = 0
             self._bn_seen = False
+            self._check_due = True
         s = RecordSummary(key, self.split, n_all, math.nan, lr_v,
                           math.nan if ep is None else ep, int(o_step))
         self.records.append(s)
