@@ -590,6 +590,7 @@ class TrainingMoments:
         idx = np.nonzero(bad)
         mb, qb = exact(self.tol)(idx)
         if not (np.isfinite(mb).all() and np.isfinite(qb).all()):
+            self._drop_window()  # the kernel left the non-finite elements non-finite
             j = int(np.flatnonzero(~(np.isfinite(mb) & np.isfinite(qb)))[0])
             raise NonFiniteError(f"{_WHERE}: non-finite gradient for parameter {name} "
                                  f"(element {tuple(int(v[j]) for v in idx)})")

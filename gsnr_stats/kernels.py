@@ -773,31 +773,33 @@ def merge_closed_form(s1, s2, n, scale, na, bound, mean, m2, bad):  # pragma: no
     ``Σ_i g_i² / c²`` of a batch of ``n`` samples (``c = scale``, the per-sample factor of
     a mean-reduced loss). Per element, in float64:
 
-    .. math:: \\bar g_b = c\\,s_1/n,\\quad M2_b = c^2 s_2 - c\\,s_1\\,\\bar g_b,
+    .. math:: \\bar g_b = c\\,s_1/n,\\quad M2_b = c^2 (s_2 - s_1^2/n),
 
-    kept only where ``M2_b >= bound · c² s2`` (``bound`` = the closed form's relative error
-    bound over the tolerance, see ``adapters/_torch_hooks.py``), then Chan-merged into
-    ``mean``/``m2`` (float64, running count ``na``). Other elements (high GSNR, non-finite)
-    are left untouched with ``bad`` set: the caller recomputes them exactly. One pass,
-    serial (the training step owns the threads), branch-free so that it vectorises.
-    Returns the number flagged.
+    kept only where ``s_2 - s_1^2/n >= bound · s_2`` (``bound`` = the closed form's relative
+    error bound over the tolerance, see ``adapters/_torch_hooks.py``), then Chan-merged into
+    ``mean``/``m2`` (float64, running count ``na``). Other elements (high GSNR) are left
+    untouched (a zero update) with ``bad`` set: the caller recomputes them exactly; a
+    non-finite sum is flagged too (and leaves its element non-finite: the caller raises).
+    One pass, serial (the training step owns the threads), branch-free so that it
+    vectorises. Returns the number flagged.
     """
     tot = na + n
     w = n / tot
     naw = na * w
     sc2 = scale * scale
     inv = 1.0 / n
+    cinv = scale * inv
     nbad = 0
     for j in range(s1.shape[0]):
-        a = np.float64(s1[j]) * scale
-        b = np.float64(s2[j]) * sc2
-        mb = a * inv
-        q = b - a * mb
+        a = np.float64(s1[j])
+        b = np.float64(s2[j])
+        q = b - a * a * inv
         ok = q >= b * bound  # NaN-safe: a non-finite sum is flagged
         bad[j] = not ok
-        nbad += 0 if ok else 1
+        nbad += np.int64(not ok)
         mj = mean[j]
-        d = mb - mj
-        mean[j] = mj + d * w if ok else mj
-        m2[j] = m2[j] + (max(q, 0.0) + d * d * naw) if ok else m2[j]
+        d = a * cinv - mj
+        okf = 1.0 if ok else 0.0
+        mean[j] = mj + okf * (d * w)
+        m2[j] = m2[j] + okf * (max(q, 0.0) * sc2 + d * d * naw)
     return nbad

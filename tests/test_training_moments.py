@@ -341,3 +341,15 @@ def test_lightning_callback(tmp_path):
         ref_m, ref_v = two_pass(np.concatenate(rows[4 * i:4 * i + 4]))
         assert np.max(np.abs(st["var"].values[i, 0] - ref_v) / ref_v) <= 1e-12
         assert _rel(st["mean"].values[i, 0], ref_m) <= 1e-12
+
+
+def test_non_finite_gradients_raise(tmp_path):
+    from gsnr_stats.errors import NonFiniteError
+
+    model = mlp()
+    x, y = batches((12,), k=1)[0]
+    x[3, 0] = float("inf")
+    with gt.TrainingMoments(tmp_path / "nf.h5", model) as tm:
+        with pytest.raises(NonFiniteError, match=r"parameter 4\.weight"):
+            F.cross_entropy(model(x), y).backward()
+        assert tm.pending_samples == 0
