@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from . import kernels
@@ -170,12 +171,15 @@ class _Acc:
             d = np.ascontiguousarray(d[:, :, self.o0:self.o1])
         rb = kernels.factored_row_block(fi.rows, a.shape[2], a.dtype.itemsize)
         c, m, q = self.count[blk], self.mean[blk], self.m2[blk]
-        if self.bias:
-            kernels.factored_moments(a, d, 0, a.shape[0], rb, *self._none[:3], omit,
-                                     *self._none[3:], c, m, q, self.n_omit, self.bad)
-        else:
-            kernels.factored_moments(a, d, 0, a.shape[0], rb, c, m, q, omit, self.n_omit,
-                                     self.bad, *self._none)
+        # groups of output rows handed out one at a time (dynamic): with static shares a
+        # thread the OS deschedules (a shared machine) holds up the whole call
+        with numba.parallel_chunksize(1):
+            if self.bias:
+                kernels.factored_moments(a, d, 0, a.shape[0], rb, *self._none[:3], omit,
+                                         *self._none[3:], c, m, q, self.n_omit, self.bad)
+            else:
+                kernels.factored_moments(a, d, 0, a.shape[0], rb, c, m, q, omit, self.n_omit,
+                                         self.bad, *self._none)
         if self.bad.any():
             flat, v = self._error(int(np.flatnonzero(self.bad)[0]), a, d)
             raise error(flat, v, row0)
