@@ -15,7 +15,27 @@ batches in one run (interleaved repeats, best kept):
 * ``moments, fast path`` -- ``keep="moments"``: Linear/Conv moments from the layer inputs and
   output gradients of one backward (``adapters/_torch_fast.py``).
 
-Columns: ms per batch, speed-up over the full dump, bytes the record adds to the store, and
+In-training section (``--training``, also part of the default run): moments of the
+*training* batches taken from the user's own step on the MLP, float32, ``--train-threads``
+torch threads (default 1), every cell a full SGD step (zero_grad, mean cross-entropy,
+backward, ``opt.step()``) over the same batches, interleaved repeats, best kept:
+
+* ``plain step`` -- the baseline;
+* ``TrainingMoments`` -- ``gsnr_stats.adapters.torch.TrainingMoments`` attached (hooks, one
+  extra GEMM per layer, the merge kernel); the window's record, written once per window,
+  is timed apart (``flush``);
+* ``Recorder keep="moments"`` -- the plain step plus ``Recorder.record`` of the same batch
+  (its own forward and backward);
+* BackPACK ``SumGradSquared`` and cockpit ``MeanGSNR`` (``backpack-for-pytorch``,
+  ``cockpit-for-pytorch``), where they import; ``--extras DIR`` puts a directory with them
+  (e.g. ``pip install --no-deps --target DIR``, so that no CUDA torch comes along) on
+  ``sys.path``; "not installed" otherwise.
+
+Columns: ms per step and the ratio to the plain step; for ``TrainingMoments`` also the max
+relative error of mean and variance against the float64 two-pass of ``torch.func``
+per-sample gradients of the same batches.
+
+Columns of the first table: ms per batch, speed-up over the full dump, bytes the record adds to the store, and
 the agreement of the fast path with the vmap path (max relative difference of mean and var;
 on the float32 model it is bounded by the float32 rounding of the per-sample gradients, so a
 float64 copy of the model is checked too). Run ``python bench/moments.py [--quick]``.
@@ -158,6 +178,197 @@ def gsnr_precision(rs: tuple[float, ...] = (1.6e11, 2.7e15, 1e20), n: int = 256
     return out
 
 
+def _mlp32() -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+FLUSH_TIMES: list[float] = []  # seconds of each TrainingMoments.flush (one record write)
+
+
+def _training_cells(batches: list[Any], where: Path) -> dict[str, Callable[[], float] | str]:
+    """``{name: run over the batches -> seconds per step}``, or a reason it cannot run."""
+    import torch
+    import torch.nn.functional as F
+    from gsnr_stats.adapters import torch as gt
+    from torch import nn
+
+    def sgd(model: Any) -> Any:
+        return torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def loop(model: Any, opt: Any, extra: Callable[[Any, Any], None] | None = None) -> float:
+        t0 = time.perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if extra is not None:
+                extra(x, y)
+        return (time.perf_counter() - t0) / len(batches)
+
+    cells: dict[str, Callable[[], float] | str] = {}
+    m0 = _mlp32()
+    o0 = sgd(m0)
+    cells["plain step (baseline)"] = lambda: loop(m0, o0)
+    m1 = _mlp32()
+    o1 = sgd(m1)
+    tm = gt.TrainingMoments(where / "tm.h5", m1, optimizer=o1, every=None)
+    runs = [0]
+    flush_s = FLUSH_TIMES
+
+    def with_tm() -> float:
+        tm.attach()
+        dt = loop(m1, o1)
+        runs[0] += 1
+        t0 = time.perf_counter()
+        tm.flush(step=runs[0])  # the window's record, one per run: timed apart
+        flush_s.append(time.perf_counter() - t0)
+        tm.detach()
+        return dt
+
+    cells["TrainingMoments (in-training, this package)"] = with_tm
+    m2 = _mlp32()
+    o2 = sgd(m2)
+    w2 = gt.open_writer(where / "rec.h5", m2, overwrite=True)
+    rec = gt.Recorder(w2, m2, nn.CrossEntropyLoss(reduction="none"), keep="moments")
+    k2 = [0]
+
+    def record(x: Any, y: Any) -> None:
+        k2[0] += 1
+        rec.record([(x, y)], step=k2[0], split="train")
+
+    cells['plain step + Recorder keep="moments" (own forward/backward)'] = \
+        lambda: loop(m2, o2, record)
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import SumGradSquared
+    except ImportError:
+        cells["BackPACK SumGradSquared"] = "not installed"
+    else:
+        m3 = extend(_mlp32())
+        o3 = sgd(m3)
+        lf3 = extend(nn.CrossEntropyLoss())
+
+        def bp() -> float:
+            t0 = time.perf_counter()
+            for x, y in batches:
+                o3.zero_grad()
+                with backpack(SumGradSquared()):
+                    lf3(m3(x), y).backward()
+                o3.step()
+            return (time.perf_counter() - t0) / len(batches)
+
+        cells["BackPACK SumGradSquared"] = bp
+    try:
+        from backpack import extend
+        from cockpit import Cockpit, quantities
+        from cockpit.utils.schedules import linear
+    except ImportError:
+        cells["cockpit MeanGSNR"] = "not installed"
+    else:
+        m4 = extend(_mlp32())
+        o4 = sgd(m4)
+        lf4 = extend(nn.CrossEntropyLoss())
+        ck = Cockpit(list(m4.parameters()), quantities=[quantities.MeanGSNR(linear(1))])
+        k4 = [0]
+
+        def cp() -> float:
+            t0 = time.perf_counter()
+            for x, y in batches:
+                o4.zero_grad()
+                out = m4(x)
+                loss = lf4(out, y)
+                losses = F.cross_entropy(out, y, reduction="none")
+                with ck(k4[0], info={"batch_size": x.shape[0], "individual_losses": losses,
+                                     "loss": loss, "optimizer": o4}):
+                    loss.backward(create_graph=ck.create_graph(k4[0]))
+                o4.step()
+                k4[0] += 1
+            return (time.perf_counter() - t0) / len(batches)
+
+        cells["cockpit MeanGSNR"] = cp
+    return cells
+
+
+def training_accuracy(batches: list[Any], where: Path) -> list[tuple[str, float, float]]:
+    """TrainingMoments vs the float64 two-pass of torch.func per-sample gradients of the
+    same batches (float32 model; a float64 copy): ``(model, max rel err mean, var)``."""
+    import torch
+    import torch.nn.functional as F
+    from gsnr_stats.adapters import torch as gt
+
+    import gsnr_stats as gs
+
+    out = []
+    for tag, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        model = _mlp32().to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        rows = []
+        path = where / f"acc{tag}.h5"
+        with gt.TrainingMoments(path, model, optimizer=opt):
+            for x, y in batches:
+                x = x.to(dtype)
+                rows.append(gt.per_sample_gradients(
+                    model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y,
+                    fast=False).astype(np.float64))
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        G = np.concatenate(rows)
+        mu = G.mean(0)
+        var = ((G - mu) ** 2).sum(0) / (G.shape[0] - 1)
+        st = gs.reduce(path)
+        out.append((tag, _rel(st["mean"].values[0, 0], mu),
+                    float(np.max(np.abs(st["var"].values[0, 0] - var) / var))))
+    return out
+
+
+def training(args: argparse.Namespace, where: Path) -> str:
+    """The in-training table (see the module docstring)."""
+    import torch
+
+    if args.extras:
+        sys.path.insert(0, args.extras)
+    torch.set_num_threads(args.train_threads)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(args.batch, 784, generator=gen),
+                torch.randint(0, 10, (args.batch,), generator=gen))
+               for _ in range(args.train_batches)]
+    cells = _training_cells(batches, where)
+    for fn in cells.values():  # warm-up (numba compile, BackPACK/cockpit first calls)
+        if callable(fn):
+            fn()
+    best: dict[str, float] = {}
+    for _ in range(args.repeats + 1):
+        for key, fn in cells.items():
+            if callable(fn):
+                best[key] = min(best.get(key, float("inf")), fn())
+                gc.collect()
+    base = best["plain step (baseline)"]
+    lines = [f"in-training moments: MLP 784-512-256-10, batch {args.batch}, float32, SGD, "
+             f"torch threads {args.train_threads}, {args.train_batches} steps per run, best of "
+             f"{args.repeats + 1} interleaved runs",
+             "", "| method | ms / step | x plain step |", "|---|---:|---:|"]
+    for key, fn in cells.items():
+        if callable(fn):
+            lines.append(f"| {key} | {best[key] * 1e3:.2f} | {best[key] / base:.2f} |")
+        else:
+            lines.append(f"| {key} | {fn} | - |")
+    if FLUSH_TIMES:
+        lines += ["", f"TrainingMoments.flush (writing one window's record, P = 535,818): "
+                      f"{min(FLUSH_TIMES) * 1e3:.1f} ms, once per window (epoch / k steps), "
+                      "not in ms / step"]
+    acc = training_accuracy(batches[:3], where)
+    lines += ["", "TrainingMoments vs float64 two-pass of torch.func per-sample gradients "
+              "(3 batches):", ""]
+    lines += [f"- {tag} model: max rel err mean {m:.1e}, var {v:.1e}" for tag, m, v in acc]
+    return "\n".join(lines)
+
+
 def bench(args: argparse.Namespace, where: Path) -> list[Row]:
     import torch
     from torch import nn
@@ -243,16 +454,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--models", nargs="*", default=[], help="substrings: mlp, cnn")
     p.add_argument("--dir", default=None, help="where stores are written (temp dir)")
+    p.add_argument("--training", action="store_true", help="only the in-training table")
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads, in-training")
+    p.add_argument("--train-batches", type=int, default=8, help="steps per in-training run")
+    p.add_argument("--extras", default=None,
+                   help="directory with backpack/cockpit (pip install --no-deps --target)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.batches, args.repeats = 32, 1, 1
     where = Path(tempfile.mkdtemp(prefix="gsnr-bench-moments-", dir=args.dir))
     t0 = time.perf_counter()
     try:
+        if args.training:
+            print(training(args, where))
+            return 0
         rows = bench(args, where)
+        print(table(rows, args))
+        print()
+        print(training(args, where))
     finally:
         shutil.rmtree(where, ignore_errors=True)
-    print(table(rows, args))
     print("\nfast-path moments at high GSNR (float64 Linear, batch 256), vs vmap two-pass:\n")
     print("| target GSNR r | GSNR of the worst element | max rel err of the variance |")
     print("|---:|---:|---:|")

@@ -353,3 +353,28 @@ def test_non_finite_gradients_raise(tmp_path):
         with pytest.raises(NonFiniteError, match=r"parameter 4\.weight"):
             F.cross_entropy(model(x), y).backward()
         assert tm.pending_samples == 0
+
+
+def test_docs_section_uses_the_real_signatures():
+    """docs/adapters.md's TrainingMoments section calls it (and its methods) with keyword
+    arguments they have."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/adapters.md").read_text()
+    sec = text[text.index("\n## In-training moments from your own backward"):]
+    sec = sec[: sec.index("\n## ", 5)]
+    (block,) = re.findall(r"```python\n(.*?)```", sec, flags=re.S)
+    sigs = {"TrainingMoments": gt.TrainingMoments, "flush": gt.TrainingMoments.flush,
+            "step": gt.TrainingMoments.step}
+    seen = set()
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in sigs:
+                seen.add(name)
+                assert {k.arg for k in node.keywords} <= set(
+                    inspect.signature(sigs[name]).parameters), name
+    assert seen == set(sigs)
