@@ -378,3 +378,29 @@ def test_docs_section_uses_the_real_signatures():
                 assert {k.arg for k in node.keywords} <= set(
                     inspect.signature(sigs[name]).parameters), name
     assert seen == set(sigs)
+
+
+class _Seq(nn.Module):
+    """A Linear on (B, T, in) and a Linear called twice per forward (per-sample products)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):  # x: (B, T, 5)
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(torch.tanh(self.b(h))))
+        return self.out(h.mean(1))
+
+
+def test_sequence_and_repeated_layers(tmp_path):
+    model = _Seq().double()
+    data = batches((3, 5), k=2, n=8)
+    tm, G = train(model, data, tmp_path / "s.h5")
+    ref_m, ref_v = two_pass(G)
+    st = gs.reduce(tmp_path / "s.h5")
+    assert _rel(st["mean"].values[0, 0], ref_m) <= 1e-12
+    assert np.max(np.abs(st["var"].values[0, 0] - ref_v) / ref_v) <= 1e-12
