@@ -73,11 +73,11 @@ def test_kernel_matches_float64_two_pass_of_products(n, T, n_in, n_out, dtype, r
 
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_kernel_sparse_inputs(nonfinite):
-    """One-hot-like inputs (at most 1/16 nonzero: the kernel's sparse path, zero products
+    """One-hot-like inputs (at most 1/32 nonzero: the kernel's sparse path, zero products
     counted, not formed) give the same moments; a non-finite δ or a next to zeros makes
     exactly the materialised product's entries non-finite there too."""
     rng = np.random.default_rng(12)
-    n, n_in, n_out = 150, 64, 7
+    n, n_in, n_out = 150, 64, 7  # one nonzero in 64
     a = np.zeros((n, 1, n_in), np.float32)
     a[np.arange(n), 0, rng.integers(0, n_in, n)] = rng.standard_normal(n) + 3.0
     d = rng.standard_normal((n, 1, n_out)).astype(np.float32)
