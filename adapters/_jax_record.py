@@ -32,6 +32,7 @@ from ._common import (
     limited_batches,
     preserved_host_rng,
     progress_bar,
+    writer_factors,
 )
 from ._jax_engine import (
     SUPPORTED,
@@ -49,11 +50,11 @@ from ._jax_models import describe, model_and_loss, with_params
 from ._jax_optax import optimizer_info
 
 JAX_NO_FACTORS = (
-    "jax adapter: factored records (keep='factors', open_writer(factors=...)) are not "
-    "written by the JAX adapter yet: a Dense/Linear layer's inputs and output gradients "
-    "inside the vmapped per-sample loss are not exposed by flax/equinox without "
-    "intercepting the layer; full per-sample gradients are written instead (the same "
-    "numbers, materialised; docs/adapters.md, 'Factored records')")
+    "jax adapter: no factored records here (keep='factors' / open_writer(factors=...)): "
+    "no kernel of this model is used once per example in one dot_general with its layer's "
+    "input (adapters/_jax_factors.py), or the writer was opened without factors; full "
+    "per-sample gradients are written instead (the same numbers, materialised; "
+    "docs/adapters.md, 'Factored records')")
 
 
 def _resolve_lr(lr: float | Callable[[int], Any] | None, step: int) -> float:
@@ -143,8 +144,10 @@ class Recorder:
     keep : {"grads", "moments", "factors"}
         ``"moments"``: store ``(count, mean, M2)`` blocks (float64), reduced on the fly with
         the two-pass kernel, instead of per-sample gradients (no per-sample losses).
-        ``"factors"`` falls back to ``"grads"`` with a warning: the JAX adapter does not
-        write factored records yet (:data:`JAX_NO_FACTORS`).
+        ``"factors"``: a factored record for a writer opened with ``open_writer(...,
+        factors=...)`` (kernels found on the per-example loss's jaxpr,
+        ``adapters/_jax_factors.py``); with a writer without factors, ``"grads"`` and a
+        warning (:data:`JAX_NO_FACTORS`).
     params_subset, project, seed, block_size :
         Parameter subsampling, JL projection and moments blocks, as in the torch
         ``Recorder`` (``adapters/_moments.py``); create the writer with the same options.
@@ -204,12 +207,17 @@ class Recorder:
         self._param_filter = param_filter
         self._collections, self._mode = collections, mode
         self._split = self._split_of(model, where)
-        if keep == "factors":
+        self._facs: list[tuple[str, str | None, int]] = []
+        self._jf: Any = None  # _jax_factors.JaxFactors, built at the first batch
+        if keep == "factors" and not writer_factors(writer):
             warnings.warn(JAX_NO_FACTORS, UserWarning, stacklevel=2)
             keep = "grads"
-        self._keep = _moments.check_keep(keep, where)
-        if keep == "grads":  # a writer opened with factors= cannot take full rows
-            check_factored_writer(writer, keep, where)
+        if keep != "moments":  # a writer opened with factors= cannot take full rows
+            self._facs = check_factored_writer(writer, keep, where)
+        self._keep = keep if keep == "factors" else _moments.check_keep(keep, where)
+        if self._facs and (params_subset is not None or project is not None):
+            raise AdapterError(f"{where}: keep='factors' stores whole tensors' factors; "
+                               "params_subset/project do not apply")
         self._tf = _moments.make_transform(self._split.layout, params_subset, project, seed)
         self._block_size = block_size
         check_layout_matches(writer, [(n, s) for n, s, _ in self._tf.layout], where)
@@ -254,7 +262,26 @@ class Recorder:
                 "holds one layout: make a new writer for the new model")
         if not self._split.compatible(new):  # e.g. a baked-in integer leaf changed
             self._fn = _build(new, self._loss_fn, self._chunk_size)
+            self._jf = None
         self._split = new
+
+    def _factored_fn(self, x: Any, y: Any, where: str) -> Any:
+        """The jitted factored computation for the writer's factors (built once)."""
+        if self._jf is None:
+            from ._jax_factors import JaxFactors
+
+            first = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a)[0], (x, y))
+            jf = JaxFactors(self._split, self._loss_fn, *first,
+                            names={w for w, _, _ in self._facs})
+            missing = sorted({w for w, _, _ in self._facs} - jf.names)
+            if missing or any(b is not None for _, b, _ in self._facs):
+                raise AdapterError(
+                    f"{where}: the writer's factors {missing or self._facs} cannot be "
+                    "written: a factored kernel must be used once per example, in one "
+                    "dot_general with the layer's input (adapters/_jax_factors.py), and its "
+                    f"bias is a plain column; factorable here: {sorted(jf.names)}")
+            self._jf = jf
+        return self._jf.fn
 
     def record(
         self,
@@ -381,13 +408,21 @@ class Recorder:
                     rows = max(rows, n)
                     if n < rows:
                         x, y = _pad(x, n, rows), _pad(y, n, rows)
+                    facs = None
                     try:
-                        G, loss = self._fn(sel, frozen, x, y)  # asynchronous dispatch
+                        if self._facs:
+                            G, facs, loss = self._factored_fn(x, y, where)(sel, frozen, x, y)
+                        else:
+                            G, loss = self._fn(sel, frozen, x, y)  # asynchronous dispatch
                     except errors as e:
                         raise _fail(e, where) from e
 
                     def grads_np(G: jax.Array = G, n: int = n) -> np.ndarray:
                         return np.asarray(G)[:n]
+
+                    def facs_np(facs: Any = facs, n: int = n) -> Any:
+                        return {k: (np.asarray(a)[:n], np.asarray(d)[:n])
+                                for k, (a, d) in facs.items()}
 
                     def loss_np(loss: jax.Array = loss, n: int = n) -> np.ndarray:
                         a = np.asarray(loss, dtype=np.float64)[:n]
@@ -395,7 +430,13 @@ class Recorder:
                         return a
 
                     label = _labels(y, rows) if self.store_labels else None
-                    aw.write(step, split, grads=grads_np, loss=loss_np,
+                    if facs is not None:
+                        kw: dict[str, Any] = {"factors": facs_np}
+                        if G.shape[1] == 0:
+                            kw["grads"] = None
+                    else:
+                        kw = {}
+                    aw.write(step, split, **{"grads": grads_np, **kw}, loss=loss_np,
                              sample_id=None if sid is None else np.asarray(sid, np.int64),
                              label=None if label is None else label[:n], lr=lr_v, epoch=ep)
                     seen += n

@@ -32,10 +32,11 @@ The order of earlier releases (``loss_fn, params``) is still accepted, with a
 Entry points
 ------------
 :func:`layout`, :func:`per_sample_gradients`, :class:`Recorder` / :func:`record`,
-:func:`open_writer`, :func:`mean_loss`, :func:`record_trajectory`, :func:`probe_osgr`.
+:func:`open_writer`, :func:`mean_loss`, :func:`record_trajectory`, :func:`probe_osgr`,
+:func:`per_sample_factors` (factored records, ``keep="factors"``).
 This module is the public API; the model handling is ``_jax_models.py``, the jitted
 engine ``_jax_engine.py``, the recorder ``_jax_record.py``, the optimizer's update count
-``_jax_optax.py``.
+``_jax_optax.py``, the factored kernels ``_jax_factors.py``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ __all__ = [
     "mean_loss",
     "open_writer",
     "path_name",
+    "per_sample_factors",
     "per_sample_gradients",
     "probe_osgr",
     "record",
@@ -120,18 +122,21 @@ def layout(model: Any, *, param_filter: ParamFilter | None = None,
 def open_writer(path: Any, model: Any, *, param_filter: ParamFilter | None = None,
                 collections: Any = None, attrs: dict[str, Any] | None = None,
                 params_subset: Any = None, project: Any = None, seed: int = 0,
-                factors: Any = None, **writer_kwargs: Any) -> Any:
+                factors: Any = None, loss_fn: Callable[..., Any] | None = None,
+                example: Any = None, **writer_kwargs: Any) -> Any:
     """A ``gsnr_stats.GradientWriter`` for ``model``'s layout with JAX provenance attrs.
 
     ``params_subset``/``project``/``seed`` as in :class:`Recorder`: the writer gets the
     subsampled or projected layout and its description in the user attributes.
-    ``factors`` (as in the torch adapter) falls back to a writer of full per-sample
-    gradients, with a warning: the JAX adapter writes no factored records yet.
+
+    ``factors`` opens a factored store for ``Recorder(..., keep="factors")``: ``"auto"``
+    (needs ``loss_fn`` and ``example=(inputs, targets)``, one batch) takes every kernel used
+    once per example in one ``dot_general`` with its layer's input whose ``T`` factor rows
+    are fewer numbers than its gradient, :math:`T (r_0 + r_1) < r_0 r_1`
+    (``adapters/_jax_factors.py``); a list names the kernels. Biases stay plain columns.
+    When no kernel qualifies, a writer of full gradients and a warning.
     """
     import gsnr_stats as gs
-
-    if factors is not None:
-        warnings.warn(JAX_NO_FACTORS, UserWarning, stacklevel=2)
 
     a: dict[str, Any] = {"framework": "jax", "framework_version": jax.__version__}
     if is_model(model):
@@ -139,8 +144,89 @@ def open_writer(path: Any, model: Any, *, param_filter: ParamFilter | None = Non
     a.update(attrs or {})
     lay = layout(model, param_filter=param_filter, collections=collections)
     tf = _moments.make_transform(lay, params_subset, project, seed)
+    if factors is not None:
+        if tf.active:
+            raise AdapterError("jax open_writer: factors= stores whole tensors' factors; "
+                               "params_subset/project do not apply")
+        taps = _taps(model, loss_fn, factors, example, param_filter, collections,
+                     "jax open_writer")
+        if taps:
+            writer_kwargs["factors"] = [gs.FactorSpec(t.name, rows=t.T) for t in taps]
+            leaf = _split(model, param_filter, collections).selected()[taps[0].k]
+            writer_kwargs.setdefault("factor_dtype", str(np.dtype(leaf.dtype)))
+        else:
+            warnings.warn(JAX_NO_FACTORS, UserWarning, stacklevel=2)
     return gs.GradientWriter(path, tf.layout, attrs=_moments.writer_attrs(tf, a),
                              **writer_kwargs)
+
+
+def _taps(model: Any, loss_fn: Any, factors: Any, example: Any,
+          param_filter: ParamFilter | None, collections: Any, where: str) -> list[Any]:
+    """The kernels meant by ``factors`` (``"auto"`` or names), found on ``example``."""
+    from ._jax_factors import JaxFactors, auto_taps
+
+    if loss_fn is None or example is None:
+        raise AdapterError(f"{where}: factors= needs loss_fn= and example=(inputs, targets), "
+                           "one batch: the kernels are found on the per-example loss")
+    split = _split(model, param_filter, collections, where=where)
+    first = jax.tree_util.tree_map(lambda v: jnp.asarray(v)[0], tuple(example))
+    taps = JaxFactors(split, loss_fn, *first).taps
+    if isinstance(factors, str) and factors == "auto":
+        return auto_taps(taps)
+    if isinstance(factors, str) or not isinstance(factors, Sequence):
+        raise AdapterError(f"{where}: factors must be 'auto' or a list of kernel names, got "
+                           f"{factors!r}")
+    names = [str(getattr(f, "weight", f)) for f in factors]
+    bad = [n for n in names if n not in {t.name for t in taps}]
+    if bad:
+        raise AdapterError(f"{where}: {bad} cannot be factored (supported: kernels used once "
+                           f"per example in one dot_general with the layer's input: "
+                           f"{[t.name for t in taps]})")
+    return [t for t in taps if t.name in names]
+
+
+def per_sample_factors(
+    model: Any,
+    loss_fn: Callable[[Any, Any, Any], Any],
+    inputs: Any,
+    targets: Any,
+    *,
+    factors: Any = "auto",
+    param_filter: ParamFilter | None = None,
+    collections: Any = None,
+    return_loss: bool = False,
+) -> tuple[Any, ...]:
+    """Per-sample gradients with the dense kernels as their exact factors.
+
+    A kernel ``W`` ``(r0, r1)`` used once per example in one ``dot_general`` with its
+    layer's input rows :math:`a_t` has :math:`\\nabla_W \\ell_i = \\sum_t D_{it}
+    A_{it}^\\top`: for flax's ``(in, out)`` kernels ``D = a``, ``A = \\delta``, for
+    equinox's ``(out, in)`` weights ``D = \\delta``, ``A = a``, with :math:`\\delta_t` the
+    gradient of the example's loss with respect to the product's output
+    (``adapters/_jax_factors.py``).
+
+    Returns
+    -------
+    plain : ndarray (n, P_plain)
+        The other leaves' per-sample gradients, :func:`layout` order.
+    factors : dict name -> (A (n, T, r1), D (n, T, r0))
+    """
+    taps = _taps(model, loss_fn, factors, (inputs, targets), param_filter, collections,
+                 "jax per_sample_factors")
+    from ._jax_factors import JaxFactors
+
+    split = _split(model, param_filter, collections, where="jax per_sample_factors")
+    first = jax.tree_util.tree_map(lambda v: jnp.asarray(v)[0], (inputs, targets))
+    jf = JaxFactors(split, loss_fn, *first, names={t.name for t in taps})
+    try:
+        G, facs, loss = jf.fn(split.selected(), split.frozen(), inputs, targets)
+    except caught() as e:
+        raise _fail(e, "jax per_sample_factors") from e
+    out: tuple[Any, ...] = (np.asarray(G), {k: (np.asarray(a), np.asarray(d))
+                                            for k, (a, d) in facs.items()})
+    if return_loss:
+        out += (np.asarray(loss, dtype=np.float64),)
+    return out
 
 
 def per_sample_gradients(

@@ -13,7 +13,7 @@ from conftest import U32, assert_within, f32_chain_bound
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-from adapter_contract import ALL_CHECKS, AdapterCase  # noqa: E402
+from adapter_contract import ALL_CHECKS, FACTORED_CHECKS, AdapterCase  # noqa: E402
 from gsnr_stats.adapters import jax as gj  # noqa: E402
 
 import gsnr_stats as gs  # noqa: E402
@@ -114,6 +114,11 @@ def make_case() -> AdapterCase:
         write_batches=write_batches,
         unsupported=UNSUPPORTED,
         fd_max_coords=None,
+        # x @ W kernels (in, out): factored with D = a, A = delta; biases plain columns
+        factors=[("layer1.w", None, 1), ("layer2.w", None, 1)],
+        per_sample_factors=lambda: gj.per_sample_factors(params, loss_one, x, y),
+        write_batches_factored=lambda w, step, split, bs: gj.Recorder(
+            w, params, loss_one, keep="factors").record((x, y), step, split, batch_size=bs),
     )
 
 
@@ -141,6 +146,11 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
 def test_contract(check, tmp_path, x64):
+    check(make_case(), tmp_path)
+
+
+@pytest.mark.parametrize("check", FACTORED_CHECKS, ids=lambda c: c.__name__)
+def test_contract_factored(check, tmp_path):
     check(make_case(), tmp_path)
 
 

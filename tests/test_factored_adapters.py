@@ -295,28 +295,110 @@ def test_sklearn_factor_choice_and_errors():
 
 
 # ---------------------------------------------------------------------------------------
-# JAX: no factored records yet, full gradients instead (documented fallback)
+# JAX: kernels found on the per-example loss's jaxpr (adapters/_jax_factors.py)
 # ---------------------------------------------------------------------------------------
 
 
-def test_jax_factors_fall_back_to_full_gradients(tmp_path):
-    pytest.importorskip("jax")
+def jax_models(kind: str):
+    """``(model, loss_fn, x, y, factored names)``: flax NNX, linen, equinox, pytrees."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+
+    def xent(logits, yi):
+        return jax.nn.logsumexp(logits) - logits[yi]
+
+    if kind == "nnx":
+        nnx = pytest.importorskip("flax.nnx")
+
+        class M(nnx.Module):
+            def __init__(self, rngs):
+                self.l1, self.l2 = nnx.Linear(5, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+            def __call__(self, v):
+                return self.l2(jnp.tanh(self.l1(v)))
+
+        return M(nnx.Rngs(0)), lambda m, v, t: xent(m(v), t), x, y, {"l1.kernel", "l2.kernel"}
+    if kind == "linen":
+        nn = pytest.importorskip("flax.linen")
+
+        class L(nn.Module):
+            @nn.compact
+            def __call__(self, v):
+                return nn.Dense(3)(jnp.tanh(nn.Dense(8)(v)))
+
+        mod = L()
+        pair = (mod, mod.init(jax.random.PRNGKey(0), x[0]))
+        return pair, lambda m, v, t: xent(m(v), t), x, y, {"Dense_0.kernel", "Dense_1.kernel"}
+    if kind == "eqx":
+        eqx = pytest.importorskip("equinox")
+        m = eqx.nn.MLP(5, 3, 8, 1, key=jax.random.PRNGKey(0))
+        return m, lambda m, v, t: xent(m(v), t), x, y, {"layers.0.weight", "layers.1.weight"}
+    if kind == "seq":  # a kernel on (T, in) per example, pooled; T (in + out) = 3 * 13 < 40
+        p = {"w": rng.normal(size=(5, 8)).astype(np.float32),
+             "v": rng.normal(size=(8, 3)).astype(np.float32)}
+        xs = rng.normal(size=(6, 3, 5)).astype(np.float32)
+        return p, lambda q, v, t: xent(jnp.tanh(v @ q["w"]).mean(0) @ q["v"], t), xs, y, \
+            {"w", "v"}
+    if kind == "outside":  # w also in a penalty-like term: a second use, not factored
+        p = {"w": rng.normal(size=(5, 8)).astype(np.float32),
+             "v": rng.normal(size=(8, 3)).astype(np.float32)}
+        return p, lambda q, v, t: xent(jnp.tanh(v @ q["w"]) @ q["v"], t) \
+            + 1e-3 * q["w"].sum(), x, y, {"v"}
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nnx", "linen", "eqx", "seq", "outside"])
+def test_jax_factors_equal_vmap(kind):
+    from gsnr_stats.adapters import jax as gj
+
+    model, loss, x, y, want = jax_models(kind)
+    plain, facs = gj.per_sample_factors(model, loss, x, y)
+    assert set(facs) == want
+    if kind == "seq":
+        assert facs["w"][0].shape == (6, 3, 8) and facs["w"][1].shape == (6, 3, 5)
+    lay = gj.layout(model)
+    got = materialise(plain, facs, lay, {})
+    ref = gj.per_sample_gradients(model, loss, x, y).astype(np.float64)
+    layers = np.repeat([n for n, _ in lay], [math.prod(s) for _, s in lay])
+    bound = 2 * f32_chain_bound(ref, K32, layers) + 2 * U32 * np.abs(ref)
+    assert_within(got, ref, bound, f"jax {kind} factors vs vmap(grad)")
+
+
+def test_jax_recorder_factored_and_fallback(tmp_path):
     from gsnr_stats.adapters import jax as gj
 
     import gsnr_stats as gs
 
-    params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
-
-    def loss(p, x, y):
-        return ((x @ p["w"] + p["b"] - y) ** 2).sum()
-
-    x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
-    y = np.ones((4, 2), np.float32)
-    with pytest.warns(UserWarning, match="not written by the JAX adapter"):
-        w = gj.open_writer(tmp_path / "j.h5", params, factors="auto")
-    with w, pytest.warns(UserWarning, match="full per-sample gradients"):
-        gj.Recorder(w, params, loss, keep="factors").record((x, y), 0, "train", batch_size=3)
+    model, loss, x, y, want = jax_models("nnx")
+    with gj.open_writer(tmp_path / "j.h5", model, factors="auto", loss_fn=loss,
+                        example=(x, y)) as w:
+        assert {f.weight for f in w.factors} == want
+        gj.Recorder(w, model, loss, keep="factors").record((x, y), 0, "train", batch_size=4)
     with gs.open_store(tmp_path / "j.h5") as s:
+        assert s.factored
+        got = s.read_grads(0, "train").astype(np.float64)
+    ref = gj.per_sample_gradients(model, loss, x, y).astype(np.float64)
+    assert_within(got, ref, 2 * f32_chain_bound(ref, K32) + 2 * U32 * np.abs(ref),
+                  "jax factored record vs vmap(grad)")
+    with pytest.raises(AdapterError, match="cannot be factored"):
+        gj.per_sample_factors(model, loss, x, y, factors=["l1.bias"])
+    # nothing factorable (a bias-only model): full gradients, with a warning
+    params = {"b": np.zeros(3, np.float32)}
+
+    def bias_loss(p, v, t):
+        return ((p["b"] - v[:3]) ** 2).sum()
+
+    with pytest.warns(UserWarning, match="full per-sample gradients"):
+        w = gj.open_writer(tmp_path / "b.h5", params, factors="auto", loss_fn=bias_loss,
+                           example=(x, y))
+    with w, pytest.warns(UserWarning, match="full per-sample gradients"):
+        gj.Recorder(w, params, bias_loss, keep="factors").record((x, y), 0, "train",
+                                                                  batch_size=3)
+    with gs.open_store(tmp_path / "b.h5") as s:
         assert not s.factored
         np.testing.assert_array_equal(s.read_grads(0, "train"),
-                                      gj.per_sample_gradients(params, loss, x, y))
+                                      gj.per_sample_gradients(params, bias_loss, x, y))
