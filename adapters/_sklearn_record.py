@@ -38,6 +38,7 @@ from ._common import (
     check_layout_matches,
     preserved_host_rng,
     progress_bar,
+    writer_factors,
 )
 from ._sklearn_models import _build, _prepare, _resolve, _where
 
@@ -567,8 +568,10 @@ def record_trajectory(
     mode = _mode(final)
     n = len(y_train)
     fresh = not is_fitted(final)
+    # a writer opened with factors= gets factored records (open_writer(..., factors=))
+    keep = "factors" if writer_factors(writer) else "grads"
     rec = Recorder(writer, final, batch_size=batch_size, progress=progress,
-                   include_penalty=include_penalty)
+                   include_penalty=include_penalty, keep=keep)
 
     def current_lr(e: int, est: Any) -> float:
         if lr is not None:
@@ -591,7 +594,7 @@ def record_trajectory(
         if grads:
             r = rec if est is final else Recorder(writer, est, batch_size=batch_size,
                                                   progress=progress,
-                                                  include_penalty=include_penalty)
+                                                  include_penalty=include_penalty, keep=keep)
             kw = {"lr": lr_e, "epoch": e, "optimizer_step": step,
                   "meta": optimizer_meta(final, n)}
             tr = r.record((Xtr, y_train), step, "train", **kw).mean_loss

@@ -402,3 +402,33 @@ def test_jax_recorder_factored_and_fallback(tmp_path):
         assert not s.factored
         np.testing.assert_array_equal(s.read_grads(0, "train"),
                                       gj.per_sample_gradients(params, bias_loss, x, y))
+
+
+@pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+def test_sklearn_trajectory_into_a_factored_writer(tmp_path):
+    """record_trajectory with a writer from open_writer(factors=...) (an unfitted MLP:
+    the layout of its initialisation) writes factored records equal to the same trajectory
+    written full."""
+    from gsnr_stats.adapters import sklearn as gsk
+    from sklearn.neural_network import MLPClassifier
+
+    import gsnr_stats as gs
+
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(30, 4)), rng.integers(0, 3, 30)
+    Xt, yt = rng.normal(size=(12, 4)), rng.integers(0, 3, 12)
+    stores = {}
+    for kind in ("full", "factored"):
+        est = MLPClassifier(hidden_layer_sizes=(6,), solver="sgd", random_state=0)
+        extra = {"factors": "auto"} if kind == "factored" else {}
+        with gsk.open_writer(tmp_path / f"{kind}.h5", est, X=X, y=y, **extra) as w:
+            gsk.record_trajectory(w, est, X, y, Xt, yt, epochs=2)
+        stores[kind] = tmp_path / f"{kind}.h5"
+    with gs.open_store(stores["full"]) as a, gs.open_store(stores["factored"]) as b:
+        assert b.factored and {f.weight for f in b.factors} == {"coefs_0", "coefs_1"}
+        assert [(r.step, r.split) for r in b.records] == [(r.step, r.split) for r in a.records]
+        for r in a.records:
+            ga = a.read_grads(r.step, r.split).astype(np.float64)
+            # float64 factors, products in float64, rounded to float32 once: as the full rows
+            assert_within(b.read_grads(r.step, r.split), ga, U32 * np.abs(ga),
+                          f"trajectory record {r.step} {r.split}")
