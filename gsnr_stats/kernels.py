@@ -420,7 +420,7 @@ def subset_sums(x, row0, row_ptr, members, acc, col_block):  # pragma: no cover 
 # -- factored weights: moments of g_i = Σ_t δ_it a_itᵀ from the factors ----------------
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath={"contract"})
 def _fac_g(a, d, i, o, T, g):
     """``g[:] = Σ_t d[i, t, o] · a[i, t, :]`` in float64, ``t`` in order (both passes round
     alike). Row views ``a[i, t]``: indexing ``a[i, t, j]`` in the loop kept it scalar."""
@@ -487,11 +487,14 @@ def _fac_constant(a, d, b0, b1, o, j, T):
     return True
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath={"contract"})
 def _fac_weight_row(a, d, fin, b0, b1, o, n_in, T, count, mean, m2, omit, n_omit, bad,
                     ptr, idx, sparse):
     """Two-pass moments of row ``o`` (entries ``o·in .. o·in + in``) over rows ``[b0, b1)``,
     Chan-merged into the accumulators.
+
+    Compiled with ``fastmath={"contract"}`` only: ``d·a − mean`` and ``q + e·e`` become
+    fused multiply-adds (one rounding instead of two: as exact or more), no reassociation.
 
     Exactly-zero products are counted, not formed: a sample whose ``δ_i·o`` is 0 (a dead
     ReLU unit, with a finite ``a_i``) and, with ``sparse`` (T = 1, ``ptr``/``idx`` the
