@@ -22,7 +22,8 @@ Columns, in samples per second:
   ``/dev/shm``;
 * ``BackPACK BatchGrad`` / ``Opacus GradSampleModule`` -- the same per-sample gradients by
   those libraries (summed loss, so nothing is scaled by 1/B), when importable;
-* ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX;
+* ``jax vmap(grad)`` and ``gsnr jax dump`` -- the same for JAX (and its factored dump,
+  kernels found on the per-example jaxpr, ``adapters/_jax_factors.py``);
 * ``I/O ceiling`` -- ``GradientWriter.write`` of ready gradient arrays, nothing computed: the
   dump cannot beat it (a batch of the MLP is 256 x 535,818 x 4 B = 549 MB).
 * ``gsnr torch dump keep='factors'`` -- a factored store (issue 15, ``docs/adapters.md``):
@@ -415,10 +416,29 @@ def jax_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]], where: Path
     return _rate(sum(len(x) for x, _ in batches[1:]), dt)
 
 
+def jax_factored_dump(params: Any, loss: Any, batches: list[tuple[Any, Any]],
+                      where: Path) -> float:
+    """``Recorder(keep="factors")`` into a factored store (kernels found on the jaxpr)."""
+    from gsnr_stats.adapters import jax as gj
+
+    path = where / "jax_factored.h5"
+    with gj.open_writer(path, params, overwrite=True, factors="auto", loss_fn=loss,
+                        example=batches[0]) as w:
+        rec = gj.Recorder(w, params, loss, keep="factors")
+        rec.record(batches[:1], 0, "warmup")
+        t0 = time.perf_counter()
+        rec.record(batches[1:], 1, "train")
+        w.flush()
+        dt = time.perf_counter() - t0
+    path.unlink()
+    return _rate(sum(len(x) for x, _ in batches[1:]), dt)
+
+
 def bench_jax(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
     import jax
 
     rows: list[Row] = []
+    disk = next(iter(targets.values()))[0]
     for mname, (params, loss, shape) in jax_models().items():
         rng = np.random.default_rng(1)
         batches = [(rng.normal(size=(args.batch, *shape)).astype(np.float32),
@@ -430,6 +450,8 @@ def bench_jax(args: argparse.Namespace, targets: dict[str, Path]) -> list[Row]:
         for tname, (where, dio) in targets.items():
             cells[f"gsnr jax dump -> store ({tname})"] = (
                 lambda p=params, lo=loss, b=batches, w=where, d=dio: jax_dump(p, lo, b, w, d))
+        cells["gsnr jax dump keep='factors' -> factored store (disk)"] = (
+            lambda p=params, lo=loss, b=batches, w=disk: jax_factored_dump(p, lo, b, w))
         rates, ratio = best_of(cells, args.repeats, "jax jit(vmap(grad))")
         for key, rate in rates.items():
             rows.append({"model": mname, "method": key, "rate": rate, "ratio": ratio[key],
