@@ -25,6 +25,8 @@ results are bit-identical for any thread count.
 
 :func:`subset_sums` adds chunk rows into the per-subset gradient sums of the first-order
 OSGR estimator (:mod:`gsnr_stats.estimators`), under the same rules.
+:func:`factored_moments` gives the same moments for a factored weight straight from its
+factors ``A``, ``Δ`` (per-sample gradient ``Σ_t δ_t a_tᵀ``), two-pass per block of samples.
 """
 
 from __future__ import annotations
