@@ -51,6 +51,8 @@ Forwards without grad, and forwards through ``torch.func.functional_call`` (the
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
 import os
 import warnings
@@ -180,6 +182,11 @@ class TrainingMoments:
     block_size : int, optional
         Samples per stored moments block (jackknife blocks of ``reduce(blocks=)``); default
         one block per record.
+    overlap : bool
+        True: merge the Linear closed forms on one background thread (the kernel releases
+        the GIL), overlapping the rest of the training step where a core is free; the same
+        results (merges keep their order), but an error (non-finite gradient) surfaces at a
+        later step or :meth:`flush`. False (default): merged inside the backward.
     attrs, writer_kwargs : dict, optional
         Store attributes and ``GradientWriter`` options when ``writer`` is a path.
 
@@ -208,7 +215,9 @@ class TrainingMoments:
         block_size: int | None = None,
         attrs: dict[str, Any] | None = None,
         writer_kwargs: dict[str, Any] | None = None,
+        overlap: bool = False,
     ) -> None:
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._handles: list[Any] = []
         self._counter: StepCounter | None = None
         self._owns_writer = False
@@ -289,6 +298,13 @@ class TrainingMoments:
         # them instead of moving them into .grad): on the first backward of each window
         self._check_due = True
         self._bufs: dict[tuple[Any, ...], torch.Tensor] = {}
+        # the merge kernel releases the GIL: on one worker thread it overlaps the rest of
+        # the step (merges stay in submission order; flush waits for them)
+        if overlap:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="gsnr-training-moments")
+        self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
+        self._parity: dict[str, int] = {}
 
     # -- layout and writer ----------------------------------------------------------------
 
@@ -419,7 +435,11 @@ class TrainingMoments:
                     if full == wname and self._fast_now(mname, mod, call):
                         # the weight's own gradient: merge now, so that autograd can move
                         # it into .grad and the layer's tensors are freed as usual
-                        self._linear(mname, mod, call, g)
+                        try:
+                            self._linear(mname, mod, call, g)
+                        except BaseException:
+                            self._drop_window()
+                            raise
                         if self._check_due:
                             call.own[full].append(g)
                         else:
@@ -452,12 +472,30 @@ class TrainingMoments:
             cs.clear()
         try:
             self._finish_batch(calls, total)
+            self._sync(done_only=True)
         except BaseException:
             self._drop_window()
             raise
 
+    def _sync(self, done_only: bool = False) -> None:
+        """Wait for the queued merges (only the finished ones: ``done_only``); raise the
+        first one's error."""
+        err = None
+        for tag, f in list(self._inflight.items()):
+            if done_only and not f.done():
+                continue
+            del self._inflight[tag]
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                err = err if err is not None else e
+        if err is not None:
+            raise err
+
     def _drop_window(self) -> None:
         """A failed backward leaves the window's moments unusable: start a new window."""
+        with contextlib.suppress(BaseException):
+            self._sync()
         self._blocks = []
         self._reset()
         self._batches = 0
@@ -557,29 +595,50 @@ class TrainingMoments:
         n = call.n
         c = self._factor(n)
         na = float(self._count)
+        tag = mname
+        if self._pool is not None:  # double buffers: the worker may still read the last
+            p = self._parity[mname] = self._parity.get(mname, 1) ^ 1
+            tag = f"{mname}:{p}"
+            prev = self._inflight.pop(tag, None)
+            if prev is not None:
+                prev.result()
         d2 = torch.mul(dh, dh, out=self._buf(mname + ":d2", dh.shape, dh))
         a2 = torch.mul(a, a, out=self._buf(mname + ":a2", a.shape, a))
-        s2 = torch.mm(d2.t(), a2, out=self._buf(mname + ":s2", m.weight.shape, a))
+        s2 = torch.mm(d2.t(), a2, out=self._buf(tag + ":s2", m.weight.shape, a))
         bound = 3.0 * (n + 3) * _U[self._dtype] / self.tol
-        self._closed(wname, gw, s2, n, c, na, bound,
-                     lambda tol: self._exact_weight(a, dh, c, n, tol))
+        jobs = []
+        if self._pool is not None:  # autograd moves gw into .grad: the worker gets a copy
+            gw = self._buf(tag + ":s1", gw.shape, gw).copy_(gw)
+        jobs.append((wname, gw, s2, lambda tol: self._exact_weight(a, dh, c, n, tol)))
         if m.bias is not None:
             bname = names[1][1]
             own = call.own.get(bname, ())
             s1 = own[0] if len(own) == 1 else dh.sum(0)
-            s2b = torch.sum(d2, 0, out=self._buf(mname + ":s2b", m.bias.shape, a))
-            self._closed(bname, s1, s2b, n, c, na, bound,
-                         lambda tol: self._exact_bias(dh, c))
+            s2b = torch.sum(d2, 0, out=self._buf(tag + ":s2b", m.bias.shape, a))
+            if self._pool is not None:
+                s1 = self._buf(tag + ":s1b", s1.shape, s1).copy_(s1)
+            jobs.append((bname, s1, s2b, lambda tol: self._exact_bias(dh, c)))
+        arrays = (self._mean, self._m2)  # this window's, whenever the worker runs
+
+        def run() -> None:
+            for name, s1_, s2_, exact in jobs:
+                self._closed(name, s1_, s2_, n, c, na, bound, exact, arrays)
+
+        if self._pool is None:
+            run()
+        else:
+            self._inflight[tag] = self._pool.submit(run)
 
     def _closed(self, name: str, s1: torch.Tensor, s2: torch.Tensor, n: int, c: float,
-                na: float, bound: float, exact: Callable[[float], Any]) -> None:
-        """Merge one parameter's closed-form batch moments (``merge_closed_form``); the
-        flagged elements from ``exact(tol)`` -> float64 (mean, M2) of the whole tensor or a
-        callable giving them for the flagged index arrays."""
+                na: float, bound: float, exact: Callable[[float], Any],
+                arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        """Merge one parameter's closed-form batch moments (``merge_closed_form``) into
+        ``arrays`` (the window's mean, M2); the flagged elements from ``exact(tol)``, a
+        callable giving their float64 (mean, M2) for the flagged index arrays."""
         lo, hi = self._off[name]
         shape = tuple(self._params[name].shape)
-        mean = self._mean[lo:hi].reshape(shape)
-        m2 = self._m2[lo:hi].reshape(shape)
+        mean = arrays[0][lo:hi].reshape(shape)
+        m2 = arrays[1][lo:hi].reshape(shape)
         bad = self._bad_buffer(shape)
         nbad = kernels.merge_closed_form(
             s1.detach().contiguous().cpu().numpy().reshape(-1),
@@ -590,7 +649,7 @@ class TrainingMoments:
         idx = np.nonzero(bad)
         mb, qb = exact(self.tol)(idx)
         if not (np.isfinite(mb).all() and np.isfinite(qb).all()):
-            self._drop_window()  # the kernel left the non-finite elements non-finite
+            # the kernel left these elements non-finite: the caller drops the window
             j = int(np.flatnonzero(~(np.isfinite(mb) & np.isfinite(qb)))[0])
             raise NonFiniteError(f"{_WHERE}: non-finite gradient for parameter {name} "
                                  f"(element {tuple(int(v[j]) for v in idx)})")
@@ -662,6 +721,7 @@ class TrainingMoments:
         self._m2 = np.zeros(self.P)
 
     def _push_block(self) -> None:
+        self._sync()
         self._blocks.append((float(self._count), self._mean, self._m2))
         self._reset()
 
@@ -692,6 +752,11 @@ class TrainingMoments:
         of :meth:`step` calls; ``optimizer_step`` defaults to the optimizer's count (or
         ``step`` without an optimizer); ``lr`` to the optimizer's (see ``Recorder``).
         """
+        try:
+            self._sync()
+        except BaseException:
+            self._drop_window()
+            raise
         if self._count == 0 and not self._blocks:
             return None
         o_step = optimizer_step if optimizer_step is not None else (
@@ -744,6 +809,10 @@ class TrainingMoments:
         """Remove the hooks and the optimizer hook; close a writer opened from a path
         (pending batches are not written: :meth:`flush` first). Idempotent."""
         self.detach()
+        if self._pool is not None:
+            with contextlib.suppress(BaseException):
+                self._sync()
+            self._pool.shutdown(wait=True)
         if self._counter is not None:
             self._counter.remove()
         if self._owns_writer and self.writer is not None:

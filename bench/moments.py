@@ -22,8 +22,9 @@ backward, ``opt.step()``) over the same batches, interleaved repeats, best kept:
 
 * ``plain step`` -- the baseline;
 * ``TrainingMoments`` -- ``gsnr_stats.adapters.torch.TrainingMoments`` attached (hooks, one
-  extra GEMM per layer, the merge kernel); the window's record, written once per window,
-  is timed apart (``flush``);
+  extra GEMM per layer, the merge kernel inside the backward); the window's record,
+  written once per window, is timed apart (``flush``); ``overlap=True``: the merge on its
+  worker thread (helps only where a core is free);
 * ``Recorder keep="moments"`` -- the plain step plus ``Recorder.record`` of the same batch
   (its own forward and backward);
 * BackPACK ``SumGradSquared`` and cockpit ``MeanGSNR`` (``backpack-for-pytorch``,
@@ -216,7 +217,7 @@ def _training_cells(batches: list[Any], where: Path) -> dict[str, Callable[[], f
     cells["plain step (baseline)"] = lambda: loop(m0, o0)
     m1 = _mlp32()
     o1 = sgd(m1)
-    tm = gt.TrainingMoments(where / "tm.h5", m1, optimizer=o1, every=None)
+    tm = gt.TrainingMoments(where / "tm.h5", m1, optimizer=o1, every=None, overlap=True)
     runs = [0]
     flush_s = FLUSH_TIMES
 
@@ -230,7 +231,19 @@ def _training_cells(batches: list[Any], where: Path) -> dict[str, Callable[[], f
         tm.detach()
         return dt
 
-    cells["TrainingMoments (in-training, this package)"] = with_tm
+    cells["TrainingMoments(overlap=True): merge on a worker thread"] = with_tm
+    m5 = _mlp32()
+    o5 = sgd(m5)
+    tm5 = gt.TrainingMoments(where / "tm5.h5", m5, optimizer=o5, every=None)
+
+    def with_tm5() -> float:
+        tm5.attach()
+        dt = loop(m5, o5)
+        tm5.flush(step=runs[0])
+        tm5.detach()
+        return dt
+
+    cells["TrainingMoments (default: merged inside the backward)"] = with_tm5
     m2 = _mlp32()
     o2 = sgd(m2)
     w2 = gt.open_writer(where / "rec.h5", m2, overwrite=True)

@@ -352,6 +352,7 @@ def test_non_finite_gradients_raise(tmp_path):
     with gt.TrainingMoments(tmp_path / "nf.h5", model) as tm:
         with pytest.raises(NonFiniteError, match=r"parameter 4\.weight"):
             F.cross_entropy(model(x), y).backward()
+            tm.flush()  # overlap=True: the worker's error surfaces here at the latest
         assert tm.pending_samples == 0
 
 
@@ -404,3 +405,13 @@ def test_sequence_and_repeated_layers(tmp_path):
     st = gs.reduce(tmp_path / "s.h5")
     assert _rel(st["mean"].values[0, 0], ref_m) <= 1e-12
     assert np.max(np.abs(st["var"].values[0, 0] - ref_v) / ref_v) <= 1e-12
+
+
+def test_overlap_gives_the_same_numbers(tmp_path):
+    """overlap=True (merges on a worker thread) writes the same record, bit for bit."""
+    data = batches((12,), k=3)
+    train(mlp(), data, tmp_path / "a.h5")
+    train(mlp(), data, tmp_path / "b.h5", overlap=True)
+    a, b = gs.reduce(tmp_path / "a.h5"), gs.reduce(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a["mean"].values, b["mean"].values)
+    np.testing.assert_array_equal(a["m2"].values, b["m2"].values)
