@@ -28,7 +28,8 @@ of ``docs/format.md``):
 
 * :func:`check_factored_store_roundtrip` -- the adapter's factors ``(A, D)`` and plain
   columns round-trip through a factored ``GradientWriter``, and the materialised rows
-  :math:`\\sum_t \\delta_{it} a_{it}^\\top` equal the adapter's per-sample gradients.
+  :math:`\\sum_t \\delta_{it} a_{it}^\\top` (and ``reduce``'s mean) equal the adapter's
+  per-sample gradients (their mean).
 * :func:`check_factored_batched_records_equal_single_write` -- the recorder's factored
   record (``keep="factors"``), materialised, equals one big write of the full gradients.
 
@@ -358,8 +359,16 @@ def check_factored_store_roundtrip(case: AdapterCase, tmp_path: Path) -> None:
                                               err_msg=f"{case.name}: factor {k} round trip")
         rows = store.read_grads(0, "train")
     assert rows.shape == G.shape, f"{case.name}: materialised rows {rows.shape} != {G.shape}"
-    assert_within(rows, G.astype(np.float64), _rows_bound(case, G, G),
+    bound = _rows_bound(case, G, G)
+    assert_within(rows, G.astype(np.float64), bound,
                   f"{case.name}: materialised factored rows differ from the gradients")
+    # reduce reads the factors themselves: its mean is within the rows' mean bound
+    stats = gs.reduce(path)
+    assert int(stats["count"].sel(step=0, split="train")) == G.shape[0]
+    assert_within(stats["mean"].sel(step=0, split="train").values,
+                  G.astype(np.float64).mean(axis=0), bound.mean(axis=0) + 1e-12 * (
+                      np.abs(G).max() + 1e-30),
+                  f"{case.name}: reduce of the factored record differs from the gradients' mean")
 
 
 def check_factored_batched_records_equal_single_write(case: AdapterCase,
