@@ -335,8 +335,12 @@ def training_accuracy(batches: list[Any], where: Path) -> list[tuple[str, float,
         mu = G.mean(0)
         var = ((G - mu) ** 2).sum(0) / (G.shape[0] - 1)
         st = gs.reduce(path)
+        got = st["var"].values[0, 0]
+        live = var > 0  # dead ReLU units: variance 0 on both routes (checked exactly)
+        dead_ok = bool(np.all(got[~live] == 0))
         out.append((tag, _rel(st["mean"].values[0, 0], mu),
-                    float(np.max(np.abs(st["var"].values[0, 0] - var) / var))))
+                    float(np.max(np.abs(got[live] - var[live]) / var[live]))
+                    if dead_ok else float("inf")))
     return out
 
 
