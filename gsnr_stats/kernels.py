@@ -422,19 +422,6 @@ def subset_sums(x, row0, row_ptr, members, acc, col_block):  # pragma: no cover 
 # -- factored weights: moments of g_i = Σ_t δ_it a_itᵀ from the factors ----------------
 
 
-@njit(nogil=True, cache=True, fastmath={"contract"})
-def _fac_g(a, d, i, o, T, g):
-    """``g[:] = Σ_t d[i, t, o] · a[i, t, :]`` in float64, ``t`` in order (both passes round
-    alike). Row views ``a[i, t]``: indexing ``a[i, t, j]`` in the loop kept it scalar."""
-    for j in range(g.shape[0]):
-        g[j] = 0.0
-    for t in range(T):
-        dv = np.float64(d[i, t, o])
-        at = a[i, t]
-        for j in range(g.shape[0]):
-            g[j] += dv * at[j]
-
-
 @njit(nogil=True, cache=True)
 def _fac_zero(d, fin, i, o, T):
     """Whether sample ``i``'s row ``o`` is exactly zero: every ``d[i, t, o]`` is 0 and its
@@ -588,7 +575,15 @@ def _fac_weight_row(a, d, fin, b0, b1, o, n_in, T, count, mean, m2, omit, n_omit
                 nz += 1.0
                 continue
             # g_i first, then into the sum: the same rounding of Σ_t as the second pass's
-            _fac_g(a, d, i, o, T, g)
+            # g_i in a scratch row of this function (passed to a helper, LLVM could not
+            # rule out aliasing and kept the loop scalar: 10x); t in order in both passes
+            for j in range(n_in):
+                g[j] = 0.0
+            for t in range(T):
+                dv = np.float64(d[i, t, o])
+                at = a[i, t]
+                for j in range(n_in):
+                    g[j] += dv * at[j]
             for j in range(n_in):
                 s[j] += g[j]
         for j in range(n_in):
@@ -597,7 +592,13 @@ def _fac_weight_row(a, d, fin, b0, b1, o, n_in, T, count, mean, m2, omit, n_omit
         for i in range(b0, b1):
             if _fac_zero(d, fin, i, o, T):
                 continue
-            _fac_g(a, d, i, o, T, g)
+            for j in range(n_in):
+                g[j] = 0.0
+            for t in range(T):
+                dv = np.float64(d[i, t, o])
+                at = a[i, t]
+                for j in range(n_in):
+                    g[j] += dv * at[j]
             for j in range(n_in):
                 e = g[j] - s[j]
                 q[j] += e * e
