@@ -18,13 +18,15 @@ batches in one run (interleaved repeats, best kept):
 In-training section (``--training``, also part of the default run): moments of the
 *training* batches taken from the user's own step on the MLP, float32, ``--train-threads``
 torch threads (default 1), every cell a full SGD step (zero_grad, mean cross-entropy,
-backward, ``opt.step()``) over the same batches, interleaved repeats, best kept:
+backward, ``opt.step()``) over the same batches, in interleaved rounds:
 
 * ``plain step`` -- the baseline;
 * ``TrainingMoments`` -- ``gsnr_stats.adapters.torch.TrainingMoments`` attached (hooks, one
   extra GEMM per layer, the merge kernel inside the backward); the window's record,
   written once per window, is timed apart (``flush``); ``overlap=True``: the merge on its
   worker thread (helps only where a core is free);
+* ``one weight-sized GEMM per layer`` -- the plain step plus the GEMMs alone: the floor of
+  any route through the ``(δ²)ᵀ(a²)`` identity (BackPACK's ``SumGradSquared`` too);
 * ``Recorder keep="moments"`` -- the plain step plus ``Recorder.record`` of the same batch
   (its own forward and backward);
 * BackPACK ``SumGradSquared`` and cockpit ``MeanGSNR`` (``backpack-for-pytorch``,
@@ -244,6 +246,19 @@ def _training_cells(batches: list[Any], where: Path) -> dict[str, Callable[[], f
         return dt
 
     cells["TrainingMoments (default: merged inside the backward)"] = with_tm5
+    mf = _mlp32()
+    of = sgd(mf)
+    n_b = batches[0][0].shape[0]
+    lins = [m for m in mf.modules() if isinstance(m, nn.Linear)]
+    fac = [(torch.rand(n_b, m.out_features), torch.rand(n_b, m.in_features)) for m in lins]
+    outs = [torch.empty(m.out_features, m.in_features) for m in lins]
+
+    def squares(x: Any, y: Any) -> None:
+        for (d, a), o in zip(fac, outs, strict=True):
+            torch.mm(d.t(), a, out=o)  # the (delta^2)^T (a^2) GEMM of each layer alone
+
+    cells["plain step + one weight-sized GEMM per layer (floor of the identity)"] = \
+        lambda: loop(mf, of, squares)
     m2 = _mlp32()
     o2 = sgd(m2)
     w2 = gt.open_writer(where / "rec.h5", m2, overwrite=True)
