@@ -1,6 +1,7 @@
 """Benchmark: ``gs.reduce`` vs a plain sequential h5py read, numpy float64 and xarray+dask.
 
 Run: ``.venv/bin/python bench/reduce.py`` (``--quick`` for a small smoke run,
+``--targets-only`` for the 1 GiB / 4 GiB rows against a plain h5py read, both thread counts,
 ``--factored-only`` for just the factored-record row: one record of the MLP
 784-512-256-10 stored factored vs the same record stored materialised, issue 15).
 
@@ -179,6 +180,46 @@ def rss_of_reduce(path: Path) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # MiB
 
 
+def target_rows(tmp: Path, repeat: int, quick: bool) -> list[dict]:
+    """Issue 14's target rows: reduce vs a plain h5py read at 1 GiB and 4 GiB, 2 and 1 threads.
+
+    One record of ``(rows, 262144)`` float32 per size; the three contenders are timed in
+    interleaved rounds (h5py read, reduce on every thread, reduce on one thread) so a
+    slow spell of the shared machine hits all of them, and each keeps its best round.
+    """
+    p = 16384 if quick else 262144
+    out = []
+    for rows in ((64, 256) if quick else (1024, 4096)):
+        path = tmp / f"target_{rows}.h5"
+        make_store(path, rows, p)
+        h5py_read(path), gs.reduce(path), gs.reduce(path, threads=1)  # compile + page cache
+        t = {"h5py": [], "reduce": [], "reduce_1": []}
+        for _ in range(repeat):
+            for key, fn in (("h5py", lambda p_=path: h5py_read(p_)),
+                            ("reduce", lambda p_=path: gs.reduce(p_)),
+                            ("reduce_1", lambda p_=path: gs.reduce(p_, threads=1))):
+                t0 = time.perf_counter()
+                fn()
+                t[key].append(time.perf_counter() - t0)
+        nbytes = rows * p * 4
+        out.append({"rows": rows, "p": p, "bytes": nbytes,
+                    **{f"{k}_GBps": nbytes / min(v) / 1e9 for k, v in t.items()}})
+        os.unlink(path)
+    return out
+
+
+def print_targets(rows: list[dict], repeat: int) -> None:
+    print(f"reduce vs plain h5py read of the same file (page cache, best of {repeat} "
+          "interleaved rounds; target >= 1.0x)")
+    print("| store | h5py read GB/s | reduce GB/s (ratio) | reduce 1 thread GB/s (ratio) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        h = r["h5py_GBps"]
+        print(f"| {r['rows']} x {r['p']} float32 ({r['bytes'] / 2**30:.2f} GiB) | {h:.2f} | "
+              f"{r['reduce_GBps']:.2f} ({r['reduce_GBps'] / h:.2f}x) | "
+              f"{r['reduce_1_GBps']:.2f} ({r['reduce_1_GBps'] / h:.2f}x) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -187,11 +228,16 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--factored-only", action="store_true",
                     help="only the factored-record row (issue 15)")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the 1 GiB / 4 GiB reduce-vs-h5py rows (issue 14)")
     args = ap.parse_args()
     n, p = (256, 16384) if args.quick else (2048, 262144)
     sub = 64 if args.quick else 256  # rows for the slow numpy / dask contenders
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="gsnr-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    if args.targets_only:
+        print_targets(target_rows(tmp, args.repeat, args.quick), args.repeat)
+        return
     fact = factored_vs_materialised(tmp, 256 if args.quick else 2048, args.repeat)
     if args.factored_only:
         print_factored(fact, args.repeat)
@@ -240,6 +286,9 @@ def main() -> None:
     print(f"| {n_w} one-row writes ({n_w * p_w * 4 / 1e6:.2f} MB) vs one write | "
           f"{t_many * 1e3:.1f} ms vs {t_one * 1e3:.1f} ms | {t_many / t_one:.2f}x |")
     print_factored(fact, args.repeat)
+    targets = target_rows(tmp, args.repeat, args.quick)
+    print_targets(targets, args.repeat)
+    res["targets"] = targets
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     for f in (small, large, comp):
