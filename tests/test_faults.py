@@ -510,3 +510,25 @@ def test_fsync_writer_syncs_each_completed_record(tmp_path, monkeypatch):
         w.write(0, "train", fh.grads(0))
         w.end_record(0, "train")
     assert calls == []
+
+
+def test_ctrl_c_anywhere_in_a_write_call_is_raised_when_the_call_returns(tmp_path):
+    """A SIGINT that lands while a write call validates its input (before any write step) is
+    held for the whole call: the write lands, then KeyboardInterrupt. Held only inside the
+    write steps, it could be delivered inside an h5py object's finaliser and be lost (a
+    random-SIGINT campaign saw a writer run on after its Ctrl-C)."""
+    import gsnr_stats as gs
+
+    class Strikes:  # an array-like that presses Ctrl-C while the writer converts it
+        def __array__(self, dtype=None, copy=None):
+            os.kill(os.getpid(), signal.SIGINT)
+            return np.ones((3, 4), dtype=np.float32)
+
+    path = tmp_path / "s.h5"
+    with gs.GradientWriter(path, [("w", (4,))]) as w:
+        with pytest.raises(KeyboardInterrupt):
+            w.write(0, "train", Strikes())
+        w.end_record(0, "train")
+    with gs.open_store(path) as st:
+        assert st.record(0, "train").n_samples == 3
+        np.testing.assert_array_equal(st.read_grads(0, "train"), np.ones((3, 4), np.float32))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,15 @@ def meta_extents(recs: Mapping[str, np.ndarray], keys: list[tuple[int, str]], n_
                               f"(step={k1[0]}, split={k1[1]!r}) claim the same metadata bytes "
                               "(damaged file)")
     return out
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=)`` for the writer's user attributes: numpy scalars and arrays,
+    paths; anything else is refused (no pickle, no repr)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")

@@ -33,9 +33,9 @@ from ..errors import GSNRError, SchemaError, StoreError
 from . import _factored, _faults
 from ._chunkio import DirectChunks
 from ._inputs import as_vector, check_grads, check_moments, to_store_dtype
-from ._meta import check_optimizer_step, encode_meta
+from ._meta import check_optimizer_step, encode_meta, json_default
 from ._netcdf import LIBVER, add_netcdf_view, global_attrs
-from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, temp_files  # noqa: F401
+from ._process import _tmp_name, cleanup_stale_tmp, defer_sigint, holds_sigint, temp_files  # noqa: F401
 from ._space import SpaceCheck
 from .layout import Layout, auto_chunks, balanced_width
 from .schema import (
@@ -61,16 +61,6 @@ from .schema import (
 
 def _library_version() -> str:
     return __version__
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
 class _RecordHandle:
@@ -205,7 +195,7 @@ class GradientWriter:
         framework = str(attrs.pop("framework", "none"))
         framework_version = str(attrs.pop("framework_version", ""))
         try:
-            user_json = json.dumps(attrs, default=_json_default)
+            user_json = json.dumps(attrs, default=json_default)
         except (TypeError, ValueError) as e:
             raise ValueError(f"attrs must be JSON-serialisable: {e}") from e
         self.run_id = run_id or uuid.uuid4().hex
@@ -542,6 +532,7 @@ class GradientWriter:
 
     # -- public ----------------------------------------------------------------------------
 
+    @holds_sigint
     def write(
         self,
         step: int,
@@ -626,6 +617,7 @@ class GradientWriter:
                                           stop, s1, s2, aux))
         self._commit_state(key, KIND_GRADIENTS, n, rattrs)
 
+    @holds_sigint
     def write_moments(
         self,
         step: int,
@@ -662,6 +654,7 @@ class GradientWriter:
                                           stop, 0, 0, aux))
         self._commit_state(key, KIND_MOMENTS, int(round(count)), rattrs)
 
+    @holds_sigint
     def end_record(
         self, step: int, split: str, *, optimizer_step: int | None = None,
         meta: Mapping[str, Any] | None = None,
@@ -699,6 +692,7 @@ class GradientWriter:
         self._open.pop(key, None)
         self._done.add(key)
 
+    @holds_sigint
     def abort_record(self, step: int, split: str) -> None:
         """Leave record ``(step, split)`` incomplete: no completion marker is written.
 
@@ -743,6 +737,7 @@ class GradientWriter:
         if key in self._open:
             self.end_record(*key)
 
+    @holds_sigint
     def write_trajectory(
         self,
         step: int,
@@ -760,6 +755,7 @@ class GradientWriter:
         with self._step(where):
             self._append_row("trajectory", row)
 
+    @holds_sigint
     def write_probe(
         self,
         step: int,
@@ -782,6 +778,7 @@ class GradientWriter:
         with self._step(where):
             self._append_row("probes", row)
 
+    @holds_sigint
     def flush(self, fsync: bool | None = None) -> None:
         """Hand everything written so far to the operating system.
 
