@@ -34,6 +34,7 @@ import numpy as np
 
 from gsnr_stats import kernels
 from gsnr_stats.errors import AdapterError, NonFiniteError
+from gsnr_stats.projection import GaussianRows
 
 __all__ = [
     "JLProjection",
@@ -177,11 +178,13 @@ class ParamSubset:
 # --------------------------------------------------------------------------------------
 
 
-class JLProjection:
+class JLProjection(GaussianRows):
     """Seeded Gaussian random projection :math:`z_i = R^\\top g_i / \\sqrt{k}`, ``R`` ``(P, k)``.
 
     ``R`` has i.i.d. standard normal entries, generated in row blocks of ``block_rows``
-    parameters, block ``b`` from ``numpy.random.default_rng([seed, b])``: the matrix is the
+    parameters, block ``b`` from ``numpy.random.default_rng([seed, b])``
+    (:class:`gsnr_stats.projection.GaussianRows`, which ``gs.project_record`` reads stores
+    with, so a record projected while recording and one projected later agree): the matrix is the
     same whatever the batching, and at most ``cache_bytes`` of it are kept between batches
     (the rest is regenerated per batch). For any fixed ``g, h``:
 
@@ -206,30 +209,12 @@ class JLProjection:
                  cache_bytes: int = 256 << 20) -> None:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or int(k) < 1:
             raise AdapterError(f"project must be a positive int (projected dimension), got {k!r}")
-        self.P, self.k, self.seed = int(n_params), int(k), int(seed)
-        self.block_rows = max(1, int(block_rows))
-        self.cache_bytes = int(cache_bytes)
-        self._cache: dict[int, np.ndarray] = {}
-        self._cached = 0
+        super().__init__(int(n_params), int(k), int(seed), block_rows, cache_bytes)
 
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...], str]]:
         """``[("jl", (k,), "jl")]``."""
         return [("jl", (self.k,), "jl")]
-
-    def block(self, b: int) -> np.ndarray:
-        """Rows ``[b·block_rows, (b+1)·block_rows)`` of ``R / sqrt(k)``, float64."""
-        got = self._cache.get(b)
-        if got is not None:
-            return got
-        lo = b * self.block_rows
-        rows = min(self.block_rows, self.P - lo)
-        rb = np.random.default_rng([self.seed, b]).standard_normal((rows, self.k))
-        rb *= 1.0 / math.sqrt(self.k)
-        if self._cached + rb.nbytes <= self.cache_bytes:
-            self._cache[b] = rb
-            self._cached += rb.nbytes
-        return rb
 
     def matrix(self) -> np.ndarray:
         """The whole ``(P, k)`` matrix ``R / sqrt(k)`` (for checks on small P)."""

@@ -171,7 +171,7 @@ class GaussianRows:
     """Rows of ``R / sqrt(k)``, ``R`` ``(P, k)`` i.i.d. N(0, 1), row block ``b`` drawn from
     ``numpy.random.default_rng([seed, b])`` (``block_rows`` rows each).
 
-    The definition of ``adapters/_moments.py``'s ``JLProjection`` (same ``seed``, ``k``,
+    The matrix of ``adapters/_moments.py``'s ``JLProjection`` (its base class; same ``seed``, ``k``,
     ``block_rows``: the same matrix), kept here because the core never imports an adapter.
     At most ``cache_bytes`` of generated blocks are kept.
     """
