@@ -254,6 +254,7 @@ def test_warning_names_file_estimate_free_and_the_write_goes_on(tmp_path, small_
             warnings.simplefilter("error", gs.DiskSpaceWarning)
             w.write(0, "train", np.ones((10, P)))  # same chunk row: no new space, no check
     assert len(rec) == 1
+    assert rec[0].filename == __file__  # it points at the caller's write, not at the toolkit
     got = _needed(str(rec[0].message))
     assert _grads_storage(p) <= got <= 1.01 * _grads_storage(p)
     assert len(small_disk["asked"]) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,6 +182,7 @@ class SpaceCheck:
             return None
 
     def _warn(self, kind: str, what: str, need: int, free: int) -> None:
+        """Warn once per kind, at the line of the caller's code that asked for the write."""
         if kind in self._warned:
             return
         self._warned.add(kind)
@@ -189,7 +191,7 @@ class SpaceCheck:
             f"{_fmt(free)} ({free} bytes) are free in {self.path.parent}{os.sep}: free space "
             "or write the store elsewhere; per-layer GSNR needs only moments "
             "(keep=\"moments\": 16·P bytes a block instead of 4·P a sample)",
-            DiskSpaceWarning, stacklevel=4,
+            DiskSpaceWarning, stacklevel=_caller_level(),
         )
 
     def at_create(self) -> None:
@@ -233,3 +235,20 @@ class SpaceCheck:
             if rest > free:
                 self._warn("plan", f"the rest of the planned {self.planned_blocks} moment blocks",
                            rest, free)
+
+
+#: Frames in these folders are the toolkit's own (an editable install keeps the adapters beside
+#: the package): a warning points at the first frame outside them.
+_OWN = (str(Path(__file__).resolve().parents[1]) + os.sep,
+        str(Path(__file__).resolve().parents[2] / "adapters") + os.sep)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning raised in the calling function, pointing at the first frame
+    outside the toolkit (a fixed level broke when a writer method gained a wrapper)."""
+    f = sys._getframe(2)  # the frame that called warnings.warn's caller's caller
+    level = 2
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_OWN):
+        f = f.f_back
+        level += 1
+    return level
